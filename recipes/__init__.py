@@ -1,0 +1,1 @@
+"""Recipes shipped with the package, resolved by name: `resnet50-recipe train imagenet-81`."""

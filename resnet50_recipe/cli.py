@@ -1,0 +1,120 @@
+"""`resnet50-recipe`: argument parsing and dispatch, nothing else."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .recipe import RecipeError, shipped_recipes
+
+# Shortcut flags named as in the guide; each is a `--set` in disguise and shows in the resolved recipe.
+SHORTCUTS = {"data": "data.path", "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
+             "workers": "data.workers"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnet50-recipe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a recipe", description="Train a recipe: a YAML file or a shipped "
+                       f"recipe name ({', '.join(sorted(shipped_recipes()))}).")
+    p.add_argument("recipe", help="recipe file or shipped recipe name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key; the value is parsed as YAML (repeatable)")
+    p.add_argument("--output", help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    p.add_argument("--data", help="dataset folder with train/ and val/ (data.path)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", type=int, help="per-process batch size (train.batch_size)")
+    p.add_argument("--lr", type=float, help="absolute learning rate, instead of optim.lr_base scaling (optim.lr)")
+    p.add_argument("--workers", type=int, help="data-loader worker processes (data.workers)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (train.amp); the dtype follows the device unless train.amp_dtype is set")
+    p.add_argument("--quiet", action="store_true", help="print only errors and the final result")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on DIR/val")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="dataset folder (default: the one the checkpoint's recipe names)")
+    p.add_argument("--img-size", type=int, help="eval resolution (default: the recipe's augment.eval_size)")
+    p.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the recipe's augment.crop_pct)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", dest="json_out", help="where to write the JSON result "
+                   "(default: CHECKPOINT with .eval.json appended)")
+
+    p = sub.add_parser("data", help="prepare datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("synthetic", help="write a learnable, generated JPEG ImageFolder")
+    q.add_argument("out")
+    q.add_argument("--classes", type=int, default=10)
+    q.add_argument("--per-class", type=int, default=300, help="train images per class")
+    q.add_argument("--val-per-class", type=int, default=50)
+    q.add_argument("--size", type=int, default=64, help="image side in pixels")
+    q.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from .recipe import load_recipe, to_yaml
+
+    overrides = []
+    for name, key in SHORTCUTS.items():
+        value = getattr(args, name)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.amp is not None:
+        overrides.append(f"train.amp={'true' if args.amp else 'false'}")
+    recipe = load_recipe(args.recipe, overrides + args.overrides)  # the explicit --set wins over shortcuts
+    if args.print_recipe:
+        print(to_yaml(recipe), end="")
+        return 0
+    from .engine import train
+    summary = train(recipe, args.output, quiet=args.quiet, overwrite=args.overwrite)
+    if args.quiet and summary["top1"] is not None:
+        print(f"val top-1 {summary['top1']:.4f}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .engine import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.img_size, args.crop_pct, args.batch_size,
+                                 args.workers, args.device)
+    out = Path(args.json_out or f"{args.checkpoint}.eval.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for weights in ("raw", "ema"):
+        if weights in result:
+            r = result[weights]
+            print(f"{weights}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  ({r['count']} images at "
+                  f"{result['img_size']} px, crop {result['crop_pct']})")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .synthetic import generate
+
+    out = generate(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
+                   size=args.size, seed=args.seed)
+    print(f"wrote {out}: {args.classes} classes, {args.per_class} train + {args.val_per_class} val images each")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
+    try:
+        return handler(args)
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as e:
+        # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
+        print(f"resnet50-recipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Datasets, sampler, transforms and loaders.
+
+Randomness here is a pure function of (seed, epoch, index) -- see docs/DESIGN.md:
+- the sampler's order for an epoch depends only on (seed, epoch), and it can start at any sample offset;
+- each sample's augmentation draws from RNGs seeded by (seed, epoch, index) inside `__getitem__`, so the
+  worker count, prefetching and a resume point cannot change its pixels.
+Batches leave the loader as uint8 NCHW tensors; normalisation happens on the device (a quarter of the bytes).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform
+
+from .recipe import AugmentConfig, DataConfig, RecipeError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from a tuple of ints (seed, epoch, index): neighbours give unrelated streams."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed python, numpy and torch's CPU generator for a block, then put their previous states back.
+
+    Restoring keeps a worker-less loader from disturbing the training process's own RNG streams (dropout,
+    drop-path), so results do not depend on `data.workers`.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    torch_state = torch.random.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.random.default_generator.set_state(torch_state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folders
+
+
+def find_classes(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"{split_dir}: folder not found; expected an ImageFolder with one sub-folder per "
+                                "class (DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"{split_dir}: no class folders; expected {split_dir}/<class>/*.jpg")
+    return classes
+
+
+def scan_images(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(e.path for e in os.scandir(split_dir / name)
+                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise FileNotFoundError(f"{split_dir / name}: class folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        samples += [(f, label) for f in files]
+    return samples
+
+
+def class_names(root: Path) -> list[str]:
+    """Class names shared by train/ and val/; a difference is an error that lists what differs."""
+    train, val = find_classes(root / "train"), find_classes(root / "val")
+    if train != val:
+        only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+        raise ValueError(f"{root}: train/ and val/ have different classes: only in train: {only_train[:10]}, "
+                         f"only in val: {only_val[:10]}" + ("" if only_train or only_val else " (order differs)"))
+    return train
+
+
+@dataclass
+class Sample:
+    image: torch.Tensor  # uint8 CHW
+    target: int
+    bad: str | None  # path of an unreadable image that this sample replaces, if any
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """`root/<class>/<image>` read with PIL; keys are (epoch, index) so augmentation is seeded per sample.
+
+    An unreadable image either raises (naming the file) or, with `bad_images: skip`, is replaced by the
+    next readable image and reported through `Sample.bad`, so the run can count what it skipped.
+    """
+
+    def __init__(self, root: Path, classes: list[str], transform, seed: int, bad_images: str = "error"):
+        self.root, self.classes, self.transform = root, classes, transform
+        self.samples = scan_images(root, classes)
+        self.seed, self.bad_images = seed, bad_images
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Image.Image:
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UnreadableImage(f"{path}: unreadable image ({e}); fix or remove it, or set "
+                                  "data.bad_images: skip to skip and count such files") from e
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample:
+        epoch, index = key
+        bad = None
+        for attempt in range(len(self.samples)):
+            try:
+                img = self._load((index + attempt) % len(self.samples))
+                break
+            except UnreadableImage:
+                if self.bad_images != "skip":
+                    raise
+                bad = bad or self.samples[index][0]
+        with seeded(mix_seed(self.seed, epoch, index)):
+            image = self.transform(img)
+        return Sample(image, self.samples[index][1], bad)
+
+
+class UnreadableImage(ValueError):
+    pass
+
+
+def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images = torch.stack([s.image for s in samples])
+    targets = torch.tensor([s.target for s in samples], dtype=torch.int64)
+    return images, targets, [s.bad for s in samples if s.bad]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampler
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) keys; the order is a pure function of (seed, epoch).
+
+    - `aug_repeats > 1` repeats each index inside the permutation before sharding, as timm's RepeatAugSampler
+      does, so the copies land on different ranks; the epoch length stays `len(dataset)`.
+    - A rank takes every `world_size`-th key of the global order, starting at `rank`.
+    - `set_epoch(epoch, start)` starts at global sample offset `start`: by index, with no decoding of the
+      skipped samples. The offset counts samples of the global order, so it survives a change of world size.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1,
+                 aug_repeats: int = 1):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size, self.aug_repeats = rank, world_size, aug_repeats
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def global_order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator)
+        if self.aug_repeats > 1:
+            order = order.repeat_interleave(self.aug_repeats)[: self.size]
+        return order
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.global_order()[self.start:]
+        for index in order[self.rank::self.world_size].tolist():
+            yield self.epoch, index
+
+    def __len__(self) -> int:
+        remaining = self.size - self.start
+        return max(0, (remaining - self.rank + self.world_size - 1) // self.world_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transforms and loaders
+
+
+def train_transform(aug: AugmentConfig, size: int | None = None):
+    """timm's ImageNet train transform, ending in a uint8 tensor (normalised later, on the device)."""
+    return create_transform(
+        size or aug.train_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
+        auto_augment=aug.auto_augment, color_jitter=aug.color_jitter, interpolation=aug.interpolation,
+        mean=aug.mean, use_prefetcher=True)
+
+
+def eval_transform(aug: AugmentConfig, size: int | None = None, crop_pct: float | None = None):
+    """Resize to size / crop_pct, center-crop to size: timm's eval transform, uint8 out."""
+    interpolation = "bicubic" if aug.interpolation == "random" else aug.interpolation
+    return create_transform(size or aug.eval_size, is_training=False, interpolation=interpolation,
+                            crop_pct=crop_pct or aug.crop_pct, use_prefetcher=True)
+
+
+def default_workers() -> int:
+    """One worker per core but one, which the training process keeps for itself, capped at 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return max(1, min(16, cores - 1))
+
+
+def make_loader(dataset, sampler, batch_size: int, workers: int | None, drop_last: bool, pin_memory: bool,
+                seed: int) -> torch.utils.data.DataLoader:
+    workers = default_workers() if workers is None else workers
+    generator = torch.Generator().manual_seed(seed)  # keeps the DataLoader from drawing on the global RNG
+    with warnings.catch_warnings():
+        # torch warns when pin_memory is set without an accelerator; pinning is then simply skipped.
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
+            pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
+            persistent_workers=workers > 0, generator=generator,
+            prefetch_factor=4 if workers > 0 else None)
+
+
+def resolve_data_dir(data: DataConfig) -> Path:
+    """The dataset folder: `data.path`, generated first when `data.synthetic` is set."""
+    if data.synthetic is not None:
+        from .synthetic import generate
+        s = data.synthetic
+        path = Path(data.path) if data.path else cache_dir() / (
+            f"synthetic-c{s.classes}-n{s.per_class}-v{s.val_per_class}-s{s.size}-seed{s.seed}")
+        return generate(path, classes=s.classes, per_class=s.per_class, val_per_class=s.val_per_class,
+                        size=s.size, seed=s.seed)
+    if not data.path:
+        raise RecipeError("data.path is not set: pass --data DIR (a folder holding train/<class>/*.jpg and "
+                          "val/<class>/*.jpg) or --set data.path=DIR")
+    path = Path(data.path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.path {str(path)!r}: folder not found; expected DIR/train/<class>/*.jpg "
+                                "and DIR/val/<class>/*.jpg")
+    return path
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "resnet50_recipe"

@@ -1,0 +1,522 @@
+"""Recipes: frozen dataclasses that mirror the YAML one-to-one.
+
+A recipe file is a mapping of sections (model, data, augment, ...) onto the dataclasses below. Loading
+resolves `extends:` overlays, applies `--set section.key=value` overrides, and validates every key, type
+and range before any work starts, so a typo fails in a second instead of after an hour of training.
+Defaults live here and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN, repeated to keep timm out of recipe loading
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: unknown key, wrong type, value out of range, missing file."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    return {"range": (lo, hi, lo_open, hi_open)}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet50"
+    drop_rate: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
+    drop_path: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
+    zero_init_last: bool = True
+    grad_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    classes: int = field(default=10, metadata=_range(2, 1000))
+    per_class: int = field(default=300, metadata=_range(1))
+    val_per_class: int = field(default=50, metadata=_range(1))
+    size: int = field(default=64, metadata=_range(16, 1024))
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: Optional[str] = None
+    synthetic: Optional[SyntheticConfig] = None
+    workers: Optional[int] = field(default=None, metadata=_range(0, 256))
+    bad_images: Literal["error", "skip"] = "error"
+    aug_repeats: int = field(default=1, metadata=_range(1, 16))
+    pin_memory: bool = True
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    train_size: int = field(default=224, metadata=_range(16, 4096))
+    eval_size: int = field(default=224, metadata=_range(16, 4096))
+    crop_pct: float = field(default=0.875, metadata=_range(0, 1, lo_open=True))
+    interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: float = field(default=0.5, metadata=_range(0, 1))
+    auto_augment: Optional[str] = None
+    color_jitter: Optional[float] = field(default=0.4, metadata=_range(0, 2))
+    re_prob: float = field(default=0.0, metadata=_range(0, 1))
+    re_mode: Literal["const", "rand", "pixel"] = "pixel"
+    re_count: int = field(default=1, metadata=_range(1, 16))
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class MixupConfig:
+    mixup_alpha: float = field(default=0.0, metadata=_range(0))
+    cutmix_alpha: float = field(default=0.0, metadata=_range(0))
+    prob: float = field(default=1.0, metadata=_range(0, 1))
+    switch_prob: float = field(default=0.5, metadata=_range(0, 1))
+    mode: Literal["batch", "pair", "elem"] = "batch"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: Literal["ce", "bce"] = "ce"
+    label_smoothing: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
+    bce_target_thresh: Optional[float] = field(default=None, metadata=_range(0, 1))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    opt: str = "sgd"
+    lr: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    lr_base: float = field(default=0.1, metadata=_range(0, lo_open=True))
+    lr_base_size: int = field(default=256, metadata=_range(1))
+    lr_base_scale: Optional[Literal["linear", "sqrt"]] = None
+    momentum: float = field(default=0.9, metadata=_range(0, 1, hi_open=True))
+    weight_decay: float = field(default=1e-4, metadata=_range(0))
+    no_decay_norm_bias: bool = True
+    clip_grad: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    clip_mode: Literal["norm", "value", "agc"] = "norm"
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    kind: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: int = field(default=5, metadata=_range(0))
+    warmup_lr: float = field(default=1e-5, metadata=_range(0))
+    min_lr: float = field(default=0.0, metadata=_range(0))
+    decay_epochs: float = field(default=30, metadata=_range(0, lo_open=True))
+    decay_rate: float = field(default=0.1, metadata=_range(0, 1, lo_open=True))
+    cooldown_epochs: int = field(default=0, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    enabled: bool = False
+    decay: float = field(default=0.9998, metadata=_range(0, 1, hi_open=True))
+    warmup: bool = False
+    every: int = field(default=1, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=100, metadata=_range(1))
+    batch_size: int = field(default=64, metadata=_range(1))
+    accum_steps: int = field(default=1, metadata=_range(1))
+    steps_per_epoch: Optional[int] = field(default=None, metadata=_range(1))
+    amp: bool = True
+    amp_dtype: Literal["auto", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    deterministic: bool = False
+    eval_every: int = field(default=1, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_epochs: int = field(default=2, metadata=_range(1))
+    keep_last: int = field(default=2, metadata=_range(1))
+    keep_best: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = field(default=50, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "recipe"
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    mixup: MixupConfig = MixupConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    sched: SchedConfig = SchedConfig()
+    ema: EmaConfig = EmaConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float: YAML 1.1 wants `1.0e-4`, which nobody writes."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.\d*(?:[eE][-+]?\d+)?$"
+               r"|^[-+]?\.\d+(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def parse_scalar(text: str) -> Any:
+    """Parse an override value the way the recipe file would: `0.1` is a float, `null` is None."""
+    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding recipes
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of every recipe that ships inside the package."""
+    folder = importlib.resources.files("resnet50_recipe.recipes")
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_recipe_path(source: str | Path, relative_to: Path | None = None) -> Path:
+    """A path to an existing file, or the name of a shipped recipe (`imagenet-81` or `imagenet-81.yaml`)."""
+    candidate = Path(source)
+    if relative_to is not None and not candidate.is_absolute():
+        candidate = relative_to / candidate
+    if candidate.is_file():
+        return candidate
+    shipped = shipped_recipes()
+    name = Path(str(source)).name
+    name = name[:-5] if name.endswith(".yaml") else name
+    if name in shipped and (relative_to is not None or Path(str(source)).name == str(source)):
+        return shipped[name]
+    hint = _closest(name, shipped)
+    raise RecipeError(f"recipe {str(source)!r} is neither a file nor a shipped recipe; shipped recipes: "
+                      f"{', '.join(sorted(shipped))}" + (f" (did you mean {hint!r}?)" if hint else ""))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_recipe(source: str | Path | Mapping, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe by path or shipped name (or from a mapping), apply `section.key=value` overrides, validate.
+
+    Raises RecipeError naming the file, the key and what would be valid.
+    """
+    origins: dict[str, str] = {}
+    if isinstance(source, Mapping):
+        data = _compose(dict(source), "<mapping>", None, origins, ())
+        default_name = "recipe"
+    else:
+        path = resolve_recipe_path(source)
+        data = _load_file(path, origins, ())
+        default_name = path.stem
+    for item in overrides:
+        _apply_override(data, item, origins)
+    data.setdefault("name", default_name)
+    origins.setdefault("name", "<default>")
+    recipe = _build(Recipe, data, "", origins)
+    try:
+        check_names(recipe)
+    except RecipeError as e:  # its message starts with the key; add the file that set it
+        raise RecipeError(_where(str(e).split(":")[0], origins) + str(e)) from None
+    return recipe
+
+
+def _load_file(path: Path, origins: dict[str, str], chain: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if path in chain:
+        raise RecipeError(f"{path}: `extends` makes a cycle: {' -> '.join(str(p) for p in chain + (path,))}")
+    return _compose(_read_yaml(path), str(path), path.parent, origins, chain + (path,))
+
+
+def _compose(data: dict, where: str, folder: Path | None, origins: dict[str, str], chain) -> dict:
+    """Resolve `extends:` (a path relative to this file, or a shipped name), then overlay this file's keys."""
+    parents = data.pop("extends", None)
+    _check_keys(Recipe, data, "", where)
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else (parents or []):
+        if not isinstance(parent, str):
+            raise RecipeError(f"{where}: `extends` must be a file name or a list of them, got {parent!r}")
+        merged = _merge(merged, _load_file(resolve_recipe_path(parent, folder or Path.cwd()), origins, chain))
+    _record_origins(data, "", where, origins)
+    return _merge(merged, data)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _record_origins(data: dict, prefix: str, where: str, origins: dict[str, str]) -> None:
+    for key, value in data.items():
+        origins[prefix + key] = where
+        if isinstance(value, dict):
+            _record_origins(value, f"{prefix}{key}.", where, origins)
+
+
+def _apply_override(data: dict, item: str, origins: dict[str, str]) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected section.key=value, e.g. train.epochs=10")
+    dotted, _, text = item.partition("=")
+    keys = dotted.strip().split(".")
+    cls: Any = Recipe
+    node = data
+    for depth, key in enumerate(keys):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in names:
+            prefix = ".".join(keys[:depth])
+            raise RecipeError(_unknown_key_message("--set", prefix, key, names))
+        sub = _dataclass_of(typing.get_type_hints(cls)[key])
+        if depth == len(keys) - 1:
+            node[key] = parse_scalar(text)
+        else:
+            if sub is None:
+                raise RecipeError(f"--set {dotted}: {'.'.join(keys[:depth + 1])} is a value, not a section")
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node, cls = node[key], sub
+    origins[dotted.strip()] = "--set"
+
+
+def _dataclass_of(hint) -> type | None:
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _closest(word: str, choices) -> str | None:
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return found[0] if found else None
+
+
+def _unknown_key_message(where: str, prefix: str, key: str, valid) -> str:
+    full = f"{prefix}.{key}" if prefix else key
+    hint = _closest(key, valid)
+    suggestion = f"did you mean {(prefix + '.' if prefix else '') + hint!r}? " if hint else ""
+    return (f"{where}: unknown key {full!r}; {suggestion}valid keys"
+            f"{' in ' + prefix if prefix else ''}: {', '.join(sorted(valid))}")
+
+
+def _check_keys(cls, data: dict, prefix: str, where: str) -> None:
+    """Unknown keys are errors, reported against the file that wrote them."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in names:
+            raise RecipeError(_unknown_key_message(where, prefix.rstrip("."), str(key), names))
+        sub = _dataclass_of(typing.get_type_hints(cls)[key])
+        if sub is not None and isinstance(value, dict):
+            _check_keys(sub, value, f"{prefix}{key}.", where)
+
+
+def _build(cls, data: Any, prefix: str, origins: dict[str, str]):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{_where(prefix.rstrip('.'), origins)}{prefix.rstrip('.')}: expected a mapping of "
+                          f"keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _convert(data[f.name], hints[f.name], f, prefix + f.name, origins)
+    return cls(**kwargs)
+
+
+def _where(key: str, origins: dict[str, str]) -> str:
+    while key:
+        if key in origins:
+            return f"{origins[key]}: "
+        key = key.rpartition(".")[0]
+    return ""
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        parts = [_describe(a) for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(parts) + " or null"
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return f"a list of {len(args)} {_describe(args[0])}s"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _convert(value: Any, hint, f, key: str, origins: dict[str, str]):
+    def fail(what: str = ""):
+        raise RecipeError(f"{_where(key, origins)}{key}: {what or 'invalid value'} {value!r}; "
+                          f"expected {_describe(hint)}{_range_text(f)}")
+
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0]
+        origin = typing.get_origin(hint)
+    elif value is None:
+        fail("null is not allowed:")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", origins)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            fail("invalid value")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            fail("wrong shape:")
+        return tuple(_scalar(v, a, fail) for v, a in zip(value, args))
+    converted = _scalar(value, hint, fail)
+    if "range" in f.metadata:
+        lo, hi, lo_open, hi_open = f.metadata["range"]
+        if ((lo is not None and (converted < lo or (lo_open and converted == lo)))
+                or (hi is not None and (converted > hi or (hi_open and converted == hi)))):
+            fail("out of range:")
+    return converted
+
+
+def _scalar(value: Any, hint, fail):
+    # bool is an int subclass in Python; a YAML `1` for a flag or `true` for a count is a mistake.
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("wrong type:")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("wrong type:")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail("wrong type:")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            fail("wrong type:")
+    return value
+
+
+def _range_text(f) -> str:
+    if not f.metadata.get("range"):
+        return ""
+    lo, hi, lo_open, hi_open = f.metadata["range"]
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi}")
+    return " " + " and ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output and derived values
+
+
+def to_dict(recipe: Recipe) -> dict:
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(recipe))
+
+
+def to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe; loading it back gives an equal Recipe."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=None)
+
+
+def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
+    """Absolute lr, or lr_base per lr_base_size images scaled to the global batch, as timm's train.py does.
+
+    timm's rule when lr_base_scale is unset: sqrt scaling for adaptive optimizers (adam*, lamb, ...), linear
+    for SGD-style ones.
+    """
+    if optim.lr is not None:
+        return optim.lr
+    rule = optim.lr_base_scale
+    if rule is None:
+        rule = "sqrt" if any(k in optim.opt.lower() for k in ("ada", "lamb", "lion")) else "linear"
+    ratio = global_batch / optim.lr_base_size
+    return optim.lr_base * (math.sqrt(ratio) if rule == "sqrt" else ratio)
+
+
+def check_names(recipe: Recipe) -> None:
+    """Checks that need timm's registries: model, optimizer and auto-augment names, and cross-key rules."""
+    import timm
+    import timm.optim
+    from timm.data import create_transform
+
+    if not timm.is_model(recipe.model.name):
+        hint = _closest(recipe.model.name, timm.list_models())
+        raise RecipeError(f"model.name: unknown timm model {recipe.model.name!r}"
+                          + (f"; did you mean {hint!r}?" if hint else "; see timm.list_models()"))
+    optimizers = timm.optim.list_optimizers()
+    if recipe.optim.opt.lower() not in optimizers:
+        hint = _closest(recipe.optim.opt.lower(), optimizers)
+        raise RecipeError(f"optim.opt: unknown timm optimizer {recipe.optim.opt!r}"
+                          + (f"; did you mean {hint!r}?" if hint else "")
+                          + f"; valid: {', '.join(sorted(optimizers))}")
+    for key in ("scale", "ratio"):
+        lo, hi = getattr(recipe.augment, key)
+        if not 0 < lo <= hi:
+            raise RecipeError(f"augment.{key}: {[lo, hi]} must be two positive numbers, low first")
+    if recipe.augment.auto_augment:
+        try:
+            create_transform(32, is_training=True, auto_augment=recipe.augment.auto_augment)
+        except Exception as e:  # timm raises assorted errors for a bad policy string
+            raise RecipeError(f"augment.auto_augment: invalid timm policy {recipe.augment.auto_augment!r} ({e}); "
+                              "expected e.g. 'rand-m9-mstd0.5-inc1', 'augmix-m5-w4-d2' or 'original'") from None
+    if (recipe.mixup.mixup_alpha > 0 or recipe.mixup.cutmix_alpha > 0) and recipe.train.batch_size % 2:
+        raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is odd; timm's Mixup/CutMix pairs each "
+                          "image with its mirror in the batch and needs an even batch size")
+    if recipe.loss.bce_target_thresh is not None and recipe.loss.kind != "bce":
+        raise RecipeError("loss.bce_target_thresh: only used with loss.kind: bce")
+    if recipe.train.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+",
+                                                                                       recipe.train.device):
+        raise RecipeError(f"train.device: invalid value {recipe.train.device!r}; expected auto, cpu, cuda, "
+                          "cuda:N or mps")

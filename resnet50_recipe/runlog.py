@@ -1,0 +1,90 @@
+"""The run directory's human-facing files: recipe.yaml, env.json, metrics.jsonl, curves.png, summary.json.
+
+Only rank 0 writes; other ranks get a RunLog that does nothing, so callers need no rank checks.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .recipe import Recipe, to_yaml
+from .runtime import versions, write_json
+
+ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoints")
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix two runs in one folder: an earlier run's files are kept unless `overwrite` is asked for."""
+    existing = [name for name in ARTEFACTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}); pass --output DIR for a new "
+                              "folder, or --overwrite to replace it")
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class RunLog:
+    def __init__(self, out: Path, enabled: bool):
+        self.out, self.enabled = out, enabled
+        self.epochs: list[dict] = []  # per-epoch records, for curves.png and the summary
+
+    def start(self, recipe: Recipe) -> None:
+        if not self.enabled:
+            return
+        (self.out / "recipe.yaml").write_text(to_yaml(recipe))
+        write_json(self.out / "env.json", versions())
+
+    def log(self, record: dict) -> None:
+        """Append one JSON line; flushed at once so a killed run keeps everything logged so far."""
+        if record.get("kind") == "epoch":
+            self.epochs.append(record)
+        if not self.enabled:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        if self.enabled and self.epochs:
+            plot_curves(self.epochs, self.out / "curves.png")
+
+    def summary(self, data: dict) -> None:
+        if self.enabled:
+            write_json(self.out / "summary.json", data)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(epochs: list[dict], path: Path) -> None:
+    """Loss, top-1 (raw and EMA) and lr against epoch, in one PNG."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+
+    x = [r["epoch"] + 1 for r in epochs]
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    loss_ax.plot(x, [r["train_loss"] for r in epochs], marker="o", label="train")
+    if any(r.get("val_loss") is not None for r in epochs):
+        loss_ax.plot(*_present(x, epochs, "val_loss"), marker="o", label="val")
+    loss_ax.set(title="loss", xlabel="epoch")
+    loss_ax.legend()
+    acc_ax.plot(*_present(x, epochs, "top1"), marker="o", label="raw")
+    if any(r.get("ema_top1") is not None for r in epochs):
+        acc_ax.plot(*_present(x, epochs, "ema_top1"), marker="o", label="EMA")
+    acc_ax.set(title="val top-1", xlabel="epoch", ylim=(0, 1))
+    acc_ax.legend()
+    lr_ax.plot(x, [r["lr"] for r in epochs], marker="o")
+    lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    tmp.replace(path)
+
+
+def _present(x: list, records: list[dict], key: str) -> tuple[list, list]:
+    pairs = [(xi, r[key]) for xi, r in zip(x, records) if r.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]

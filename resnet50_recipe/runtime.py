@@ -1,0 +1,122 @@
+"""Where and how the process runs: device, precision, seeding, determinism, process rank, versions."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .recipe import TrainConfig
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: full fp32
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes files and logs; other ranks stay quiet."""
+        return self.rank == 0
+
+    @property
+    def use_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device: {name!r} asked for, but torch sees no CUDA device; use auto or cpu")
+    return torch.device(name)
+
+
+def pick_amp_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """fp16 + GradScaler on GPUs without fast bf16 (T4, V100), bf16 on Ampere and later, fp32 on the CPU.
+
+    An explicit `amp_dtype` wins, so bf16 autocast can be asked for on a CPU that has it.
+    """
+    if not train.amp:
+        return None
+    if train.amp_dtype != "auto":
+        return getattr(torch, train.amp_dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return None
+
+
+def setup(train: TrainConfig, seed: int) -> Runtime:
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    seed_everything(seed + rank)
+    if train.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    return Runtime(device, pick_amp_dtype(train, device), rank, world_size)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict:
+    """Package, library, CUDA and GPU versions, and the git commit when the code runs from a checkout."""
+    import timm
+    import torchvision
+
+    from . import __version__
+
+    info = {
+        "resnet50_recipe": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": str(torch.__version__),  # a TorchVersion object would need pickle to load
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+    }
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON via a temp file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

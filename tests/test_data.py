@@ -1,0 +1,172 @@
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnet50_recipe.data import (EpochSampler, ImageFolderDataset, class_names, eval_transform, make_loader,
+                                  resolve_data_dir, train_transform)
+from resnet50_recipe.recipe import AugmentConfig, DataConfig, RecipeError
+from resnet50_recipe.synthetic import SHAPES, generate
+
+
+def tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.jpg")):
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_synthetic_is_a_real_jpeg_image_folder_and_deterministic_by_seed(tmp_path):
+    a = generate(tmp_path / "a", classes=4, per_class=5, val_per_class=2, size=32, seed=1)
+    b = generate(tmp_path / "b", classes=4, per_class=5, val_per_class=2, size=32, seed=1)
+    c = generate(tmp_path / "c", classes=4, per_class=5, val_per_class=2, size=32, seed=2)
+    assert class_names(a) == sorted(SHAPES[:4])
+    assert len(list((a / "train").rglob("*.jpg"))) == 20 and len(list((a / "val").rglob("*.jpg"))) == 8
+    with Image.open(next((a / "train").rglob("*.jpg"))) as img:
+        assert img.format == "JPEG" and img.size == (32, 32) and img.mode == "RGB"
+    assert tree_digest(a) == tree_digest(b) != tree_digest(c)
+
+
+def test_synthetic_reuses_a_matching_folder_and_refuses_anything_else(tmp_path):
+    out = generate(tmp_path / "d", classes=2, per_class=2, val_per_class=1, size=32)
+    assert generate(out, classes=2, per_class=2, val_per_class=1, size=32) == out
+    with pytest.raises(FileExistsError, match="not a synthetic dataset made with"):
+        generate(out, classes=3, per_class=2, val_per_class=1, size=32)
+    with pytest.raises(ValueError, match="between 2 and 10 classes"):
+        generate(tmp_path / "e", classes=11)
+
+
+def test_synthetic_classes_cannot_be_told_apart_by_mean_colour(tmp_path):
+    root = generate(tmp_path / "colour", classes=10, per_class=40, val_per_class=20, size=32)
+    classes = class_names(root)
+
+    def mean_colours(split):
+        feats, labels = [], []
+        for label, name in enumerate(classes):
+            for path in sorted((root / split / name).glob("*.jpg")):
+                feats.append(np.asarray(Image.open(path), dtype=np.float32).mean(axis=(0, 1)))
+                labels.append(label)
+        return np.stack(feats), np.array(labels)
+
+    train_x, train_y = mean_colours("train")
+    val_x, val_y = mean_colours("val")
+    centroids = np.stack([train_x[train_y == k].mean(0) for k in range(10)])
+    predicted = np.argmin(((val_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    assert (predicted == val_y).mean() < 0.25  # chance is 0.10; shapes, not colours, carry the class
+
+
+def test_sampler_order_is_a_pure_function_of_seed_and_epoch():
+    def order(seed, epoch, **kw):
+        sampler = EpochSampler(100, seed, **kw)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 3) == order(0, 3)
+    assert order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)
+    assert sorted(i for _, i in order(0, 3)) == list(range(100))
+    assert all(e == 3 for e, _ in order(0, 3))
+    assert [i for _, i in order(0, 0, shuffle=False)] == list(range(100))
+
+
+def test_sampler_resumes_at_a_sample_offset_and_shards_without_overlap():
+    full = EpochSampler(101, seed=5)
+    full.set_epoch(2)
+    everything = list(full)
+    tail = EpochSampler(101, seed=5)
+    tail.set_epoch(2, start=37)
+    assert list(tail) == everything[37:] and len(tail) == 64
+    shards = []
+    for rank in range(3):
+        s = EpochSampler(101, seed=5, rank=rank, world_size=3)
+        s.set_epoch(2)
+        shards.append(list(s))
+        assert len(s) == len(shards[-1])
+    assert sorted(sum(shards, [])) == sorted(everything)
+    assert shards[1] == everything[1::3]
+
+
+def test_repeated_augmentation_repeats_indices_and_keeps_epoch_length():
+    s = EpochSampler(90, seed=0, aug_repeats=3)
+    s.set_epoch(0)
+    keys = [i for _, i in s]
+    assert len(keys) == 90 and len(set(keys)) == 30
+    assert keys[0] == keys[1] == keys[2]
+    two = EpochSampler(90, seed=0, aug_repeats=3, rank=0, world_size=3)
+    two.set_epoch(0)
+    assert [i for _, i in two][:2] == [keys[0], keys[3]]  # the copies of one image land on different ranks
+
+
+def batches(root, workers, start=0, epoch=0):
+    classes = class_names(root)
+    aug = AugmentConfig(train_size=24, auto_augment="rand-m9-mstd0.5", re_prob=0.0)
+    dataset = ImageFolderDataset(root / "train", classes, train_transform(aug), seed=11)
+    sampler = EpochSampler(len(dataset), seed=11)
+    sampler.set_epoch(epoch, start)
+    loader = make_loader(dataset, sampler, batch_size=4, workers=workers, drop_last=False, pin_memory=False, seed=0)
+    return [(images, targets) for images, targets, _ in loader]
+
+
+def test_augmentation_is_seeded_per_sample_not_by_worker_or_resume_point(tiny_data):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    in_process = batches(tiny_data, workers=0)
+    assert torch.equal(torch.get_rng_state(), before)  # loading does not disturb the training process's RNG
+    in_workers = batches(tiny_data, workers=2)
+    assert len(in_process) == len(in_workers) == 6
+    for (a, ta), (b, tb) in zip(in_process, in_workers):
+        assert a.dtype == torch.uint8 and a.shape == (4, 3, 24, 24)
+        assert torch.equal(a, b) and torch.equal(ta, tb)
+    resumed = batches(tiny_data, workers=0, start=8)
+    assert torch.equal(torch.cat([b for b, _ in resumed]), torch.cat([b for b, _ in in_process])[8:])
+    next_epoch = batches(tiny_data, workers=0, epoch=1)
+    assert not torch.equal(next_epoch[0][0], in_process[0][0])
+
+
+def test_eval_transform_is_a_center_crop_at_crop_pct(tiny_data):
+    aug = AugmentConfig(eval_size=28, crop_pct=0.875)
+    dataset = ImageFolderDataset(tiny_data / "val", class_names(tiny_data), eval_transform(aug), seed=0)
+    sample = dataset[(0, 0)]
+    assert sample.image.shape == (3, 28, 28) and sample.image.dtype == torch.uint8
+    assert torch.equal(sample.image, dataset[(5, 0)].image)  # no randomness at eval
+
+
+def test_missing_and_empty_folders_get_clear_errors(tmp_path):
+    with pytest.raises(RecipeError, match="data.path is not set: pass --data DIR"):
+        resolve_data_dir(DataConfig())
+    with pytest.raises(FileNotFoundError, match="data.path .*nowhere.*: folder not found"):
+        resolve_data_dir(DataConfig(path=str(tmp_path / "nowhere")))
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train: no class folders"):
+        class_names(tmp_path)
+    (tmp_path / "train" / "cat").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"val: folder not found"):
+        class_names(tmp_path)
+    (tmp_path / "val" / "cat").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"cat: class folder holds no images"):
+        ImageFolderDataset(tmp_path / "train", ["cat"], train_transform(AugmentConfig()), seed=0)
+
+
+def test_train_and_val_classes_must_match(tmp_path):
+    for split, names in (("train", ["cat", "dog"]), ("val", ["cat", "emu"])):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"different classes: only in train: \['dog'\], only in val: \['emu'\]"):
+        class_names(tmp_path)
+
+
+def test_unreadable_image_fails_naming_the_file_or_is_skipped_and_reported(tmp_path):
+    root = generate(tmp_path / "bad", classes=2, per_class=3, val_per_class=1, size=32)
+    broken = root / "train" / "disk" / "disk_00001.jpg"
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated JPEG
+    classes = class_names(root)
+    transform = train_transform(AugmentConfig(train_size=16))
+    strict = ImageFolderDataset(root / "train", classes, transform, seed=0)
+    with pytest.raises(ValueError, match=r"disk_00001.jpg: unreadable image.*data.bad_images: skip"):
+        strict[(0, 1)]
+    lenient = ImageFolderDataset(root / "train", classes, transform, seed=0, bad_images="skip")
+    sample = lenient[(0, 1)]
+    assert sample.bad == str(broken) and sample.image.shape == (3, 16, 16)
+    assert lenient[(0, 0)].bad is None
