@@ -14,7 +14,8 @@ SHORTCUTS = {"data": "data.path", "epochs": "train.epochs", "batch_size": "train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resnet50-recipe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="resnet50-recipe", description="Train timm ImageNet classifiers from "
+                                     "validated YAML recipes. See README.md for the recipes and their sources.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a recipe", description="Train a recipe: a YAML file or a shipped "

@@ -149,6 +149,21 @@ def test_stop_event_ends_at_a_step_boundary_with_a_checkpoint(tiny_data, tmp_pat
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 4, 1)
 
 
+@pytest.mark.parametrize("options", [
+    {"train.compile": "true"},
+    {"model.grad_checkpointing": "true", "train.channels_last": "false", "model.name": "resnet18"},
+    {"train.amp_dtype": "bfloat16"},
+    {"sched.kind": "step", "sched.decay_epochs": 1, "optim.opt": "momentum"},
+    {"optim.opt": "adamw", "loss.kind": "bce", "loss.bce_target_thresh": 0.2},
+    {"mixup.cutmix_alpha": 1.0, "augment.re_prob": 0.5, "augment.auto_augment": "augmix-m5-w2-d1"},
+], ids=["compile", "grad-checkpointing", "bf16-autocast", "step-sched", "adamw-bce", "cutmix-erasing-augmix"])
+def test_loop_options_train(options, tiny_data, tmp_path):
+    summary = train(load_recipe("smoke", tiny_overlay(tiny_data, **options)), tmp_path / "run", quiet=True)
+    assert summary["global_step"] == 2
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "step"]
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in steps)  # finite, not NaN
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tiny_data, tmp_path):
     recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{"train.accum_steps": 2, "train.batch_size": 2,
                                                              "optim.clip_grad": 1.0}))
