@@ -3,8 +3,8 @@
 Both sides get identical pre-made uint8 batches (no data loading), normalise them on the device, run
 forward, loss, backward and an SGD step. The trainer adds what it does every step: the scheduler update,
 the GradScaler pass-through, on-device loss accumulation and its timing. Trials alternate between the two
-so that machine noise hits both alike; the result is the median of each side, the ratio of medians, and the median of the per-trial
-ratios (each trial runs both sides back to back).
+so that machine noise hits both alike. The result: the median of each side, the ratio of medians, and
+the median of the per-trial ratios (each trial runs both sides back to back).
 
     python benchmarks/step_overhead.py [--model resnet50 --size 64 --batch 16 --steps 10 --trials 11]
 """

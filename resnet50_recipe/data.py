@@ -121,8 +121,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         epoch, index = key
         bad = None
         for attempt in range(len(self.samples)):
+            source = (index + attempt) % len(self.samples)
             try:
-                img = self._load((index + attempt) % len(self.samples))
+                img = self._load(source)
                 break
             except UnreadableImage:
                 if self.bad_images != "skip":
@@ -130,7 +131,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 bad = bad or self.samples[index][0]
         with seeded(mix_seed(self.seed, epoch, index)):
             image = self.transform(img)
-        return Sample(image, self.samples[index][1], bad)
+        return Sample(image, self.samples[source][1], bad)
 
 
 class UnreadableImage(ValueError):

@@ -261,7 +261,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
             torch.cuda.reset_peak_memory_stats(rt.device)
         with tqdm(total=num_batches, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not show_bar,
                   leave=False, dynamic_ncols=True) as bar:
-            def log_step(record, _bar=bar):
+            def log_step(record, epoch=epoch):
                 runlog.log(record)
                 if not show_bar:
                     say(f"epoch {epoch + 1} step {record['step']}/{updates_per_epoch} loss {record['loss']:.4f} "
@@ -307,7 +307,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         "global_step": t.global_step, "stopped": stopped,
         "top1": last_eval.get("raw", {}).get("top1"), "top5": last_eval.get("raw", {}).get("top5"),
         "ema_top1": last_eval.get("ema", {}).get("top1"), "ema_top5": last_eval.get("ema", {}).get("top5"),
-        "best_top1": best["top1"] if best else None, "best_epoch": best["epoch"] + 1 if best else None,
+        "best_top1": best["top1"] if best else None, "best_epoch": best["epoch"] if best else None,
         "best_weights": best["weights"] if best else None,
         "wall_time_s": time.time() - wall_start, "num_params": n_params, "num_classes": len(classes),
         "bad_images": sorted(set(t.bad_images)), "device": str(rt.device),
@@ -318,7 +318,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     runlog.summary(summary)
     if summary["top1"] is not None:
         say(f"val top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  best top-1 {summary['best_top1']:.4f} "
-            f"(epoch {summary['best_epoch']}, {summary['best_weights']})  in {summary['wall_time_s']:.0f} s; "
+            f"(epoch {summary['best_epoch'] + 1}, {summary['best_weights']})  in {summary['wall_time_s']:.0f} s; "
             f"run dir {out}")
     return summary
 

@@ -107,12 +107,18 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """The commit of this package's own checkout; None for an installed copy, even one that happens to sit
+    inside some other git repository (a virtualenv in a user's project, say)."""
+    checkout = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=checkout, capture_output=True,
                              text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != checkout:
+        return None
+    return lines[1]
 
 
 def write_json(path: Path, data) -> None:

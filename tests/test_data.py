@@ -159,14 +159,15 @@ def test_train_and_val_classes_must_match(tmp_path):
 
 def test_unreadable_image_fails_naming_the_file_or_is_skipped_and_reported(tmp_path):
     root = generate(tmp_path / "bad", classes=2, per_class=3, val_per_class=1, size=32)
-    broken = root / "train" / "disk" / "disk_00001.jpg"
+    broken = root / "train" / "disk" / "disk_00002.jpg"  # the last disk: its stand-in is the first square
     broken.write_bytes(broken.read_bytes()[:40])  # a truncated JPEG
     classes = class_names(root)
     transform = train_transform(AugmentConfig(train_size=16))
     strict = ImageFolderDataset(root / "train", classes, transform, seed=0)
-    with pytest.raises(ValueError, match=r"disk_00001.jpg: unreadable image.*data.bad_images: skip"):
-        strict[(0, 1)]
+    with pytest.raises(ValueError, match=r"disk_00002.jpg: unreadable image.*data.bad_images: skip"):
+        strict[(0, 2)]
     lenient = ImageFolderDataset(root / "train", classes, transform, seed=0, bad_images="skip")
-    sample = lenient[(0, 1)]
+    sample = lenient[(0, 2)]
     assert sample.bad == str(broken) and sample.image.shape == (3, 16, 16)
+    assert sample.target == classes.index("square")  # the label travels with the image that stands in
     assert lenient[(0, 0)].bad is None
