@@ -171,3 +171,15 @@ def test_unreadable_image_fails_naming_the_file_or_is_skipped_and_reported(tmp_p
     assert sample.bad == str(broken) and sample.image.shape == (3, 16, 16)
     assert sample.target == classes.index("square")  # the label travels with the image that stands in
     assert lenient[(0, 0)].bad is None
+
+
+def test_cli_writes_the_synthetic_dataset(tmp_path, capsys):
+    from resnet50_recipe.cli import main
+
+    out = tmp_path / "shapes"
+    assert main(["data", "synthetic", str(out), "--classes", "3", "--per-class", "2", "--val-per-class", "1",
+                 "--size", "32", "--seed", "4"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert class_names(out) == sorted(SHAPES[:3]) and len(list(out.rglob("*.jpg"))) == 9
+    assert main(["data", "synthetic", str(out), "--classes", "4"]) == 2  # never overwrites other data
+    assert "already exists" in capsys.readouterr().err
