@@ -15,7 +15,7 @@ endif
 	$(PYTHON) -m pip install --quiet -e '.[dev]'
 
 demo: install
-	$(PYTHON) -m resnet50_recipe train smoke --output runs/smoke --overwrite
+	$(PYTHON) -m resnet50_recipe train smoke --output runs/smoke --no-resume --force
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -24,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key; the value is parsed as YAML (repeatable)")
     p.add_argument("--output", help="run directory (default: runs/<recipe name>)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output")
+    p.add_argument("--resume", default="auto", metavar="auto|PATH",
+                   help="auto (default): continue from the newest valid checkpoint in --output, if any; "
+                        "PATH: continue from that checkpoint")
+    p.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                   help="start fresh; refuses to replace checkpoints unless --force")
+    p.add_argument("--force", action="store_true", help="with --no-resume: delete the earlier run's checkpoints")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="resume even though the recipe differs from the checkpoint's in result-changing keys")
     p.add_argument("--data", help="dataset folder with train/ and val/ (data.path)")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--batch-size", type=int, help="per-process batch size (train.batch_size)")
@@ -73,7 +81,12 @@ def cmd_train(args) -> int:
         print(to_yaml(recipe), end="")
         return 0
     from .engine import train
-    summary = train(recipe, args.output, quiet=args.quiet, overwrite=args.overwrite)
+    from .spot import EXIT_PREEMPTED
+
+    summary = train(recipe, args.output, quiet=args.quiet, resume=args.resume, force=args.force,
+                    allow_recipe_change=args.allow_recipe_change)
+    if summary["stopped"]:
+        return EXIT_PREEMPTED  # "try again": a supervisor restarts on it and --resume auto continues
     if args.quiet and summary["top1"] is not None:
         print(f"val top-1 {summary['top1']:.4f}")
     return 0
@@ -106,6 +119,13 @@ def cmd_data(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Our own log lines (stop requests, skipped checkpoints, the spot watcher) go to stderr as plain text.
+    package_log = logging.getLogger("resnet50_recipe")
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_log.addHandler(handler)
+    package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     handler = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
     try:
         return handler(args)

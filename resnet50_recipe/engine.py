@@ -26,9 +26,10 @@ from . import checkpoint as ckpt
 from .build import build_ema, build_loss, build_mixup, build_model, build_optimizer, build_scheduler
 from .data import (EpochSampler, ImageFolderDataset, class_names, eval_transform, make_loader, mix_seed,
                    resolve_data_dir, seeded, train_transform)
-from .recipe import Recipe, load_recipe, scaled_lr, to_dict
+from .recipe import Recipe, RecipeError, load_recipe, recipe_diff, scaled_lr, to_dict
 from .runlog import RunLog, prepare_run_dir
 from .runtime import Runtime, setup, versions
+from .spot import StopControl, install_signal_handlers, restore_signal_handlers, start_spot_watcher
 
 
 @dataclass
@@ -46,8 +47,11 @@ class Trainer:
     eraser: RandomErasing | None
     ema: object | None
     to_input: Callable[[torch.Tensor], torch.Tensor]
+    # Loop accumulators, part of the checkpoint so that a resumed run logs exactly what an unbroken one does.
+    epoch_loss: torch.Tensor  # summed per finished log window
+    window_loss: torch.Tensor  # summed per micro-batch since the last step record
+    window_steps: int = 0
     global_step: int = 0
-    seen: int = 0  # training samples consumed by this process, for img/s
     bad_images: list[str] = field(default_factory=list)
 
 
@@ -84,7 +88,8 @@ def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epo
         recipe=recipe, rt=rt, model=model, forward=torch.compile(model) if tc.compile else model,
         optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler),
         criterion=build_loss(recipe.loss, mixup is not None).to(rt.device), mixup=mixup, eraser=eraser, ema=ema,
-        to_input=make_to_input(recipe, rt.device))
+        to_input=make_to_input(recipe, rt.device), epoch_loss=torch.zeros((), device=rt.device),
+        window_loss=torch.zeros((), device=rt.device))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,20 +97,25 @@ def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epo
 
 
 def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int, log, progress=None,
-                    stop: threading.Event | None = None) -> dict:
-    """Run `num_batches` micro-batches (a whole number of optimizer steps); return the epoch's train stats.
+                    stop: threading.Event | None = None, start_batch: int = 0,
+                    after_step: Callable[[int], None] | None = None) -> dict:
+    """Run micro-batches `start_batch` to `num_batches` of the epoch (a whole number of optimizer steps).
 
-    `log(record)` receives a step record every `log.every_steps` optimizer steps.
+    `batches` yields them from `start_batch` on (the sampler skips ahead by index). `log(record)` receives a
+    step record every `log.every_steps` optimizer steps; `after_step(batches_done)` runs after every optimizer
+    step (mid-epoch checkpoints). Returns the epoch's train stats, or where it stopped.
     """
     tc, seed = t.recipe.train, t.recipe.seed
     t.model.train()
-    epoch_loss = torch.zeros((), device=t.rt.device)  # summed per log window, read once at the end
-    window_loss = torch.zeros((), device=t.rt.device)
-    window_steps, window_seen, window_wait = 0, 0, 0.0
+    if start_batch == 0:
+        t.epoch_loss.zero_()
+        t.window_loss.zero_()
+        t.window_steps = 0
+    window_seen, window_wait = 0, 0.0
     window_start = time.perf_counter()
     batch_iter: Iterator = iter(batches)
-    batch_idx = 0
-    for batch_idx in range(num_batches):
+    batch_idx = start_batch - 1
+    for batch_idx in range(start_batch, num_batches):
         wait_start = time.perf_counter()
         images, targets, bad = next(batch_iter)
         window_wait += time.perf_counter() - wait_start
@@ -128,9 +138,8 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
             # (measured: 5-8 % of a ResNet-50 step on 2 cores, BENCHMARKS.md).
             t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss / tc.accum_steps if tc.accum_steps > 1 else loss).backward()
-        window_loss += loss.detach()
+        t.window_loss += loss.detach()
         window_seen += images.shape[0]
-        t.seen += images.shape[0]
 
         if (batch_idx + 1) % tc.accum_steps:
             continue  # gradient accumulation: keep summing into .grad
@@ -143,32 +152,33 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
         if t.ema is not None and t.global_step % t.recipe.ema.every == 0:
             t.ema.update(t.model, step=t.global_step // t.recipe.ema.every)
         t.scheduler.step_update(num_updates=t.global_step)
-        window_steps += 1
+        t.window_steps += 1
 
-        if window_steps == t.recipe.log.every_steps or batch_idx + 1 == num_batches:
+        if t.window_steps == t.recipe.log.every_steps or batch_idx + 1 == num_batches:
             elapsed = time.perf_counter() - window_start
             record = {"kind": "step", "epoch": epoch, "step": (batch_idx + 1) // tc.accum_steps,
                       "global_step": t.global_step,
-                      "loss": window_loss.item() / (window_steps * tc.accum_steps),  # the only sync point
+                      "loss": t.window_loss.item() / (t.window_steps * tc.accum_steps),  # the only sync point
                       "lr": t.optimizer.param_groups[0]["lr"],
                       "img_per_s": window_seen * t.rt.world_size / elapsed,
                       "data_wait": window_wait / elapsed}
             log(record)
-            epoch_loss += window_loss
+            t.epoch_loss += t.window_loss
             if progress is not None:
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                      img_s=f"{record['img_per_s']:.0f}", refresh=False)
-            window_loss.zero_()
-            window_steps, window_seen, window_wait = 0, 0, 0.0
+            t.window_loss.zero_()
+            t.window_steps, window_seen, window_wait = 0, 0, 0.0
             window_start = time.perf_counter()
         if progress is not None:
             progress.update(tc.accum_steps)
+        if after_step is not None:
+            after_step(batch_idx + 1)
         if stop is not None and stop.is_set():
             break
-    epoch_loss += window_loss  # a stop request can end the epoch mid-window
     done = batch_idx + 1
-    return {"train_loss": epoch_loss.item() / max(1, done), "batches": done,
-            "stopped": stop is not None and stop.is_set()}
+    return {"train_loss": t.epoch_loss.item() / max(1, done), "batches": done,
+            "stopped": stop is not None and stop.is_set() and done < num_batches}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,20 +213,44 @@ def evaluate(model: torch.nn.Module, batches: Iterable, to_input, rt: Runtime) -
 # The whole run
 
 
-def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = False, overwrite: bool = False,
-          stop: threading.Event | None = None) -> dict:
-    """Train `recipe`, writing the run directory `output` (default runs/<recipe name>); return the summary.
+def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = False, resume: str = "auto",
+          force: bool = False, allow_recipe_change: bool = False, control: StopControl | None = None) -> dict:
+    """Train `recipe` in the run directory `output` (default runs/<recipe name>); return the summary.
 
-    This is exactly what `resnet50-recipe train` runs.
+    `resume`: "auto" continues from the newest valid checkpoint in `output` when there is one, "never"
+    starts fresh (refusing to replace checkpoints unless `force`), or a checkpoint path. A stop request
+    (SIGTERM, SIGINT, SIGUSR1, the EC2 spot notice, or `control`) ends the run after the current step with a
+    checkpoint and `summary["stopped"]` set. This is exactly what `resnet50-recipe train` runs.
     """
     wall_start = time.time()
     tc = recipe.train
     rt = setup(tc, recipe.seed)
     out = Path(output or Path("runs") / recipe.name)
-    if rt.is_main:
-        prepare_run_dir(out, overwrite)
-    runlog = RunLog(out, enabled=rt.is_main)
+    folder = out / "checkpoints"
+    control = control or StopControl()
     say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
+
+    # Where to start: a checkpoint to resume from, or a clean run directory.
+    state = None
+    if resume == "auto":
+        found = ckpt.find_latest(folder)
+        if found is None and any(folder.glob("ckpt-*.pt")):
+            raise ValueError(f"{folder}: holds checkpoints but none passes its size and hash check; move them "
+                             "away, or pass --no-resume --force to start over")
+        if found is not None:
+            resume_path, state = found
+    elif resume != "never":
+        resume_path, state = Path(resume), ckpt.load_state(resume)
+    if state is not None:
+        diff = recipe_diff(state["recipe"], to_dict(recipe))
+        if diff and not allow_recipe_change:
+            raise RecipeError(f"{resume_path}: the recipe differs from the checkpoint's in keys that change the "
+                              "result:\n  " + "\n  ".join(diff) + "\npass --allow-recipe-change to resume anyway, "
+                              "or --output DIR for a new run")
+    elif rt.is_main:
+        prepare_run_dir(out, force)
+    out.mkdir(parents=True, exist_ok=True)
+    runlog = RunLog(out, enabled=rt.is_main)
 
     # Data: ImageFolder train/ and val/, uint8 batches, order a pure function of (seed, epoch).
     data_dir = resolve_data_dir(recipe.data)
@@ -225,102 +259,161 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
                                    recipe.data.bad_images)
     val_set = ImageFolderDataset(data_dir / "val", classes, eval_transform(recipe.augment), recipe.seed,
                                  recipe.data.bad_images)
+    if state is not None and state["class_names"] != classes:
+        raise ValueError(f"{data_dir}: its classes differ from the {len(state['class_names'])} the checkpoint "
+                         f"{resume_path} was trained on")
     train_sampler = EpochSampler(len(train_set), recipe.seed, shuffle=True, rank=rt.rank,
                                  world_size=rt.world_size, aug_repeats=recipe.data.aug_repeats)
     val_sampler = EpochSampler(len(val_set), recipe.seed, shuffle=False, rank=rt.rank, world_size=rt.world_size)
     loader_args = dict(workers=recipe.data.workers, pin_memory=recipe.data.pin_memory, seed=recipe.seed)
     train_loader = make_loader(train_set, train_sampler, tc.batch_size, drop_last=True, **loader_args)
     val_loader = make_loader(val_set, val_sampler, tc.batch_size, drop_last=False, **loader_args)
-    num_batches = len(train_loader) if tc.steps_per_epoch is None else min(len(train_loader),
-                                                                              tc.steps_per_epoch * tc.accum_steps)
+    full_batches = len(train_set) // (tc.batch_size * rt.world_size)
+    num_batches = full_batches if tc.steps_per_epoch is None else min(full_batches,
+                                                                        tc.steps_per_epoch * tc.accum_steps)
     num_batches -= num_batches % tc.accum_steps
     if num_batches == 0:
         raise ValueError(f"{data_dir / 'train'}: {len(train_set)} images give no full optimizer step at "
                          f"train.batch_size={tc.batch_size} x accum_steps={tc.accum_steps}; lower the batch size")
     updates_per_epoch = num_batches // tc.accum_steps
+    samples_per_batch = tc.batch_size * rt.world_size
 
     t = build_trainer(recipe, rt, len(classes), updates_per_epoch)
-    global_batch = tc.batch_size * rt.world_size * tc.accum_steps
-    runlog.start(recipe)
+    global_batch = samples_per_batch * tc.accum_steps
     n_params = sum(p.numel() for p in t.model.parameters())
+    history: list[dict] = []
+    best: dict | None = None  # best evaluated epoch
+    best_checkpoint: dict | None = None  # best epoch that has a checkpoint, kept by retention
+    start_epoch, start_batch, elapsed_before = 0, 0, 0.0
+    if state is not None:
+        restore(t, state)
+        history, best, best_checkpoint = state["metrics"], state["best"], state["best_checkpoint"]
+        start_epoch, elapsed_before = state["epoch"], state["elapsed_s"]
+        start_batch = state["step_in_epoch"] // samples_per_batch
+        runlog.resume(t.global_step, history)
+        say(f"resuming from {resume_path}: epoch {start_epoch + 1}, batch {start_batch} of {num_batches}, "
+            f"step {t.global_step}")
+    runlog.start(recipe)
     say(f"{recipe.name}: {recipe.model.name} ({n_params / 1e6:.1f}M params), {len(classes)} classes, "
         f"{len(train_set)} train / {len(val_set)} val images from {data_dir}; {rt.device}, "
         f"amp={str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off'}, "
         f"peak lr {scaled_lr(recipe.optim, global_batch):.4g} at global batch {global_batch}; run dir {out}")
 
-    best: dict | None = None
-    history: list[dict] = []
-    last_eval: dict = {}
-    epoch = 0
-    stopped = False
+    cc = recipe.checkpoint
+    writer = ckpt.Writer(folder, cc.keep_last, cc.keep_best) if rt.is_main else None
+    last_save = time.monotonic()
+
+    def save(epoch: int, batches_done: int) -> None:
+        """Snapshot the state into CPU memory now; the writer thread puts it on disk."""
+        nonlocal last_save
+        last_save = time.monotonic()
+        if writer is not None:
+            writer.submit(snapshot(t, epoch, batches_done * samples_per_batch, best, best_checkpoint, history,
+                                   elapsed_before + time.time() - wall_start, classes), best_checkpoint)
+
+    def mid_epoch_save(epoch: int, batches_done: int) -> None:
+        due = ((cc.every_steps and t.global_step % cc.every_steps == 0)
+               or (cc.every_minutes and time.monotonic() - last_save >= cc.every_minutes * 60)
+               or control.checkpoint_now.is_set())
+        if due and batches_done < num_batches and not control.stop.is_set():
+            control.checkpoint_now.clear()
+            save(epoch, batches_done)
+
+    previous_handlers = install_signal_handlers(control)
+    watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s) if rt.is_main else None
+    if state is not None:
+        ckpt.set_rng_state(state["rng"])  # last, after everything that drew from the RNGs while being built
     show_bar = not quiet and rt.is_main and sys.stderr.isatty()
-    for epoch in range(tc.epochs):
-        epoch_start = time.time()
-        train_sampler.set_epoch(epoch)
-        if rt.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(rt.device)
-        with tqdm(total=num_batches, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not show_bar,
-                  leave=False, dynamic_ncols=True) as bar:
-            def log_step(record, epoch=epoch):
-                runlog.log(record)
-                if not show_bar:
-                    say(f"epoch {epoch + 1} step {record['step']}/{updates_per_epoch} loss {record['loss']:.4f} "
-                        f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s "
-                        f"data-wait {record['data_wait']:.0%}")
-            stats = train_one_epoch(t, train_loader, epoch, num_batches, log_step, bar if show_bar else None, stop)
-        stopped = stats["stopped"]
-        if stopped:
-            break
+    stopped_at: tuple[int, int] | None = None
+    try:
+        for epoch in range(start_epoch, tc.epochs):
+            epoch_start = time.time()
+            first_batch = start_batch if epoch == start_epoch else 0
+            train_sampler.set_epoch(epoch, first_batch * samples_per_batch)
+            if rt.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(rt.device)
+            with tqdm(total=num_batches, initial=first_batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
+                      disable=not show_bar, leave=False, dynamic_ncols=True) as bar:
+                def log_step(record, epoch=epoch):
+                    runlog.log(record)
+                    if not show_bar:
+                        say(f"epoch {epoch + 1} step {record['step']}/{updates_per_epoch} loss {record['loss']:.4f} "
+                            f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s "
+                            f"data-wait {record['data_wait']:.0%}")
+                stats = train_one_epoch(t, train_loader, epoch, num_batches, log_step, bar if show_bar else None,
+                                        control.stop, first_batch, lambda done, e=epoch: mid_epoch_save(e, done))
+            if stats["stopped"]:
+                stopped_at = (epoch, stats["batches"])
+                break
 
-        record = {"kind": "epoch", "epoch": epoch, "global_step": t.global_step, "train_loss": stats["train_loss"],
-                  "lr": t.optimizer.param_groups[0]["lr"]}
-        last_epoch = epoch + 1 == tc.epochs
-        if (epoch + 1) % tc.eval_every == 0 or last_epoch:
-            last_eval = {"raw": evaluate(t.model, val_loader, t.to_input, rt)}
-            if t.ema is not None:
-                last_eval["ema"] = evaluate(t.ema.module, val_loader, t.to_input, rt)
-            record.update(top1=last_eval["raw"]["top1"], top5=last_eval["raw"]["top5"],
-                          val_loss=last_eval["raw"]["loss"])
-            if "ema" in last_eval:
-                record.update(ema_top1=last_eval["ema"]["top1"], ema_top5=last_eval["ema"]["top5"])
-            score = max(record["top1"], record.get("ema_top1", -1.0))
-            if best is None or score > best["top1"]:
-                best = {"top1": score, "epoch": epoch, "weights": "ema" if score != record["top1"] else "raw",
-                        "file": None}
-        record.update(epoch_time_s=time.time() - epoch_start, bad_images=len(t.bad_images),
-                      peak_gpu_mem_gb=(torch.cuda.max_memory_allocated(rt.device) / 2**30
-                                       if rt.device.type == "cuda" else None))
-        runlog.log(record)
-        history.append(record)
-        runlog.plot()
-        say(_epoch_line(record, tc.epochs))
+            record = {"kind": "epoch", "epoch": epoch, "global_step": t.global_step,
+                      "train_loss": stats["train_loss"], "lr": t.optimizer.param_groups[0]["lr"]}
+            last_epoch = epoch + 1 == tc.epochs
+            if (epoch + 1) % tc.eval_every == 0 or last_epoch:
+                raw = evaluate(t.model, val_loader, t.to_input, rt)
+                record.update(top1=raw["top1"], top5=raw["top5"], val_loss=raw["loss"])
+                if t.ema is not None:
+                    ema = evaluate(t.ema.module, val_loader, t.to_input, rt)
+                    record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+                score = max(record["top1"], record.get("ema_top1", -1.0))
+                if best is None or score > best["top1"]:
+                    best = {"top1": score, "epoch": epoch, "weights": "ema" if score != record["top1"] else "raw"}
+            record.update(epoch_time_s=time.time() - epoch_start, bad_images=len(t.bad_images),
+                          peak_gpu_mem_gb=(torch.cuda.max_memory_allocated(rt.device) / 2**30
+                                           if rt.device.type == "cuda" else None))
+            runlog.log(record)
+            history.append(record)
+            runlog.plot()
+            say(_epoch_line(record, tc.epochs))
 
-        if (epoch + 1) % recipe.checkpoint.every_epochs == 0 or last_epoch:
-            is_best = best is not None and best["epoch"] == epoch
-            entry = save_checkpoint(t, out, epoch + 1, 0, best, history, time.time() - wall_start, classes,
-                                    rt, is_best)
-            if is_best and entry:
-                best["file"] = entry["file"]
+            if (epoch + 1) % cc.every_epochs == 0 or last_epoch or control.stop.is_set():
+                if best is not None and best["epoch"] == epoch:
+                    best_checkpoint = {**best, "file": ckpt.checkpoint_name(t.global_step)}
+                save(epoch + 1, 0)
+            if control.stop.is_set():
+                stopped_at = (epoch + 1, 0)
+                break
+        if stopped_at is not None:
+            if stopped_at[1] > 0:  # mid-epoch; an epoch-end stop was saved above
+                save(*stopped_at)
+            started = time.time()
+            deadline = control.deadline - time.time() if control.deadline else None
+            on_time = writer is None or writer.drain(deadline)
+            took = time.time() - started
+            say(f"stopped ({control.reason}): checkpoint at step {t.global_step} written in {took:.1f} s"
+                + (f" of the {deadline:.0f} s left before the deadline" if deadline is not None else "")
+                + ("" if on_time else "; the deadline passed before it was complete"))
+        if writer is not None:
+            writer.drain()
+    finally:
+        restore_signal_handlers(previous_handlers)
+        if watcher is not None:
+            watcher.halt()
 
-    summary = {
-        "recipe": recipe.name, "model": recipe.model.name, "epochs": epoch + (0 if stopped else 1),
-        "global_step": t.global_step, "stopped": stopped,
-        "top1": last_eval.get("raw", {}).get("top1"), "top5": last_eval.get("raw", {}).get("top5"),
-        "ema_top1": last_eval.get("ema", {}).get("top1"), "ema_top5": last_eval.get("ema", {}).get("top5"),
-        "best_top1": best["top1"] if best else None, "best_epoch": best["epoch"] if best else None,
-        "best_weights": best["weights"] if best else None,
-        "wall_time_s": time.time() - wall_start, "num_params": n_params, "num_classes": len(classes),
-        "bad_images": sorted(set(t.bad_images)), "device": str(rt.device),
-    }
-    if stopped:
-        save_checkpoint(t, out, epoch, stats["batches"] * tc.batch_size * rt.world_size, best, history,
-                        summary["wall_time_s"], classes, rt, False)
+    summary = make_summary(recipe, t, history, best, elapsed_before + time.time() - wall_start, n_params,
+                           len(classes), stopped_at is not None, rt)
     runlog.summary(summary)
-    if summary["top1"] is not None:
+    if summary["top1"] is not None and not summary["stopped"]:
         say(f"val top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  best top-1 {summary['best_top1']:.4f} "
             f"(epoch {summary['best_epoch'] + 1}, {summary['best_weights']})  in {summary['wall_time_s']:.0f} s; "
             f"run dir {out}")
     return summary
+
+
+def make_summary(recipe: Recipe, t: Trainer, history: list[dict], best: dict | None, wall_time_s: float,
+                 n_params: int, num_classes: int, stopped: bool, rt: Runtime) -> dict:
+    evaluated = [r for r in history if "top1" in r]
+    last = evaluated[-1] if evaluated else {}
+    return {
+        "recipe": recipe.name, "model": recipe.model.name, "epochs": len(history),
+        "global_step": t.global_step, "stopped": stopped,
+        "top1": last.get("top1"), "top5": last.get("top5"),
+        "ema_top1": last.get("ema_top1"), "ema_top5": last.get("ema_top5"),
+        "best_top1": best["top1"] if best else None, "best_epoch": best["epoch"] if best else None,
+        "best_weights": best["weights"] if best else None,
+        "wall_time_s": wall_time_s, "num_params": n_params, "num_classes": num_classes,
+        "bad_images": sorted(set(t.bad_images)), "device": str(rt.device),
+    }
 
 
 def _epoch_line(r: dict, epochs: int) -> str:
@@ -332,15 +425,14 @@ def _epoch_line(r: dict, epochs: int) -> str:
     return line + f" ({r['epoch_time_s']:.1f} s)"
 
 
-def save_checkpoint(t: Trainer, out: Path, epoch: int, step_in_epoch: int, best: dict | None, history: list,
-                    elapsed_s: float, classes: list[str], rt: Runtime, is_best: bool) -> dict | None:
-    """Capture the whole training state (docs/DESIGN.md, section 3) and write it atomically; rank 0 only.
+def snapshot(t: Trainer, epoch: int, step_in_epoch: int, best: dict | None, best_checkpoint: dict | None,
+             history: list, elapsed_s: float, classes: list[str]) -> dict:
+    """The whole training state (docs/DESIGN.md, section 3) as CPU copies, taken at a step boundary.
 
-    `epoch` is the epoch to run next and `step_in_epoch` the samples of it already consumed.
+    `epoch` is the epoch to run next and `step_in_epoch` the samples of it already consumed, counted in the
+    global sample order so that the position survives a change of process count.
     """
-    if not rt.is_main:
-        return None
-    state = {
+    return {
         "format": ckpt.FORMAT,
         "model": ckpt.cpu_copy(t.model.state_dict()),
         "ema": ckpt.cpu_copy(t.ema.module.state_dict()) if t.ema is not None else None,
@@ -348,17 +440,27 @@ def save_checkpoint(t: Trainer, out: Path, epoch: int, step_in_epoch: int, best:
         "scheduler": ckpt.cpu_copy(t.scheduler.state_dict()),
         "scaler": t.scaler.state_dict(),
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": t.global_step,
+        "loop": {"epoch_loss": ckpt.cpu_copy(t.epoch_loss), "window_loss": ckpt.cpu_copy(t.window_loss),
+                 "window_steps": t.window_steps, "bad_images": list(t.bad_images)},
         "rng": ckpt.rng_state(),
-        "best": best, "metrics": history, "elapsed_s": elapsed_s,
-        "recipe": to_dict(t.recipe), "versions": versions(), "class_names": classes,
+        "best": best, "best_checkpoint": best_checkpoint, "metrics": [dict(r) for r in history],
+        "elapsed_s": elapsed_s, "recipe": to_dict(t.recipe), "versions": versions(), "class_names": classes,
     }
-    folder = out / "checkpoints"
-    entry = ckpt.save_atomic(state, folder / ckpt.checkpoint_name(t.global_step))
-    best_file = entry["file"] if is_best else (best or {}).get("file")
-    ckpt.write_manifest(folder, entry, {**best, "file": best_file} if best else None)
-    keep = {entry["file"]} | ({best_file} if best_file and t.recipe.checkpoint.keep_best else set())
-    ckpt.prune(folder, t.recipe.checkpoint.keep_last, keep)
-    return entry
+
+
+def restore(t: Trainer, state: dict) -> None:
+    """Load a snapshot into a freshly built trainer (the RNG states are restored separately, last)."""
+    t.model.load_state_dict(state["model"])
+    if t.ema is not None and state["ema"] is not None:
+        t.ema.module.load_state_dict(state["ema"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    t.global_step = state["global_step"]
+    loop = state["loop"]
+    t.epoch_loss.copy_(loop["epoch_loss"])
+    t.window_loss.copy_(loop["window_loss"])
+    t.window_steps, t.bad_images = loop["window_steps"], list(loop["bad_images"])
 
 
 # ---------------------------------------------------------------------------------------------------------

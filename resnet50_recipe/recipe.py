@@ -145,8 +145,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every_epochs: int = field(default=2, metadata=_range(1))
+    every_steps: Optional[int] = field(default=None, metadata=_range(1))
+    every_minutes: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
     keep_last: int = field(default=2, metadata=_range(1))
     keep_best: bool = True
+    spot_notice: Literal["auto", "on", "off"] = "auto"
+    imds_endpoint: Optional[str] = None
+    spot_poll_s: float = field(default=5.0, metadata=_range(0, lo_open=True))
 
 
 @dataclass(frozen=True)
@@ -176,8 +181,15 @@ class Recipe:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float: YAML 1.1 wants `1.0e-4`, which nobody writes."""
+    """SafeLoader with YAML 1.2 scalars: `1e-4` is a float (YAML 1.1 wants `1.0e-4`, which nobody writes), and
+    only true/false are booleans, so `spot_notice: off` stays the string it looks like."""
 
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -483,6 +495,27 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
         rule = "sqrt" if any(k in optim.opt.lower() for k in ("ada", "lamb", "lion")) else "linear"
     ratio = global_batch / optim.lr_base_size
     return optim.lr_base * (math.sqrt(ratio) if rule == "sqrt" else ratio)
+
+
+# Keys that change where or how fast a run goes, not what it computes: they may differ on resume.
+RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "train.device", "train.compile",
+               "train.channels_last", "train.deterministic", "log.", "checkpoint.")
+
+
+def recipe_diff(old: Mapping, new: Mapping) -> list[str]:
+    """`key: old -> new` for every key whose change would change the result of resuming a run."""
+    def flat(tree, prefix=""):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    a, b = flat(old), flat(new)
+    return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE) and key not in RESUME_SAFE]
 
 
 def check_names(recipe: Recipe) -> None:

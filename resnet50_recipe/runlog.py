@@ -14,15 +14,17 @@ from .runtime import versions, write_json
 ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoints")
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix two runs in one folder: an earlier run's files are kept unless `overwrite` is asked for."""
-    existing = [name for name in ARTEFACTS if (out / name).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}); pass --output DIR for a new "
-                              "folder, or --overwrite to replace it")
-    for name in existing:
+def prepare_run_dir(out: Path, force: bool) -> None:
+    """Clear `out` for a fresh run. Checkpoints are never deleted without `force`; old logs are replaced."""
+    if any((out / "checkpoints").glob("ckpt-*.pt")) and not force:
+        raise FileExistsError(f"{out} holds checkpoints of an earlier run; resume it (the default, --resume auto), "
+                              "pass --output DIR for a new run, or --force to delete them and start over")
+    for name in ARTEFACTS:
         path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -36,6 +38,17 @@ class RunLog:
             return
         (self.out / "recipe.yaml").write_text(to_yaml(recipe))
         write_json(self.out / "env.json", versions())
+
+    def resume(self, global_step: int, history: list[dict]) -> None:
+        """Drop what was logged after the checkpoint being resumed: those steps will run again."""
+        self.epochs = [r for r in history if r.get("kind") == "epoch"]
+        path = self.out / "metrics.jsonl"
+        if not self.enabled or not path.exists():
+            return
+        kept = [r for r in read_metrics(path) if r.get("global_step", 0) <= global_step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
 
     def log(self, record: dict) -> None:
         """Append one JSON line; flushed at once so a killed run keeps everything logged so far."""

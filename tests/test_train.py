@@ -1,6 +1,4 @@
 import json
-import threading
-
 import pytest
 import torch
 
@@ -10,6 +8,7 @@ from resnet50_recipe.checkpoint import load_state, read_manifest
 from resnet50_recipe.cli import main
 from resnet50_recipe.recipe import shipped_recipes
 from resnet50_recipe.runlog import read_metrics
+from resnet50_recipe.spot import StopControl
 from resnet50_recipe.synthetic import generate
 
 
@@ -131,18 +130,20 @@ def test_deterministic_runs_give_identical_weights_from_library_and_cli(small_da
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
-def test_an_existing_run_is_never_overwritten_silently(tiny_data, tmp_path):
+def test_an_existing_run_is_resumed_never_overwritten_silently(tiny_data, tmp_path):
     recipe = load_recipe("smoke", tiny_overlay(tiny_data))
-    train(recipe, tmp_path / "run", quiet=True)
-    with pytest.raises(FileExistsError, match="already holds a run.*--overwrite"):
-        train(recipe, tmp_path / "run", quiet=True)
-    assert train(recipe, tmp_path / "run", quiet=True, overwrite=True)["global_step"] == 2
+    first = train(recipe, tmp_path / "run", quiet=True)
+    again = train(recipe, tmp_path / "run", quiet=True)  # --resume auto: the run is finished already
+    assert again["global_step"] == first["global_step"] == 2 and again["top1"] == first["top1"]
+    with pytest.raises(FileExistsError, match="holds checkpoints of an earlier run.*--force"):
+        train(recipe, tmp_path / "run", quiet=True, resume="never")
+    assert train(recipe, tmp_path / "run", quiet=True, resume="never", force=True)["global_step"] == 2
 
 
-def test_stop_event_ends_at_a_step_boundary_with_a_checkpoint(tiny_data, tmp_path):
-    stop = threading.Event()
-    stop.set()  # as if SIGTERM arrived during the first step
-    summary = train(load_recipe("smoke", tiny_overlay(tiny_data)), tmp_path / "run", quiet=True, stop=stop)
+def test_stop_request_ends_at_a_step_boundary_with_a_checkpoint(tiny_data, tmp_path):
+    control = StopControl()
+    control.request_stop("test")  # as if SIGTERM arrived during the first step
+    summary = train(load_recipe("smoke", tiny_overlay(tiny_data)), tmp_path / "run", quiet=True, control=control)
     assert summary["stopped"] and summary["global_step"] == 1
     folder = tmp_path / "run" / "checkpoints"
     state = load_state(folder / read_manifest(folder)["file"])
@@ -194,3 +195,19 @@ def test_cuda_amp_channels_last(tiny_data, tmp_path):
     recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{"train.device": "cuda"}))
     summary = train(recipe, tmp_path / "run", quiet=True)
     assert summary["device"].startswith("cuda") and summary["global_step"] == 2
+
+
+def test_resume_from_a_given_checkpoint_into_a_new_directory(small_data, tmp_path):
+    overlay = tiny_overlay(small_data, **{"train.deterministic": "true", "train.epochs": 2,
+                                          "train.steps_per_epoch": 4, "checkpoint.every_epochs": 1,
+                                          "checkpoint.keep_last": 3, "model.drop_path": 0.1})
+    recipe = load_recipe("smoke", overlay)
+    train(recipe, tmp_path / "a", quiet=True)
+    folder = tmp_path / "a" / "checkpoints"
+    first_epoch = folder / read_manifest(folder)["checkpoints"][0]["file"]
+    summary = train(recipe, tmp_path / "b", quiet=True, resume=str(first_epoch))
+    assert summary["global_step"] == 8
+    a, b = load_state(folder / read_manifest(folder)["file"]), load_state(
+        tmp_path / "b" / "checkpoints" / read_manifest(tmp_path / "b" / "checkpoints")["file"])
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

@@ -1,0 +1,261 @@
+"""Preemption: exact mid-epoch resume across real processes, SIGKILL during a save, the EC2 spot notice."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from resnet50_recipe.checkpoint import find_latest, load_state, read_manifest
+from resnet50_recipe.runlog import read_metrics
+from resnet50_recipe.spot import EXIT_PREEMPTED
+from resnet50_recipe.synthetic import generate
+
+TIMING = {"img_per_s", "data_wait", "epoch_time_s", "peak_gpu_mem_gb"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("data") / "shapes", classes=4, per_class=48, val_per_class=8, size=32)
+
+
+def overlay(data, **extra):
+    """The smoke recipe, deterministic on CPU, 3 epochs of 24 steps, exercising every RNG stream."""
+    settings = {
+        "data.path": data, "data.synthetic": "null", "data.workers": 1, "train.device": "cpu",
+        "train.deterministic": "true", "train.epochs": 3, "train.batch_size": 8, "augment.train_size": 32,
+        "augment.eval_size": 32, "log.every_steps": 5, "checkpoint.every_epochs": 1, "checkpoint.keep_last": 2,
+        "mixup.mixup_alpha": 0.2, "mixup.cutmix_alpha": 1.0, "augment.re_prob": 0.25, "model.drop_path": 0.1,
+        "checkpoint.spot_notice": "off",
+    }
+    settings.update(extra)
+    args = []
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def start(out, args, **popen):
+    command = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(out)] + args
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def last_step(out) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    steps = [json.loads(line)["global_step"] for line in lines if line.endswith("}")]
+    return steps[-1] if steps else -1
+
+
+def final_state(out) -> dict:
+    folder = out / "checkpoints"
+    return load_state(folder / read_manifest(folder)["file"])
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
+
+
+def assert_same_tree(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(data, tmp_path):
+    reference = start(tmp_path / "reference", overlay(data))
+    assert reference.wait(timeout=300) == 0, reference.stdout.read()
+
+    targets = sorted(random.sample(range(3, 70), 3))  # 72 steps in all
+    out = tmp_path / "interrupted"
+    logs = []
+    for target in targets:
+        process = start(out, overlay(data))
+        while last_step(out) < target and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == EXIT_PREEMPTED, process.stdout.read()
+        logs.append(process.stdout.read())
+    final = start(out, overlay(data))
+    assert final.wait(timeout=300) == 0, final.stdout.read()
+    logs.append(final.stdout.read())
+    resumed = "\n".join(logs)
+    assert resumed.count("resuming from") == len(targets), resumed
+    assert any(f"batch {b} of 24" in resumed for b in range(1, 24)), resumed  # at least one mid-epoch resume
+
+    a, b = final_state(tmp_path / "reference"), final_state(out)
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "loop", "rng", "best", "global_step"):
+        assert_same_tree(a[key], b[key], f"{key} (targets {targets})")
+    assert without_timing(a["metrics"]) == without_timing(b["metrics"]), targets
+    assert without_timing(read_metrics(tmp_path / "reference" / "metrics.jsonl")) == \
+        without_timing(read_metrics(out / "metrics.jsonl")), targets
+
+
+SLOW_SECOND_SAVE = """
+import sys, time, io, pathlib
+import torch
+import resnet50_recipe.checkpoint as checkpoint
+real_save, calls = torch.save, []
+def slow_save(state, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the second checkpoint: write half of it, then hang until killed
+        buffer = io.BytesIO()
+        real_save(state, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        pathlib.Path(sys.argv[1]).write_text("writing")
+        time.sleep(600)
+    return real_save(state, f, *args, **kwargs)
+checkpoint.torch.save = slow_save
+from resnet50_recipe.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_good_checkpoint(data, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "writing"
+    args = overlay(data, **{"checkpoint.every_steps": 5, "train.epochs": 1})
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SECOND_SAVE, str(marker), "train", "smoke", "--output",
+                                str(out)] + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), process.stdout.read() if process.poll() is not None else "no slow save happened"
+    partial = list((out / "checkpoints").glob(".ckpt-*.tmp-*"))
+    assert partial, "the interrupted write should leave its temp file"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert read_manifest(out / "checkpoints")["step"] == 5  # the manifest still names the good one
+
+    again = start(out, args)
+    output = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, output
+    assert f"removing {partial[0]}: a partial checkpoint from an interrupted write" in output
+    assert "resuming from" in output and "ckpt-000000005.pt" in output
+    assert final_state(out)["global_step"] == 24
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data, tmp_path, caplog):
+    out = tmp_path / "run"
+    process = start(out, overlay(data, **{"checkpoint.every_steps": 5, "train.epochs": 1}))
+    assert process.wait(timeout=300) == 0, process.stdout.read()
+    folder = out / "checkpoints"
+    manifest = read_manifest(folder)
+    newest = folder / manifest["file"]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    path, state = find_latest(folder)
+    assert path != newest and state["global_step"] == manifest["checkpoints"][-2]["step"]
+    assert f"skipping checkpoint {newest} (truncated" in caplog.text
+
+
+class MetadataStandIn(BaseHTTPRequestHandler):
+    """IMDSv2 as amazon-ec2-metadata-mock serves it: a token first, then 404 until a notice is posted."""
+    token = "AQAEAtest-token=="
+    notice: dict | None = None
+    rebalance: dict | None = None
+    requests: list = []
+
+    def do_PUT(self):
+        if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+            self._send(200, self.token)
+        else:
+            self._send(400, "missing X-aws-ec2-metadata-token-ttl-seconds")
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            return self._send(401, "")
+        body = {"/latest/meta-data/spot/instance-action": type(self).notice,
+                "/latest/meta-data/events/recommendations/rebalance": type(self).rebalance}.get(self.path)
+        self._send(200, json.dumps(body)) if body else self._send(404, "Not Found")
+
+    def _send(self, code, body):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_spot_notice_checkpoints_and_exits_75_within_seconds(data, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MetadataStandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "run"
+        args = overlay(data, **{"checkpoint.spot_notice": "on", "checkpoint.spot_poll_s": 0.2, "train.epochs": 50,
+                                "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"})
+        process = start(out, args)
+        while last_step(out) < 3 and process.poll() is None:
+            time.sleep(0.05)
+        MetadataStandIn.rebalance = {"noticeTime": "2026-11-26T12:00:00Z"}
+        deadline = time.time() + 30
+        while not (out / "checkpoints" / "latest.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert process.poll() is None, "a rebalance recommendation checkpoints; it does not stop the run"
+        rebalance_step = read_manifest(out / "checkpoints")["step"]
+        MetadataStandIn.notice = {"action": "terminate", "time": "2099-01-01T00:00:00Z"}
+        noticed = time.time()
+        output = process.communicate(timeout=60)[0]
+        took = time.time() - noticed
+    finally:
+        server.shutdown()
+    assert process.returncode == EXIT_PREEMPTED, output
+    assert took < 5, f"took {took:.1f} s to checkpoint and exit"
+    assert "EC2 spot interruption notice (terminate at 2099-01-01T00:00:00Z)" in output
+    state = final_state(out)
+    assert state["global_step"] > rebalance_step and state["step_in_epoch"] > 0
+    assert "/latest/meta-data/spot/instance-action" in MetadataStandIn.requests
+
+
+def test_resume_refuses_a_changed_recipe_with_a_diff(data, tmp_path):
+    out = tmp_path / "run"
+    assert start(out, overlay(data, **{"train.epochs": 1})).wait(timeout=300) == 0
+    changed = start(out, overlay(data, **{"train.epochs": 1, "train.batch_size": 4, "optim.lr": 0.5}))
+    output = changed.communicate(timeout=120)[0]
+    assert changed.returncode == 2
+    assert "train.batch_size: 8 -> 4" in output and "optim.lr: None -> 0.5" in output
+    assert "--allow-recipe-change" in output
+    allowed = start(out, overlay(data, **{"train.epochs": 2, "data.workers": 0}) + ["--allow-recipe-change"])
+    assert allowed.wait(timeout=300) == 0
+    assert final_state(out)["epoch"] == 2
+
+
+SIGNALS = """
+import os, signal, sys, time
+from resnet50_recipe.spot import StopControl, install_signal_handlers
+for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    control = StopControl()
+    install_signal_handlers(control)
+    os.kill(os.getpid(), sig)
+    time.sleep(0.2)
+    print(sig.name, control.stop.is_set(), control.reason, flush=True)
+os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while a stop is pending
+time.sleep(5)
+sys.exit(3)
+"""
+
+
+def test_signals_ask_for_a_stop_and_a_second_sigint_exits_at_once():
+    done = subprocess.run([sys.executable, "-c", SIGNALS], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stdout.splitlines() == ["SIGTERM True SIGTERM received", "SIGUSR1 True SIGUSR1 received",
+                                        "SIGINT True SIGINT received"]
