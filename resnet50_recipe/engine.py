@@ -286,7 +286,8 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     best_checkpoint: dict | None = None  # best epoch that has a checkpoint, kept by retention
     start_epoch, start_batch, elapsed_before = 0, 0, 0.0
     if state is not None:
-        restore(t, state)
+        # After an allowed recipe change (more epochs, say) the schedule follows the new recipe from here on.
+        restore(t, state, scheduler=not recipe_diff(state["recipe"], to_dict(recipe)))
         history, best, best_checkpoint = state["metrics"], state["best"], state["best_checkpoint"]
         start_epoch, elapsed_before = state["epoch"], state["elapsed_s"]
         start_batch = state["step_in_epoch"] // samples_per_batch
@@ -448,15 +449,17 @@ def snapshot(t: Trainer, epoch: int, step_in_epoch: int, best: dict | None, best
     }
 
 
-def restore(t: Trainer, state: dict) -> None:
+def restore(t: Trainer, state: dict, scheduler: bool = True) -> None:
     """Load a snapshot into a freshly built trainer (the RNG states are restored separately, last)."""
     t.model.load_state_dict(state["model"])
     if t.ema is not None and state["ema"] is not None:
         t.ema.module.load_state_dict(state["ema"])
     t.optimizer.load_state_dict(state["optimizer"])
-    t.scheduler.load_state_dict(state["scheduler"])
+    if scheduler:
+        t.scheduler.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
     t.global_step = state["global_step"]
+    t.scheduler.step_update(num_updates=t.global_step)  # the lr for the step about to run
     loop = state["loop"]
     t.epoch_loss.copy_(loop["epoch_loss"])
     t.window_loss.copy_(loop["window_loss"])

@@ -128,12 +128,30 @@ class SpotWatcher(threading.Thread):
 
 
 def on_ec2(endpoint: str = IMDS_ENDPOINT) -> bool:
-    """True when an IMDSv2 endpoint answers a token request within a second: we are on EC2."""
+    """True when an IMDSv2 endpoint answers a token request within a second: we are on EC2.
+
+    Where the firmware tables say plainly that this is not an EC2 machine (a laptop, another cloud), the
+    network probe is skipped, so that it cannot cost a second on networks that drop link-local packets.
+    """
+    if endpoint == IMDS_ENDPOINT and _firmware_says_not_ec2():
+        return False
     try:
         SpotWatcher(StopControl(), endpoint).token(timeout=1.0)
         return True
     except (OSError, ValueError):
         return False
+
+
+def _firmware_says_not_ec2() -> bool:
+    hints = []
+    for path in ("/sys/class/dmi/id/sys_vendor", "/sys/class/dmi/id/board_asset_tag", "/sys/hypervisor/uuid"):
+        try:
+            with open(path) as f:
+                hints.append(f.read().strip().lower())
+        except OSError:
+            pass
+    # Nitro instances report "Amazon EC2" as the vendor and the instance id as asset tag; Xen ones a uuid "ec2...".
+    return bool(hints) and not any("amazon" in h or h.startswith(("ec2", "i-")) for h in hints)
 
 
 def start_spot_watcher(control: StopControl, mode: str, endpoint: str | None, interval_s: float) -> SpotWatcher | None:

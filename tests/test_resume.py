@@ -1,6 +1,5 @@
 """Preemption: exact mid-epoch resume across real processes, SIGKILL during a save, the EC2 spot notice."""
 import json
-import os
 import random
 import signal
 import subprocess
