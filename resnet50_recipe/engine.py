@@ -241,8 +241,8 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
             resume_path, state = found
     elif resume != "never":
         resume_path, state = Path(resume), ckpt.load_state(resume)
+    diff = recipe_diff(state["recipe"], to_dict(recipe)) if state is not None else []
     if state is not None:
-        diff = recipe_diff(state["recipe"], to_dict(recipe))
         if diff and not allow_recipe_change:
             raise RecipeError(f"{resume_path}: the recipe differs from the checkpoint's in keys that change the "
                               "result:\n  " + "\n  ".join(diff) + "\npass --allow-recipe-change to resume anyway, "
@@ -287,7 +287,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     start_epoch, start_batch, elapsed_before = 0, 0, 0.0
     if state is not None:
         # After an allowed recipe change (more epochs, say) the schedule follows the new recipe from here on.
-        restore(t, state, scheduler=not recipe_diff(state["recipe"], to_dict(recipe)))
+        restore(t, state, scheduler=not diff)
         history, best, best_checkpoint = state["metrics"], state["best"], state["best_checkpoint"]
         start_epoch, elapsed_before = state["epoch"], state["elapsed_s"]
         start_batch = state["step_in_epoch"] // samples_per_batch
