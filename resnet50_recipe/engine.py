@@ -371,7 +371,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
                 if best is not None and best["epoch"] == epoch:
                     best_checkpoint = {**best, "file": ckpt.checkpoint_name(t.global_step)}
                 save(epoch + 1, 0)
-            if control.stop.is_set():
+            if control.stop.is_set() and not last_epoch:  # a stop after the last epoch changes nothing
                 stopped_at = (epoch + 1, 0)
                 break
         if stopped_at is not None:

@@ -82,7 +82,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(data, tmp_path):
     reference = start(tmp_path / "reference", overlay(data))
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
 
-    targets = sorted(random.sample(range(3, 70), 3))  # 72 steps in all
+    targets = sorted(random.sample(range(3, 60), 3))  # of 72 steps: the last stop lands well before the end
     out = tmp_path / "interrupted"
     logs = []
     for target in targets:
@@ -200,7 +200,9 @@ def test_spot_notice_checkpoints_and_exits_75_within_seconds(data, tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         out = tmp_path / "run"
+        # No scheduled checkpoints: the first one must come from the rebalance recommendation.
         args = overlay(data, **{"checkpoint.spot_notice": "on", "checkpoint.spot_poll_s": 0.2, "train.epochs": 50,
+                                "checkpoint.every_epochs": 100,
                                 "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"})
         process = start(out, args)
         while last_step(out) < 3 and process.poll() is None:
@@ -220,8 +222,10 @@ def test_spot_notice_checkpoints_and_exits_75_within_seconds(data, tmp_path):
     assert process.returncode == EXIT_PREEMPTED, output
     assert took < 5, f"took {took:.1f} s to checkpoint and exit"
     assert "EC2 spot interruption notice (terminate at 2099-01-01T00:00:00Z)" in output
+    assert "stopped (EC2 spot interruption notice" in output
     state = final_state(out)
-    assert state["global_step"] > rebalance_step and state["step_in_epoch"] > 0
+    assert state["global_step"] > rebalance_step
+    assert state["global_step"] >= last_step(out)  # nothing logged is lost: the checkpoint is at the stop step
     assert "/latest/meta-data/spot/instance-action" in MetadataStandIn.requests
 
 
