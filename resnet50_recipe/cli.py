@@ -54,6 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", dest="json_out", help="where to write the JSON result "
                    "(default: CHECKPOINT with .eval.json appended)")
 
+    p = sub.add_parser("export", help="write a run's weights in timm's Hugging Face Hub format")
+    p.add_argument("source", help="run directory or checkpoint file")
+    p.add_argument("out", help="folder to write model.safetensors, config.json, README.md, curves.png")
+    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto",
+                   help="auto (default): EMA or raw, whichever scored the better val top-1; best: the run's best "
+                        "checkpoint")
+    p.add_argument("--label-names", help="file with one class name per line, in class-index order")
+    p.add_argument("--repo-id", help="the Hub repo the model card's loading snippet names")
+    p.add_argument("--license", default="apache-2.0")
+    p.add_argument("--dataset", help="Hub dataset id for the model card, e.g. imagenet-1k")
+
+    p = sub.add_parser("push", help="push an export folder to the Hugging Face Hub")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", required=True, help="user/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to push to (created when missing)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message")
+
     p = sub.add_parser("data", help="prepare datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     q = data_sub.add_parser("synthetic", help="write a learnable, generated JPEG ImageFolder")
@@ -108,6 +127,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .hub import export
+
+    out = export(args.source, args.out, args.weights, args.label_names, args.repo_id, args.license, args.dataset)
+    print(f"wrote {out}; it loads with timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push
+
+    push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+         commit_message=args.commit_message)
+    print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .synthetic import generate
 
@@ -126,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         package_log.addHandler(handler)
     package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    handler = {"train": cmd_train, "eval": cmd_eval, "data": cmd_data}[args.command]
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "push": cmd_push,
+               "data": cmd_data}[args.command]
     try:
         return handler(args)
     except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as e:

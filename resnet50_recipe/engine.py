@@ -394,6 +394,15 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     summary = make_summary(recipe, t, history, best, elapsed_before + time.time() - wall_start, n_params,
                            len(classes), stopped_at is not None, rt)
     runlog.summary(summary)
+    ec = recipe.export
+    if ec.enabled and rt.is_main and not summary["stopped"]:
+        from .hub import export, push  # here, so that training never needs huggingface_hub to start
+
+        exported = export(out, out / "export", ec.weights, ec.label_names, ec.repo_id, ec.license, ec.dataset)
+        say(f"exported {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
+        if ec.repo_id:
+            push(exported, ec.repo_id, private=ec.private)
+            say(f"pushed to https://huggingface.co/{ec.repo_id}")
     if summary["top1"] is not None and not summary["stopped"]:
         say(f"val top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  best top-1 {summary['best_top1']:.4f} "
             f"(epoch {summary['best_epoch'] + 1}, {summary['best_weights']})  in {summary['wall_time_s']:.0f} s; "

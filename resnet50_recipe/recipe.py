@@ -160,6 +160,17 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    enabled: bool = True
+    weights: Literal["auto", "ema", "raw", "best"] = "auto"
+    repo_id: Optional[str] = None
+    private: bool = True
+    license: str = "apache-2.0"
+    dataset: Optional[str] = None
+    label_names: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = "recipe"
     seed: int = 0
@@ -174,6 +185,7 @@ class Recipe:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    export: ExportConfig = ExportConfig()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -479,7 +491,7 @@ def to_dict(recipe: Recipe) -> dict:
 
 def to_yaml(recipe: Recipe) -> str:
     """The resolved recipe; loading it back gives an equal Recipe."""
-    return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=False)
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -499,7 +511,7 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 
 # Keys that change where or how fast a run goes, not what it computes: they may differ on resume.
 RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "train.device", "train.compile",
-               "train.channels_last", "train.deterministic", "log.", "checkpoint.")
+               "train.channels_last", "train.deterministic", "log.", "checkpoint.", "export.")
 
 
 def recipe_diff(old: Mapping, new: Mapping) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from .recipe import Recipe, to_yaml
 from .runtime import versions, write_json
 
-ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoints")
+ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoints", "export")
 
 
 def prepare_run_dir(out: Path, force: bool) -> None:

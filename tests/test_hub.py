@@ -1,0 +1,164 @@
+"""Export in timm's Hub format, loaded back through timm; push checked at the huggingface_hub API boundary."""
+import json
+
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi, ModelCard
+from PIL import Image
+
+from conftest import tiny_overlay
+from resnet50_recipe import export, load_recipe, push, train
+from resnet50_recipe.build import build_model
+from resnet50_recipe.checkpoint import load_state, read_manifest
+from resnet50_recipe.cli import main
+from resnet50_recipe.data import eval_transform
+from resnet50_recipe.hub import check_export, choose_weights, label_names
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{"augment.eval_size": 40, "augment.crop_pct": 0.875,
+                                                             "augment.interpolation": "bicubic"}))
+    return out, recipe, train(recipe, out, quiet=True)
+
+
+def test_training_ends_with_an_export_that_timm_loads_with_identical_logits(run, tiny_data):
+    out, recipe, summary = run
+    folder = out / "export"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "curves.png",
+                                                         "model.safetensors"]
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    state = load_state(out / "checkpoints" / read_manifest(out / "checkpoints")["file"])
+    weights = "ema" if summary["ema_top1"] > summary["top1"] else "model"
+    reference = build_model(recipe.model, len(state["class_names"])).eval()
+    reference.load_state_dict(state[weights])
+    batch = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), reference(batch))  # bitwise, fp32
+
+    config = timm.data.resolve_data_config({}, model=loaded)
+    assert config["input_size"] == (3, 40, 40) and config["crop_pct"] == 0.875
+    assert config["interpolation"] == "bicubic" and config["crop_mode"] == "center"
+    assert tuple(config["mean"]) == recipe.augment.mean and tuple(config["std"]) == recipe.augment.std
+    timm_transform = timm.data.create_transform(**config)
+    ours = eval_transform(recipe.augment)
+    image = Image.open(next((tiny_data / "val").rglob("*.jpg"))).convert("RGB")
+    mean, std = torch.tensor(recipe.augment.mean).view(3, 1, 1), torch.tensor(recipe.augment.std).view(3, 1, 1)
+    assert torch.allclose(timm_transform(image), (ours(image).float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_config_json_follows_timm(run):
+    out, recipe, _ = run
+    config = json.loads((out / "export" / "config.json").read_text())
+    assert config["architecture"] == "test_resnet" and config["num_classes"] == 3
+    assert config["label_names"] == ["disk", "square", "triangle"]  # ImageFolder: the folder names
+    assert {"num_features", "global_pool"} <= set(config)
+    cfg = config["pretrained_cfg"]
+    for key in ("input_size", "interpolation", "crop_pct", "mean", "std", "first_conv", "classifier", "license"):
+        assert key in cfg, key
+    assert "test_input_size" not in cfg  # no stale recommendations from timm's default config
+
+
+def test_model_card_parses_and_carries_the_measured_top1(run):
+    out, recipe, summary = run
+    card = ModelCard.load(out / "export" / "README.md")
+    assert card.data.library_name == "timm" and "image-classification" in card.data.tags
+    assert card.data.license == "apache-2.0"
+    top1 = next(r for r in card.data.eval_results if r.metric_name == "top-1")
+    kind = "ema_top1" if summary["ema_top1"] > summary["top1"] else "top1"
+    assert top1.metric_value == round(summary[kind], 4)
+    for text in ("timm.create_model(\"hf-hub:", "## Limitations", "curves.png", "train_size: 32"):
+        assert text in card.content, text
+
+
+def test_export_cli_with_chosen_weights(run, tmp_path, capsys):
+    out, _, _ = run
+    assert main(["export", str(out), str(tmp_path / "raw"), "--weights", "raw", "--repo-id", "me/tiny"]) == 0
+    assert "local-dir:" in capsys.readouterr().out
+    assert "hf-hub:me/tiny" in (tmp_path / "raw" / "README.md").read_text()
+    assert main(["export", str(out), str(tmp_path / "best"), "--weights", "best"]) == 0
+    assert main(["export", str(out), str(tmp_path / "x"), "--weights", "ema"]) == 0
+    check_export(tmp_path / "x")
+
+
+def test_weights_auto_picks_the_better_of_ema_and_raw():
+    metrics = [{"top1": 0.5, "ema_top1": 0.6}]
+    assert choose_weights({"ema": {}, "metrics": metrics}, "auto") == "ema"
+    assert choose_weights({"ema": {}, "metrics": [{"top1": 0.7, "ema_top1": 0.6}]}, "auto") == "raw"
+    assert choose_weights({"ema": None, "metrics": metrics}, "auto") == "raw"
+    with pytest.raises(ValueError, match="no EMA weights"):
+        choose_weights({"ema": None, "metrics": metrics}, "ema")
+
+
+def test_label_names_are_readable_for_imagenet_and_from_a_names_file(tmp_path):
+    assert label_names(["n01440764", "n01443537"]) == ["tench, Tinca tinca", "goldfish, Carassius auratus"]
+    names = tmp_path / "names.txt"
+    names.write_text("round thing\nsquare thing\n")
+    assert label_names(["disk", "square"], names) == ["round thing", "square thing"]
+    with pytest.raises(ValueError, match="2 names for 3 classes"):
+        label_names(["a", "b", "c"], names)
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    calls = []
+
+    def record(name):
+        def method(self, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            if name == "upload_folder":
+                folder = kwargs["folder_path"]
+                calls.append(("uploaded", sorted(p.name for p in __import__("pathlib").Path(folder).iterdir()),
+                              (__import__("pathlib").Path(folder) / "README.md").read_text()))
+            return f"https://huggingface.co/{kwargs.get('repo_id', args[0] if args else '')}/commit/abc"
+        return method
+
+    for name in ("create_repo", "create_branch", "upload_folder"):
+        monkeypatch.setattr(HfApi, name, record(name))
+    return calls
+
+
+def test_push_sends_repo_folder_revision_and_flags_and_never_shows_the_token(run, hub_calls, monkeypatch,
+                                                                           capsys, caplog):
+    out, _, _ = run
+    secret = "hf_not_a_real_token_0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    assert main(["push", str(out / "export"), "--repo-id", "me/smoke-test", "--private", "--revision", "exp-1",
+                 "--commit-message", "first weights"]) == 0
+    names = [c[0] for c in hub_calls]
+    assert names == ["create_repo", "create_branch", "upload_folder", "uploaded"]
+    assert hub_calls[0][1] == ("me/smoke-test",) and hub_calls[0][2]["private"] is True
+    assert hub_calls[0][2]["exist_ok"] is True
+    assert hub_calls[1][2]["branch"] == "exp-1"
+    upload = hub_calls[2][2]
+    assert upload["repo_id"] == "me/smoke-test" and upload["revision"] == "exp-1"
+    assert upload["create_pr"] is False and upload["commit_message"] == "first weights"
+    assert hub_calls[3][1] == ["README.md", "config.json", "curves.png", "model.safetensors"]
+    assert "hf-hub:me/smoke-test" in hub_calls[3][2]  # the uploaded card names the real repo
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err + caplog.text
+
+
+def test_push_as_a_pull_request(run, hub_calls):
+    out, _, _ = run
+    push(out / "export", "me/smoke-test", create_pr=True)
+    assert [c[0] for c in hub_calls] == ["create_repo", "upload_folder", "uploaded"]
+    assert hub_calls[1][2]["create_pr"] is True
+
+
+def test_push_refuses_a_folder_that_fails_the_round_trip(run, hub_calls, tmp_path):
+    out, _, _ = run
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(out / "export", broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["num_classes"] = 5
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="fails the round trip"):
+        push(broken, "me/x")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="missing model.safetensors"):
+        push(broken, "me/x")
+    assert hub_calls == []
