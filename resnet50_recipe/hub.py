@@ -14,7 +14,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.data import ImageNetInfo, resolve_data_config
+from timm.data import ImageNetInfo
 from timm.models import load_checkpoint, save_for_hf
 
 from . import checkpoint as ckpt

@@ -162,3 +162,14 @@ def test_push_refuses_a_folder_that_fails_the_round_trip(run, hub_calls, tmp_pat
     with pytest.raises(ValueError, match="missing model.safetensors"):
         push(broken, "me/x")
     assert hub_calls == []
+
+
+def test_library_export_with_a_names_file(run, tmp_path):
+    out, _, _ = run
+    names = tmp_path / "names.txt"
+    names.write_text("round\nboxy\npointy\n")
+    folder = export(out / "checkpoints" / read_manifest(out / "checkpoints")["file"], tmp_path / "lib",
+                    weights="raw", names_file=names, dataset="my-org/shapes")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["label_names"] == ["round", "boxy", "pointy"]
+    assert ModelCard.load(folder / "README.md").data.datasets == ["my-org/shapes"]
