@@ -139,7 +139,7 @@ def commit(folder: Path, entry: dict, best: dict | None, keep_last: int, keep_be
     write_manifest(folder, manifest)
     for p in folder.iterdir():
         if _NAME.match(p.name) and p.name not in keep:
-            p.unlink()
+            p.unlink(missing_ok=True)
     return manifest
 
 
@@ -165,7 +165,7 @@ def find_latest(folder: Path) -> tuple[Path, dict] | None:
         return None
     for p in folder.glob(".ckpt-*.tmp-*"):
         log.warning("removing %s: a partial checkpoint from an interrupted write", p)
-        p.unlink()
+        p.unlink(missing_ok=True)
     manifest = read_manifest(folder)
     if manifest is None:
         return None
