@@ -204,8 +204,9 @@ class Writer:
     what a resume wants). `drain()` waits for the queue to empty, with a deadline.
     """
 
-    def __init__(self, folder: Path, keep_last: int, keep_best: bool = True):
+    def __init__(self, folder: Path, keep_last: int, keep_best: bool = True, on_commit=None):
         self.folder, self.keep_last, self.keep_best = folder, keep_last, keep_best
+        self.on_commit = on_commit  # called with the new manifest on the writer thread (the S3 uploader)
         self._cond = threading.Condition()
         self._pending: tuple[dict, dict | None] | None = None
         self._busy = False
@@ -255,6 +256,8 @@ class Writer:
                     best = {**best, "file": entry["file"]}
                 self.last = commit(self.folder, entry, best, self.keep_last, self.keep_best)
                 self.last_write_s = time.monotonic() - start
+                if self.on_commit is not None:
+                    self.on_commit(self.last)
             except BaseException as e:  # reported to the training thread on its next submit or drain
                 self._error = e
             finally:

@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 from .recipe import RecipeError, shipped_recipes
+from .storage import RemoteError
 
 # Shortcut flags named as in the guide; each is a `--set` in disguise and shows in the resolved recipe.
 SHORTCUTS = {"data": "data.path", "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
-             "workers": "data.workers"}
+             "workers": "data.workers", "remote": "checkpoint.remote"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="per-process batch size (train.batch_size)")
     p.add_argument("--lr", type=float, help="absolute learning rate, instead of optim.lr_base scaling (optim.lr)")
     p.add_argument("--workers", type=int, help="data-loader worker processes (data.workers)")
+    p.add_argument("--remote", help="s3://bucket/prefix to sync checkpoints and run files to, and resume from "
+                   "(checkpoint.remote)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (train.amp); the dtype follows the device unless train.amp_dtype is set")
     p.add_argument("--quiet", action="store_true", help="print only errors and the final result")
@@ -72,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to push to (created when missing)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--commit-message")
+
+    p = sub.add_parser("runs", help="list or fetch runs synced to S3")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True)
+    q = runs_sub.add_parser("ls", help="list the runs under s3://bucket/prefix")
+    q.add_argument("remote")
+    q.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
+    q = runs_sub.add_parser("pull", help="download a run's checkpoints and files")
+    q.add_argument("remote")
+    q.add_argument("out")
+    q.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
 
     p = sub.add_parser("data", help="prepare datasets")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -144,6 +157,25 @@ def cmd_push(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from .storage import S3Store, list_runs, pull_run
+
+    store = S3Store(args.remote, args.endpoint_url)
+    if args.runs_command == "ls":
+        runs = list_runs(store)
+        for r in runs:
+            top1 = "-" if r["top1"] is None else f"{r['top1']:.4f}"
+            best = "-" if r["best_top1"] is None else f"{r['best_top1']:.4f}"
+            state = "stopped" if r["stopped"] else ("running or preempted" if r["stopped"] is None else "finished")
+            print(f"{r['run']}  epoch {r['epoch']}  step {r['step']}  top-1 {top1}  best {best}  {state}")
+        if not runs:
+            print(f"no runs under {args.remote}")
+        return 0
+    fetched = pull_run(store, Path(args.out))
+    print(f"fetched {len(fetched)} files from {args.remote} into {args.out}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .synthetic import generate
 
@@ -162,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(message)s"))
         package_log.addHandler(handler)
     package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
-    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "push": cmd_push,
+    handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "push": cmd_push, "runs": cmd_runs,
                "data": cmd_data}[args.command]
     try:
         return handler(args)
-    except (RecipeError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (RecipeError, RemoteError, FileNotFoundError, FileExistsError, ValueError) as e:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"resnet50-recipe: error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ Rules the step keeps (docs/DESIGN.md):
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -30,6 +31,8 @@ from .recipe import Recipe, RecipeError, load_recipe, recipe_diff, scaled_lr, to
 from .runlog import RunLog, prepare_run_dir
 from .runtime import Runtime, setup, versions
 from .spot import StopControl, install_signal_handlers, restore_signal_handlers, start_spot_watcher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -230,9 +233,24 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     control = control or StopControl()
     say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
 
+    cc = recipe.checkpoint
+    store = None
+    if cc.remote:
+        from .storage import S3Store, fetch_latest, pull_files
+
+        store = S3Store(cc.remote, cc.endpoint_url, cc.checksum)
+        if rt.is_main:
+            store.preflight()  # a wrong bucket or a missing permission fails here, before any work
+
     # Where to start: a checkpoint to resume from, or a clean run directory.
     state = None
     if resume == "auto":
+        if store is not None and rt.is_main:
+            # On a fresh machine (or when the bucket is ahead of the disk) the newest valid checkpoint wins.
+            found = ckpt.find_latest(folder)
+            if fetch_latest(store, folder, found[1]["global_step"] if found else -1, cc.keep_last):
+                out.mkdir(parents=True, exist_ok=True)
+                pull_files(store, out)
         found = ckpt.find_latest(folder)
         if found is None and any(folder.glob("ckpt-*.pt")):
             raise ValueError(f"{folder}: holds checkpoints but none passes its size and hash check; move them "
@@ -300,8 +318,13 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         f"amp={str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off'}, "
         f"peak lr {scaled_lr(recipe.optim, global_batch):.4g} at global batch {global_batch}; run dir {out}")
 
-    cc = recipe.checkpoint
-    writer = ckpt.Writer(folder, cc.keep_last, cc.keep_best) if rt.is_main else None
+    uploader = None
+    if store is not None and rt.is_main:
+        from .storage import Uploader
+
+        uploader = Uploader(store, out, cc.keep_last, cc.keep_best)
+    writer = ckpt.Writer(folder, cc.keep_last, cc.keep_best, uploader.submit if uploader else None) \
+        if rt.is_main else None
     last_save = time.monotonic()
 
     def save(epoch: int, batches_done: int) -> None:
@@ -381,11 +404,17 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
             deadline = control.deadline - time.time() if control.deadline else None
             on_time = writer is None or writer.drain(deadline)
             took = time.time() - started
-            say(f"stopped ({control.reason}): checkpoint at step {t.global_step} written in {took:.1f} s"
+            if uploader is not None and on_time:
+                on_time = uploader.drain(None if deadline is None else deadline - (time.time() - started))
+            took = time.time() - started
+            where = f"written and uploaded to {cc.remote}" if uploader is not None else "written"
+            say(f"stopped ({control.reason}): checkpoint at step {t.global_step} {where} in {took:.1f} s"
                 + (f" of the {deadline:.0f} s left before the deadline" if deadline is not None else "")
                 + ("" if on_time else "; the deadline passed before it was complete"))
         if writer is not None:
             writer.drain()
+        if uploader is not None and not uploader.drain(cc.upload_timeout_s):
+            log.warning("uploads to %s did not finish within %.0f s", cc.remote, cc.upload_timeout_s)
     finally:
         restore_signal_handlers(previous_handlers)
         if watcher is not None:
@@ -393,6 +422,8 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
 
     summary = make_summary(recipe, t, history, best, elapsed_before + time.time() - wall_start, n_params,
                            len(classes), stopped_at is not None, rt)
+    if uploader is not None:
+        summary["failed_uploads"] = list(uploader.failed) + ([uploader.pending] if uploader.pending else [])
     runlog.summary(summary)
     ec = recipe.export
     if ec.enabled and rt.is_main and not summary["stopped"]:
@@ -403,6 +434,12 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         if ec.repo_id:
             push(exported, ec.repo_id, private=ec.private)
             say(f"pushed to https://huggingface.co/{ec.repo_id}")
+    if uploader is not None:  # the summary, metrics, curves and export follow the checkpoints to the bucket
+        uploader.sync_files()
+        if not uploader.drain(cc.upload_timeout_s):
+            log.warning("syncing the run's files to %s did not finish within %.0f s", cc.remote,
+                        cc.upload_timeout_s)
+        uploader.close()
     if summary["top1"] is not None and not summary["stopped"]:
         say(f"val top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  best top-1 {summary['best_top1']:.4f} "
             f"(epoch {summary['best_epoch'] + 1}, {summary['best_weights']})  in {summary['wall_time_s']:.0f} s; "

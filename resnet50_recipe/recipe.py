@@ -149,6 +149,10 @@ class CheckpointConfig:
     every_minutes: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
     keep_last: int = field(default=2, metadata=_range(1))
     keep_best: bool = True
+    remote: Optional[str] = None
+    endpoint_url: Optional[str] = None
+    checksum: Literal["when_supported", "when_required"] = "when_supported"
+    upload_timeout_s: float = field(default=600.0, metadata=_range(0, lo_open=True))
     spot_notice: Literal["auto", "on", "off"] = "auto"
     imds_endpoint: Optional[str] = None
     spot_poll_s: float = field(default=5.0, metadata=_range(0, lo_open=True))
@@ -561,6 +565,9 @@ def check_names(recipe: Recipe) -> None:
                           "image with its mirror in the batch and needs an even batch size")
     if recipe.loss.bce_target_thresh is not None and recipe.loss.kind != "bce":
         raise RecipeError("loss.bce_target_thresh: only used with loss.kind: bce")
+    if recipe.checkpoint.remote is not None and not re.fullmatch(r"s3://[^/]+(/.*)?", recipe.checkpoint.remote):
+        raise RecipeError(f"checkpoint.remote: {recipe.checkpoint.remote!r} is not an S3 URL; expected "
+                          "s3://bucket/prefix")
     if recipe.train.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+",
                                                                                        recipe.train.device):
         raise RecipeError(f"train.device: invalid value {recipe.train.device!r}; expected auto, cpu, cuda, "

@@ -1,0 +1,346 @@
+"""The object store (S3 or an S3-compatible store, through boto3) and the background uploader.
+
+The remote prefix mirrors the run directory: `checkpoints/ckpt-*.pt`, `checkpoints/latest.json`,
+`metrics.jsonl`, `recipe.yaml`, ... The remote `latest.json` is written last, with a conditional put, and
+only after the checkpoint it names has been uploaded and verified, so it can never point at a partial
+object (the bug Composer shipped in PR 3376).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from . import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+SYNCED_FILES = ("metrics.jsonl", "recipe.yaml", "env.json", "curves.png", "summary.json")
+_CHUNK = 64 * 2**20  # multipart part size and threshold; the ETag check below recomputes with the same size
+
+
+class RemoteError(RuntimeError):
+    """The remote store cannot be used: unreachable, missing bucket, no permission, no credentials."""
+
+
+def parse_remote(remote: str) -> tuple[str, str]:
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", remote or "")
+    if not match:
+        raise ValueError(f"checkpoint.remote: {remote!r} is not an S3 URL; expected s3://bucket/prefix")
+    return match.group(1), match.group(2).strip("/")
+
+
+class S3Store:
+    """A prefix in a bucket. Credentials and region come from boto3's standard chain; the endpoint from the
+    argument, or AWS_ENDPOINT_URL_S3 (read by boto3 itself), for MinIO, R2 and other S3-compatible stores."""
+
+    def __init__(self, remote: str, endpoint_url: str | None = None, checksum: str = "when_supported"):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.remote = remote.rstrip("/")
+        self.bucket, self.prefix = parse_remote(remote)
+        config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                        request_checksum_calculation=checksum, response_checksum_validation=checksum)
+        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+        self.transfer = TransferConfig(multipart_threshold=_CHUNK, multipart_chunksize=_CHUNK, max_concurrency=4)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def upload_file(self, path: Path, name: str) -> None:
+        self.client.upload_file(str(path), self.bucket, self.key(name), Config=self.transfer)
+
+    def download_file(self, name: str, path: Path) -> None:
+        self.client.download_file(self.bucket, self.key(name), str(path), Config=self.transfer)
+
+    def head(self, name: str) -> dict | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self.key(name))
+        except self.client.exceptions.ClientError as e:
+            if e.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def get_json(self, name: str) -> tuple[dict | None, str | None]:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
+        except self.client.exceptions.NoSuchKey:
+            return None, None
+        return json.loads(response["Body"].read()), response["ETag"]
+
+    def put_json(self, name: str, data: dict, etag: str | None) -> str:
+        """Conditional put: only over the version we read (If-Match), or only if absent (If-None-Match)."""
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        response = self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=json.dumps(data, indent=2),
+                                          ContentType="application/json", **condition)
+        return response["ETag"]
+
+    def delete(self, name: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
+
+    def list(self, sub: str = "") -> list[str]:
+        """Names (relative to the prefix) of every object under `sub`."""
+        start = self.key(sub) if sub else (f"{self.prefix}/" if self.prefix else "")
+        names = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=start):
+            for item in page.get("Contents", []):
+                names.append(item["Key"][len(self.prefix) + 1:] if self.prefix else item["Key"])
+        return names
+
+    def preflight(self) -> None:
+        """Write and delete a small probe object, so that a wrong bucket or a missing permission fails now,
+        before any training, instead of at the first checkpoint."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        probe = self.key(f".probe-{uuid.uuid4().hex}")
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"resnet50-recipe write probe")
+            self.client.delete_object(Bucket=self.bucket, Key=probe)
+        except NoCredentialsError:
+            raise RemoteError(f"{self.remote}: no AWS credentials found (boto3 looks in the environment, "
+                              "~/.aws and the instance role)") from None
+        except ClientError as e:
+            code = e.response["Error"]["Code"]
+            if code == "NoSuchBucket":
+                raise RemoteError(f"{self.remote}: bucket {self.bucket!r} does not exist; check checkpoint.remote "
+                                  "or --remote") from None
+            if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise RemoteError(f"{self.remote}: not allowed to write there ({code}); the credentials need "
+                                  "s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket on this prefix") \
+                    from None
+            raise RemoteError(f"{self.remote}: the store refused a test write ({code})") from None
+        except BotoCoreError as e:
+            raise RemoteError(f"{self.remote}: cannot reach the store ({e})") from None
+
+
+def expected_etag(path: Path, size: int) -> str:
+    """The ETag S3 gives an object uploaded with our TransferConfig: the MD5 of the bytes for a single part,
+    else the MD5 of the parts' MD5s and the part count. Lets an upload be verified without reading it back."""
+    digests = []
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digests.append(hashlib.md5(block, usedforsecurity=False).digest())
+    if size < _CHUNK:
+        return digests[0].hex() if digests else hashlib.md5(b"", usedforsecurity=False).hexdigest()
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
+
+
+class Uploader:
+    """Uploads committed checkpoints and the run's small files on a background thread.
+
+    For each checkpoint: upload (multipart), verify size and ETag, then move the remote `latest.json` with a
+    conditional put, then delete what falls out of retention. Only the newest pending checkpoint is kept when
+    uploads fall behind. Failures are retried with backoff and never stop training; checkpoints that never
+    made it are listed in `failed`.
+    """
+
+    def __init__(self, store: S3Store, run_dir: Path, keep_last: int, keep_best: bool = True):
+        self.store, self.run_dir, self.keep_last, self.keep_best = store, run_dir, keep_last, keep_best
+        self._cond = threading.Condition()
+        self._pending: dict | None = None  # the local manifest naming the checkpoint to upload
+        self._files_pending = False
+        self._busy = False
+        self._closed = False
+        self.failed: list[str] = []
+        self.uploaded: list[str] = []
+        self.last_upload_s: float | None = None
+        self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
+        self._thread.start()
+
+    def submit(self, manifest: dict) -> None:
+        with self._cond:
+            if self._pending is not None:
+                log.warning("upload of %s superseded by %s before it started", self._pending["file"],
+                            manifest["file"])
+                self.failed.append(self._pending["file"])
+            self._pending = manifest
+            self._files_pending = True
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> str | None:
+        """The checkpoint still waiting to be uploaded, if any."""
+        with self._cond:
+            return self._pending["file"] if self._pending is not None else None
+
+    def sync_files(self) -> None:
+        with self._cond:
+            self._files_pending = True
+            self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None or self._files_pending or self._busy:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 1.0)
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        delay = 1.0
+        while True:
+            with self._cond:
+                while self._pending is None and not self._files_pending and not self._closed:
+                    self._cond.wait()
+                if self._closed and self._pending is None and not self._files_pending:
+                    return
+                manifest, files = self._pending, self._files_pending
+                self._busy = True
+            try:
+                if manifest is not None:
+                    start = time.monotonic()
+                    self._upload_checkpoint(manifest)
+                    self.last_upload_s = time.monotonic() - start
+                    self.uploaded.append(manifest["file"])
+                if files:
+                    self._upload_files()
+                with self._cond:
+                    if self._pending is manifest:
+                        self._pending = None
+                    if files:
+                        self._files_pending = self._pending is not None
+                delay = 1.0
+            except Exception as e:  # network or store failure: warn, back off, try again; training goes on
+                log.warning("upload to %s failed (%s); retrying in %.0f s", self.store.remote, e, delay)
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _upload_checkpoint(self, manifest: dict) -> None:
+        entry = {k: manifest[k] for k in ("file", "step", "epoch", "sha256", "size")}
+        local = self.run_dir / "checkpoints" / entry["file"]
+        name = f"checkpoints/{entry['file']}"
+        head = self.store.head(name)
+        if head is None or head["ContentLength"] != entry["size"]:
+            self.store.upload_file(local, name)
+            head = self.store.head(name)
+        expected = expected_etag(local, entry["size"])
+        if head is None or head["ContentLength"] != entry["size"] or head["ETag"].strip('"') != expected:
+            self.store.delete(name)
+            raise RemoteError(f"{name}: the uploaded object does not match the local file; deleted it")
+        # Only now may the pointer name it. The conditional put makes a concurrent writer fail, not interleave.
+        for _ in range(3):
+            remote, etag = self.store.get_json(f"checkpoints/{ckpt.MANIFEST}")
+            entries = [e for e in (remote or {}).get("checkpoints", []) if e["file"] != entry["file"]] + [entry]
+            entries.sort(key=lambda e: e["step"])
+            best = manifest.get("best")
+            keep = {e["file"] for e in entries[-self.keep_last:]} | {entry["file"]}
+            if self.keep_best and best and best.get("file") and any(e["file"] == best["file"] for e in entries):
+                keep.add(best["file"])
+            kept = [e for e in entries if e["file"] in keep]
+            try:
+                self.store.put_json(f"checkpoints/{ckpt.MANIFEST}", {**entry, "best": best, "checkpoints": kept},
+                                    etag)
+                break
+            except self.store.client.exceptions.ClientError as e:
+                if e.response["Error"]["Code"] != "PreconditionFailed":
+                    raise
+                log.warning("the remote latest.json changed under us; reading it again")
+        else:
+            raise RemoteError("could not update the remote latest.json: another writer keeps changing it")
+        for other in self.store.list("checkpoints/"):
+            base = other.rsplit("/", 1)[-1]
+            if base.startswith("ckpt-") and base not in keep:
+                self.store.delete(other)
+
+    def _upload_files(self) -> None:
+        for name in SYNCED_FILES:
+            path = self.run_dir / name
+            if path.is_file():
+                self.store.upload_file(path, name)
+        export = self.run_dir / "export"
+        if export.is_dir():
+            for path in sorted(export.iterdir()):
+                self.store.upload_file(path, f"export/{path.name}")
+
+
+def fetch_latest(store: S3Store, folder: Path, newer_than: int, keep_last: int) -> bool:
+    """Download the newest remote checkpoint newer than step `newer_than` that passes its sha256 check into
+    the local `folder` and record it in the local manifest. A corrupt remote object is reported and the
+    previous one tried. Returns whether one was fetched."""
+    remote, _ = store.get_json(f"checkpoints/{ckpt.MANIFEST}")
+    if remote is None:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(remote.get("checkpoints", [remote]), key=lambda e: e["step"], reverse=True):
+        if entry["step"] <= newer_than:
+            return False
+        tmp = folder / f".{entry['file']}.tmp-{os.getpid()}"
+        store.download_file(f"checkpoints/{entry['file']}", tmp)
+        problem = ckpt.verify(tmp, entry)
+        if problem:
+            log.warning("remote checkpoint %s/checkpoints/%s is %s; trying the previous one", store.remote,
+                        entry["file"], problem)
+            tmp.unlink()
+            continue
+        os.replace(tmp, folder / entry["file"])
+        best = remote.get("best") if (remote.get("best") or {}).get("file") == entry["file"] else None
+        ckpt.commit(folder, {k: entry[k] for k in ("file", "step", "epoch", "sha256", "size")}, best, keep_last)
+        log.info("fetched %s/checkpoints/%s (step %d)", store.remote, entry["file"], entry["step"])
+        return True
+    return False
+
+
+def pull_files(store: S3Store, run_dir: Path) -> None:
+    """Fetch the run's small files (metrics, recipe, ...) when the local run directory lacks them."""
+    for name in SYNCED_FILES:
+        if not (run_dir / name).exists() and store.head(name) is not None:
+            store.download_file(name, run_dir / name)
+
+
+def list_runs(store: S3Store) -> list[dict]:
+    """Every run under the store's prefix: where its latest.json is, with its step, epoch and results."""
+    runs = []
+    for name in store.list():
+        if not name.endswith(f"checkpoints/{ckpt.MANIFEST}"):
+            continue
+        run = name[: -len(f"checkpoints/{ckpt.MANIFEST}")].rstrip("/")
+        sub = S3Store.__new__(S3Store)
+        sub.__dict__.update(store.__dict__)
+        sub.prefix = "/".join(p for p in (store.prefix, run) if p)
+        manifest, _ = sub.get_json(f"checkpoints/{ckpt.MANIFEST}")
+        summary, _ = sub.get_json("summary.json")
+        runs.append({"run": f"s3://{store.bucket}/{sub.prefix}", "epoch": manifest["epoch"],
+                     "step": manifest["step"], "top1": (summary or {}).get("top1"),
+                     "best_top1": (summary or {}).get("best_top1"), "stopped": (summary or {}).get("stopped")})
+    return runs
+
+
+def pull_run(store: S3Store, dest: Path) -> list[str]:
+    """Download every object of a run into `dest`; checkpoints are checked against the remote manifest."""
+    manifest, _ = store.get_json(f"checkpoints/{ckpt.MANIFEST}")
+    entries = {e["file"]: e for e in (manifest or {}).get("checkpoints", [])}
+    fetched = []
+    for name in store.list():
+        if name.startswith(".probe-"):
+            continue
+        path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.download_file(name, path)
+        base = name.rsplit("/", 1)[-1]
+        if base in entries and (problem := ckpt.verify(path, entries[base])):
+            log.warning("%s/%s is %s", store.remote, name, problem)
+        fetched.append(name)
+    return fetched
