@@ -1,8 +1,10 @@
 """S3 sync against a real S3-compatible HTTP server (moto's server mode on 127.0.0.1), never AWS."""
 import hashlib
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -172,3 +174,43 @@ def test_runs_ls_and_pull(tiny_data, bucket, s3_endpoint, tmp_path, capsys):
     assert read_manifest(pulled / "checkpoints")["step"] == 2
     assert (pulled / "metrics.jsonl").read_text() == (tmp_path / "run" / "metrics.jsonl").read_text()
     assert (pulled / "export" / "model.safetensors").is_file()
+
+
+def test_missing_permission_fails_fast_with_a_clear_message(tiny_data, tmp_path):
+    """moto with IAM enforced (after 4 set-up calls): a user who may read but not write the bucket."""
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    admin = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **admin, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing")
+        boto3.client("s3", **setup).create_bucket(Bucket="locked-bucket")
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="reader")
+        iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        args = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(tmp_path / "run"),
+                "--remote", "s3://locked-bucket/runs/x"]
+        for item in tiny_overlay(tiny_data, **{"checkpoint.endpoint_url": endpoint}):
+            args += ["--set", item]
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "s3://locked-bucket/runs/x: not allowed to write there (AccessDenied)" in done.stderr
+    assert key["SecretAccessKey"] not in done.stderr + done.stdout
+    assert not (tmp_path / "run").exists()
