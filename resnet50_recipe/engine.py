@@ -413,8 +413,8 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
                 + ("" if on_time else "; the deadline passed before it was complete"))
         if writer is not None:
             writer.drain()
-        if uploader is not None and not uploader.drain(cc.upload_timeout_s):
-            log.warning("uploads to %s did not finish within %.0f s", cc.remote, cc.upload_timeout_s)
+        if uploader is not None and not uploader.drain(upload_wait(cc.upload_timeout_s, control)):
+            log.warning("uploads to %s did not finish in time", cc.remote)
     finally:
         restore_signal_handlers(previous_handlers)
         if watcher is not None:
@@ -436,15 +436,21 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
             say(f"pushed to https://huggingface.co/{ec.repo_id}")
     if uploader is not None:  # the summary, metrics, curves and export follow the checkpoints to the bucket
         uploader.sync_files()
-        if not uploader.drain(cc.upload_timeout_s):
-            log.warning("syncing the run's files to %s did not finish within %.0f s", cc.remote,
-                        cc.upload_timeout_s)
+        if not uploader.drain(upload_wait(cc.upload_timeout_s, control)):
+            log.warning("syncing the run's files to %s did not finish in time", cc.remote)
         uploader.close()
     if summary["top1"] is not None and not summary["stopped"]:
         say(f"val top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  best top-1 {summary['best_top1']:.4f} "
             f"(epoch {summary['best_epoch'] + 1}, {summary['best_weights']})  in {summary['wall_time_s']:.0f} s; "
             f"run dir {out}")
     return summary
+
+
+def upload_wait(timeout_s: float, control: StopControl) -> float:
+    """How long to wait for uploads: the configured limit, or what is left of a spot notice's deadline."""
+    if control.deadline is None:
+        return timeout_s
+    return max(0.0, min(timeout_s, control.deadline - time.time()))
 
 
 def make_summary(recipe: Recipe, t: Trainer, history: list[dict], best: dict | None, wall_time_s: float,
