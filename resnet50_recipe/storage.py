@@ -7,6 +7,7 @@ object (the bug Composer shipped in PR 3376).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -51,6 +52,13 @@ class S3Store:
                         request_checksum_calculation=checksum, response_checksum_validation=checksum)
         self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
         self.transfer = TransferConfig(multipart_threshold=_CHUNK, multipart_chunksize=_CHUNK, max_concurrency=4)
+
+    def child(self, sub: str) -> "S3Store":
+        """The same store and client, one level deeper: `store.child("runs/in1k")`."""
+        other = copy.copy(self)
+        other.prefix = "/".join(p for p in (self.prefix, sub.strip("/")) if p)
+        other.remote = f"s3://{self.bucket}/{other.prefix}"
+        return other
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -317,12 +325,10 @@ def list_runs(store: S3Store) -> list[dict]:
         if not name.endswith(f"checkpoints/{ckpt.MANIFEST}"):
             continue
         run = name[: -len(f"checkpoints/{ckpt.MANIFEST}")].rstrip("/")
-        sub = S3Store.__new__(S3Store)
-        sub.__dict__.update(store.__dict__)
-        sub.prefix = "/".join(p for p in (store.prefix, run) if p)
+        sub = store.child(run)
         manifest, _ = sub.get_json(f"checkpoints/{ckpt.MANIFEST}")
         summary, _ = sub.get_json("summary.json")
-        runs.append({"run": f"s3://{store.bucket}/{sub.prefix}", "epoch": manifest["epoch"],
+        runs.append({"run": sub.remote, "epoch": manifest["epoch"],
                      "step": manifest["step"], "top1": (summary or {}).get("top1"),
                      "best_top1": (summary or {}).get("best_top1"), "stopped": (summary or {}).get("stopped")})
     return runs
