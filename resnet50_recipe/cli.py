@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .recipe import RecipeError, shipped_recipes
@@ -43,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(checkpoint.remote)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (train.amp); the dtype follows the device unless train.amp_dtype is set")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="run N processes on this machine (one per GPU) by relaunching through torchrun")
     p.add_argument("--quiet", action="store_true", help="print only errors and the final result")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
 
@@ -112,6 +117,8 @@ def cmd_train(args) -> int:
     if args.print_recipe:
         print(to_yaml(recipe), end="")
         return 0
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        return relaunch_with_torchrun(args, recipe)
     from .engine import train
     from .spot import EXIT_PREEMPTED
 
@@ -122,6 +129,32 @@ def cmd_train(args) -> int:
     if args.quiet and summary["top1"] is not None:
         print(f"val top-1 {summary['top1']:.4f}")
     return 0
+
+
+def relaunch_with_torchrun(args, recipe) -> int:
+    """`train --nproc-per-node N` is `torchrun --standalone --nproc-per-node N -m resnet50_recipe train ...`.
+
+    torchrun reports any non-zero worker exit as its own failure, so a run that stopped for preemption is
+    recognised from its summary and still exits 75.
+    """
+    from .spot import EXIT_PREEMPTED
+
+    argv, skip = [], False
+    for item in args.argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            argv.append(item)
+    started = time.time()
+    code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={args.nproc_per_node}", "-m", "resnet50_recipe", *argv])
+    summary = Path(args.output or Path("runs") / recipe.name) / "summary.json"
+    if (code != 0 and summary.is_file() and summary.stat().st_mtime >= started
+            and json.loads(summary.read_text()).get("stopped")):
+        return EXIT_PREEMPTED
+    return code
 
 
 def cmd_eval(args) -> int:
@@ -186,7 +219,9 @@ def cmd_data(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     # Our own log lines (stop requests, skipped checkpoints, the spot watcher) go to stderr as plain text.
     package_log = logging.getLogger("resnet50_recipe")
     if not package_log.handlers:

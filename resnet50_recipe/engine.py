@@ -79,7 +79,16 @@ def prepare_model(recipe: Recipe, rt: Runtime, num_classes: int) -> torch.nn.Mod
 def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epoch: int) -> Trainer:
     tc = recipe.train
     model = prepare_model(recipe, rt, num_classes)
+    if tc.sync_bn and rt.distributed:
+        if rt.device.type != "cuda":
+            raise RecipeError("train.sync_bn: torch's SyncBatchNorm runs on CUDA devices only; set it to false "
+                              "for CPU processes")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = build_ema(recipe.ema, model)  # after the move, so the EMA copy lives on the device too
+    forward = model
+    if rt.distributed:  # gradients are averaged over processes; rank 0's initial weights are broadcast
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
     global_batch = tc.batch_size * rt.world_size * tc.accum_steps
     optimizer = build_optimizer(recipe.optim, model, scaled_lr(recipe.optim, global_batch))
     scheduler = build_scheduler(recipe.sched, optimizer, tc.epochs, updates_per_epoch)
@@ -88,7 +97,7 @@ def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epo
     eraser = RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=rt.device) \
         if aug.re_prob > 0 else None
     return Trainer(
-        recipe=recipe, rt=rt, model=model, forward=torch.compile(model) if tc.compile else model,
+        recipe=recipe, rt=rt, model=model, forward=torch.compile(forward) if tc.compile else forward,
         optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler),
         criterion=build_loss(recipe.loss, mixup is not None).to(rt.device), mixup=mixup, eraser=eraser, ema=ema,
         to_input=make_to_input(recipe, rt.device), epoch_loss=torch.zeros((), device=rt.device),
@@ -159,9 +168,10 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
 
         if t.window_steps == t.recipe.log.every_steps or batch_idx + 1 == num_batches:
             elapsed = time.perf_counter() - window_start
+            window = t.rt.all_reduce(t.window_loss.clone()) / t.rt.world_size  # the mean over processes
             record = {"kind": "step", "epoch": epoch, "step": (batch_idx + 1) // tc.accum_steps,
                       "global_step": t.global_step,
-                      "loss": t.window_loss.item() / (t.window_steps * tc.accum_steps),  # the only sync point
+                      "loss": window.item() / (t.window_steps * tc.accum_steps),  # the only sync point
                       "lr": t.optimizer.param_groups[0]["lr"],
                       "img_per_s": window_seen * t.rt.world_size / elapsed,
                       "data_wait": window_wait / elapsed}
@@ -177,11 +187,32 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
             progress.update(tc.accum_steps)
         if after_step is not None:
             after_step(batch_idx + 1)
-        if stop is not None and stop.is_set():
+        if stop is not None and should_stop(t, stop):
             break
     done = batch_idx + 1
-    return {"train_loss": t.epoch_loss.item() / max(1, done), "batches": done,
+    epoch_loss = t.rt.all_reduce(t.epoch_loss.clone()) / t.rt.world_size
+    return {"train_loss": epoch_loss.item() / max(1, done), "batches": done,
             "stopped": stop is not None and stop.is_set() and done < num_batches}
+
+
+def should_stop(t: Trainer, stop: threading.Event) -> bool:
+    """One process alone decides in a single-process run. Under DDP a stop seen by any rank (a signal, the
+    spot notice) is agreed every `train.stop_sync_every` steps, so that every rank stops after the same step
+    and one consistent checkpoint is written."""
+    if t.rt.distributed and t.global_step % t.recipe.train.stop_sync_every:
+        return False
+    return agreed_stop(t.rt, stop)
+
+
+def agreed_stop(rt: Runtime, stop: threading.Event) -> bool:
+    """Whether any process wants to stop (an all-reduce MAX under DDP); sets the event everywhere if so."""
+    if not rt.distributed:
+        return stop.is_set()
+    flag = rt.all_reduce(torch.tensor(float(stop.is_set()), device=rt.device), op="max")
+    if flag.item() > 0:
+        stop.set()
+        return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,10 +237,13 @@ def evaluate(model: torch.nn.Module, batches: Iterable, to_input, rt: Runtime) -
         correct5 += hits.any(dim=1).sum()
         loss_sum += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").double()
         count += targets.shape[0]
+    # Each rank saw its own shard, with no padding: summing the counts counts every sample exactly once.
+    totals = rt.all_reduce(torch.stack([correct1.double(), correct5.double(), loss_sum,
+                                        torch.tensor(float(count), dtype=torch.float64, device=rt.device)]))
+    correct1, correct5, loss_sum, count = totals.tolist()
     if count == 0:
         raise ValueError("evaluation saw no samples")
-    return {"top1": correct1.item() / count, "top5": correct5.item() / count, "loss": loss_sum.item() / count,
-            "count": count}
+    return {"top1": correct1 / count, "top5": correct5 / count, "loss": loss_sum / count, "count": int(count)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,6 +285,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
             if fetch_latest(store, folder, found[1]["global_step"] if found else -1, cc.keep_last):
                 out.mkdir(parents=True, exist_ok=True)
                 pull_files(store, out)
+        rt.barrier()  # every rank loads the same checkpoint, after rank 0 has fetched it
         found = ckpt.find_latest(folder)
         if found is None and any(folder.glob("ckpt-*.pt")):
             raise ValueError(f"{folder}: holds checkpoints but none passes its size and hash check; move them "
@@ -267,6 +302,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
                               "or --output DIR for a new run")
     elif rt.is_main:
         prepare_run_dir(out, force)
+    rt.barrier()
     out.mkdir(parents=True, exist_ok=True)
     runlog = RunLog(out, enabled=rt.is_main)
 
@@ -296,8 +332,12 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     updates_per_epoch = num_batches // tc.accum_steps
     samples_per_batch = tc.batch_size * rt.world_size
 
-    t = build_trainer(recipe, rt, len(classes), updates_per_epoch)
     global_batch = samples_per_batch * tc.accum_steps
+    if state is not None and state.get("global_batch", global_batch) != global_batch and not allow_recipe_change:
+        raise RecipeError(f"{resume_path}: the global batch was {state['global_batch']} images per step and is "
+                          f"now {global_batch} (batch_size {tc.batch_size} x {rt.world_size} processes x "
+                          f"accum_steps {tc.accum_steps}); match it, or pass --allow-recipe-change")
+    t = build_trainer(recipe, rt, len(classes), updates_per_epoch)
     n_params = sum(p.numel() for p in t.model.parameters())
     history: list[dict] = []
     best: dict | None = None  # best evaluated epoch
@@ -390,11 +430,11 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
             runlog.plot()
             say(_epoch_line(record, tc.epochs))
 
-            if (epoch + 1) % cc.every_epochs == 0 or last_epoch or control.stop.is_set():
+            if (epoch + 1) % cc.every_epochs == 0 or last_epoch or agreed_stop(rt, control.stop):
                 if best is not None and best["epoch"] == epoch:
                     best_checkpoint = {**best, "file": ckpt.checkpoint_name(t.global_step)}
                 save(epoch + 1, 0)
-            if control.stop.is_set() and not last_epoch:  # a stop after the last epoch changes nothing
+            if agreed_stop(rt, control.stop) and not last_epoch:  # a stop after the last epoch changes nothing
                 stopped_at = (epoch + 1, 0)
                 break
         if stopped_at is not None:
@@ -434,6 +474,9 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         if ec.repo_id:
             push(exported, ec.repo_id, private=ec.private)
             say(f"pushed to https://huggingface.co/{ec.repo_id}")
+    if rt.distributed:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     if uploader is not None:  # the summary, metrics, curves and export follow the checkpoints to the bucket
         uploader.sync_files()
         if not uploader.drain(upload_wait(cc.upload_timeout_s, control)):
@@ -493,6 +536,7 @@ def snapshot(t: Trainer, epoch: int, step_in_epoch: int, best: dict | None, best
         "scheduler": ckpt.cpu_copy(t.scheduler.state_dict()),
         "scaler": t.scaler.state_dict(),
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": t.global_step,
+        "global_batch": t.recipe.train.batch_size * t.rt.world_size * t.recipe.train.accum_steps,
         "loop": {"epoch_loss": ckpt.cpu_copy(t.epoch_loss), "window_loss": ckpt.cpu_copy(t.window_loss),
                  "window_steps": t.window_steps, "bad_images": list(t.bad_images)},
         "rng": ckpt.rng_state(),

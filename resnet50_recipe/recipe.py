@@ -140,6 +140,8 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     eval_every: int = field(default=1, metadata=_range(1))
+    sync_bn: bool = False
+    stop_sync_every: int = field(default=5, metadata=_range(1))
 
 
 @dataclass(frozen=True)
@@ -514,8 +516,10 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 
 
 # Keys that change where or how fast a run goes, not what it computes: they may differ on resume.
+# train.batch_size is per process: what must match is the global batch, checked on its own.
 RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "train.device", "train.compile",
-               "train.channels_last", "train.deterministic", "log.", "checkpoint.", "export.")
+               "train.channels_last", "train.deterministic", "train.stop_sync_every", "train.batch_size", "log.",
+               "checkpoint.", "export.")
 
 
 def recipe_diff(old: Mapping, new: Mapping) -> list[str]:

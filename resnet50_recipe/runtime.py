@@ -31,6 +31,22 @@ class Runtime:
     def use_scaler(self) -> bool:
         return self.amp_dtype == torch.float16
 
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) a tensor over the processes, in place; a no-op in a single process."""
+        if self.distributed:
+            import torch.distributed as dist
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+            dist.barrier()
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
@@ -61,10 +77,16 @@ def pick_amp_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | No
 
 
 def setup(train: TrainConfig, seed: int) -> Runtime:
+    """Device, precision, seeds; under torchrun (WORLD_SIZE > 1) also the process group: NCCL on GPUs, gloo
+    on CPUs, rendezvous from torchrun's environment."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if world_size > 1:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(seed + rank)
     if train.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
