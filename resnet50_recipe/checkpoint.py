@@ -212,7 +212,6 @@ class Writer:
         self._busy = False
         self._error: BaseException | None = None
         self.last: dict | None = None  # the manifest after the newest completed write
-        self.last_write_s: float | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
@@ -250,12 +249,10 @@ class Writer:
                 (state, best), self._pending = self._pending, None
                 self._busy = True
             try:
-                start = time.monotonic()
                 entry = save_atomic(state, self.folder / checkpoint_name(state["global_step"]))
                 if best is not None and best.get("file") is None:
                     best = {**best, "file": entry["file"]}
                 self.last = commit(self.folder, entry, best, self.keep_last, self.keep_best)
-                self.last_write_s = time.monotonic() - start
                 if self.on_commit is not None:
                     self.on_commit(self.last)
             except BaseException as e:  # reported to the training thread on its next submit or drain

@@ -158,7 +158,6 @@ class Uploader:
         self._busy = False
         self._closed = False
         self.failed: list[str] = []
-        self.uploaded: list[str] = []
         self.last_upload_s: float | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
         self._thread.start()
@@ -214,7 +213,6 @@ class Uploader:
                     start = time.monotonic()
                     self._upload_checkpoint(manifest)
                     self.last_upload_s = time.monotonic() - start
-                    self.uploaded.append(manifest["file"])
                 if files:
                     self._upload_files()
                 with self._cond:
