@@ -53,7 +53,7 @@ def main() -> None:
 
         writer = ckpt.Writer(root / f"bg-{trial}", keep_last=1)
         start = time.perf_counter()
-        writer.submit(take(), None)
+        writer.submit(take())
         bg_stall.append(time.perf_counter() - start)
         writer.drain()
         bg_total.append(time.perf_counter() - start)

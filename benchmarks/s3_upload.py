@@ -58,7 +58,7 @@ def main() -> None:
         writer = ckpt.Writer(run / "checkpoints", keep_last=2, on_commit=uploader.submit)
         t.global_step = trial + 1
         stop_requested = time.perf_counter()  # as the loop does on a stop: snapshot, write, upload, wait
-        writer.submit(snapshot(t, 0, 0, None, None, [], 0.0, [str(i) for i in range(1000)]), None)
+        writer.submit(snapshot(t, 0, 0, None, None, [], 0.0, [str(i) for i in range(1000)]))
         writer.drain()
         uploader.drain()
         stops.append(time.perf_counter() - stop_requested)

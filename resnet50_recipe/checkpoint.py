@@ -208,20 +208,20 @@ class Writer:
         self.folder, self.keep_last, self.keep_best = folder, keep_last, keep_best
         self.on_commit = on_commit  # called with the new manifest on the writer thread (the S3 uploader)
         self._cond = threading.Condition()
-        self._pending: tuple[dict, dict | None] | None = None
+        self._pending: dict | None = None
         self._busy = False
         self._error: BaseException | None = None
         self.last: dict | None = None  # the manifest after the newest completed write
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, state: dict, best: dict | None) -> None:
-        """Queue a CPU snapshot; `best` names the best checkpoint (its file None when it is this one)."""
+    def submit(self, state: dict) -> None:
+        """Queue a CPU snapshot; its `best_checkpoint` names the file that retention must keep."""
         self._raise_error()
         with self._cond:
             if self._pending is not None:
-                log.info("checkpoint at step %d superseded before it was written", self._pending[0]["global_step"])
-            self._pending = (state, best)
+                log.info("checkpoint at step %d superseded before it was written", self._pending["global_step"])
+            self._pending = state
             self._cond.notify_all()
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -246,13 +246,11 @@ class Writer:
             with self._cond:
                 while self._pending is None:
                     self._cond.wait()
-                (state, best), self._pending = self._pending, None
+                state, self._pending = self._pending, None
                 self._busy = True
             try:
                 entry = save_atomic(state, self.folder / checkpoint_name(state["global_step"]))
-                if best is not None and best.get("file") is None:
-                    best = {**best, "file": entry["file"]}
-                self.last = commit(self.folder, entry, best, self.keep_last, self.keep_best)
+                self.last = commit(self.folder, entry, state.get("best_checkpoint"), self.keep_last, self.keep_best)
                 if self.on_commit is not None:
                     self.on_commit(self.last)
             except BaseException as e:  # reported to the training thread on its next submit or drain

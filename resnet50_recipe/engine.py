@@ -373,7 +373,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         last_save = time.monotonic()
         if writer is not None:
             writer.submit(snapshot(t, epoch, batches_done * samples_per_batch, best, best_checkpoint, history,
-                                   elapsed_before + time.time() - wall_start, classes), best_checkpoint)
+                                   elapsed_before + time.time() - wall_start, classes))
 
     def mid_epoch_save(epoch: int, batches_done: int) -> None:
         due = ((cc.every_steps and t.global_step % cc.every_steps == 0)
