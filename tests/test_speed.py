@@ -1,6 +1,7 @@
 """Issue 9's features: progressive resizing, evaluation at other sizes and with flip TTA, BlurPool, the fused
 optimizer choice, torch.compile across a resolution change, the device prefetcher, and `bench step`."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -119,3 +120,29 @@ def test_bench_step_reports_both_sides_and_their_ratio(capsys):
     assert result["trainer_img_per_s"] > 0 and result["bare_img_per_s"] > 0
     assert result["ratio"] == pytest.approx(result["trainer_img_per_s"] / result["bare_img_per_s"], abs=1e-3)
     assert result["device"] == "cpu" and result["trainer_peak_mem_gb"] is None
+
+
+@pytest.mark.gpu
+def test_the_cuda_step_never_waits_for_the_host():
+    """With the fused optimizer (the default on CUDA) and bf16 or fp16 autocast, the only host syncs are the
+    loss read at the end of a log window and of the epoch: their count does not grow with the step count."""
+    from resnet50_recipe.engine import build_trainer, train_one_epoch
+
+    recipe = load_recipe("smoke", ["train.device=cuda", "log.every_steps=1000", "ema.every=2"])
+    rt = setup(recipe.train, recipe.seed)
+    trainer = build_trainer(recipe, rt, 10, updates_per_epoch=1000)
+    batch = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8).pin_memory(), torch.arange(8) % 10, [])
+
+    def syncs(steps: int) -> int:
+        train_one_epoch(trainer, [batch] * 2, 0, 2, log=lambda r: None)  # warm-up: allocator, cuDNN
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_one_epoch(trainer, [batch] * steps, 0, steps, log=lambda r: None)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(3) == syncs(9)
