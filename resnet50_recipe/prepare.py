@@ -67,7 +67,10 @@ def download(url: str, dest: Path, expected: tuple[str, str] | None, retries: in
     (in this call or an earlier one). The checksum is verified before `dest` appears; a mismatch deletes the
     download so the next try starts clean."""
     if dest.is_file():
-        check_digest(dest, expected, quiet)
+        try:
+            check_digest(dest, expected, quiet)
+        except ValueError as e:
+            raise ValueError(f"{e}; delete it to download it again") from None
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
