@@ -14,6 +14,7 @@ import shutil
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -128,15 +129,18 @@ def prepare_imagenette(out: Path, size: str = "160", url: str | None = None, exp
     official_url, official_md5 = IMAGENETTE[size]
     url = url or official_url
     expected = (expected or ("md5", official_md5)) if verify else None
-    archive = Path(archive_dir or out.parent) / Path(urllib.request.urlparse(url).path).name
+    archive = Path(archive_dir or out.parent) / Path(urllib.parse.urlparse(url).path).name
     download(url, archive, expected, quiet=quiet)
     out.mkdir(parents=True, exist_ok=True)
     scratch = out / ".extract.partial"
     shutil.rmtree(scratch, ignore_errors=True)
-    with tarfile.open(archive) as tar:
-        members = tar.getmembers()
-        for member in tqdm(members, desc=f"extract {archive.name}", disable=quiet, unit="file"):
-            tar.extract(member, scratch, **_safe())
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:  # one pass through the gzip stream
+            for member in tqdm(tar, desc=f"extract {archive.name}", disable=quiet, unit="file"):
+                tar.extract(member, scratch, **_safe())
+    except (tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise ValueError(f"{archive}: cannot extract it ({e}); delete it to download it again") from None
     roots = [p for p in scratch.rglob("train") if p.is_dir() and (p.parent / "val").is_dir()]
     if len(roots) != 1:
         shutil.rmtree(scratch)
@@ -214,7 +218,9 @@ class _Source:
     def open(self):
         if not self.is_s3:
             return open(self.location, "rb")
-        from .storage import S3Store
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from .storage import RemoteError, S3Store
 
         parent, name = self.location.rsplit("/", 1)
         store = S3Store(parent, self.endpoint_url)
@@ -222,6 +228,8 @@ class _Source:
             return store.client.get_object(Bucket=store.bucket, Key=store.key(name))["Body"]
         except store.client.exceptions.NoSuchKey:
             raise FileNotFoundError(f"{self.location}: no such object") from None
+        except (ClientError, BotoCoreError) as e:
+            raise RemoteError(f"{self.location}: cannot read it ({e})") from None
 
     def __str__(self) -> str:
         return self.location
