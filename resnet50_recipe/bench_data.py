@@ -66,4 +66,4 @@ def verdict(results: list[dict], target: float = T4_IMG_S) -> str:
     return (f"best: {best['img_s']:.0f} img/s with {best['workers']} workers, which {fed} a GPU taking {target:.0f} "
             f"img/s (a T4 with AMP on ResNet-50). At {per_worker:.0f} img/s per worker that takes about {needed} "
             f"workers, i.e. {needed + 1} vCPUs with the training process; this machine has {cores} usable"
-            " cores, so worker counts above that share cores and stop scaling.")
+            f" cores, so more than {max(1, cores - 1)} workers share them with the training process and stop scaling.")
