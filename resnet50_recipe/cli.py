@@ -102,9 +102,68 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--val-per-class", type=int, default=50)
     q.add_argument("--size", type=int, default=64, help="image side in pixels")
     q.add_argument("--seed", type=int, default=0)
+    q = data_sub.add_parser("imagenette", help="download and extract fast.ai's Imagenette into OUT/train and OUT/val",
+                            description="Download (resuming a partial download) and checksum-verify an Imagenette "
+                            "archive, then extract it into OUT/train and OUT/val.")
+    q.add_argument("out")
+    q.add_argument("--size", choices=("160", "320", "full"), default="160",
+                   help="short side of the images in pixels, or full resolution (default 160)")
+    q.add_argument("--url", help="archive URL, for a mirror (default: fast.ai's S3 bucket)")
+    q.add_argument("--md5", help="expected MD5 (default: the official archive's, as pinned by torchvision)")
+    q.add_argument("--sha256", help="expected SHA-256, instead of the MD5")
+    q.add_argument("--no-checksum", action="store_true", help="skip the checksum (a mirror of another file)")
+    q.add_argument("--archive-dir", help="where the archive is downloaded and kept (default: OUT's parent)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q = data_sub.add_parser("imagenet", help="build ImageNet-1k's OUT/train and OUT/val from the official archives",
+                            description="Unpack ILSVRC2012_img_train.tar (its class tars streamed, not copied), "
+                            "ILSVRC2012_img_val.tar (into class folders by the devkit's ground truth) and check the "
+                            "counts. Restartable: a rerun continues where an interrupted run stopped.")
+    q.add_argument("out")
+    q.add_argument("--train-tar", help="ILSVRC2012_img_train.tar: a path or s3://bucket/key")
+    q.add_argument("--val-tar", help="ILSVRC2012_img_val.tar: a path or s3://bucket/key")
+    q.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz: a path or s3://bucket/key")
+    q.add_argument("--from", dest="source", metavar="DIR_OR_S3_PREFIX",
+                   help="folder or s3://bucket/prefix holding the three archives under their official names "
+                        "(S3 objects are streamed, never copied to disk)")
+    q.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
+    q.add_argument("--verify-md5", action="store_true",
+                   help="check the archives against the official MD5s first (reads all ~155 GB once more)")
+    q.add_argument("--partial", action="store_true",
+                   help="accept counts other than 1000 classes, 1,281,167 train and 50,000 val images")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q = data_sub.add_parser("verify", help="decode every image; report corrupt, truncated, CMYK and mislabelled "
+                            "files as JSON")
+    q.add_argument("dir", help="dataset folder with train/ and/or val/")
+    q.add_argument("--fix", action="store_true", help="re-encode CMYK, truncated and non-JPEG .JPEG files in place "
+                   "as RGB JPEG (undecodable files are only listed)")
+    q.add_argument("--workers", type=int, help="decoding processes (default: one per core but one)")
+    q.add_argument("--report", help="where to write the JSON report (default: DIR/verify.json)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q = data_sub.add_parser("resize", help="write a copy with a smaller short side, which decodes faster")
+    q.add_argument("dir")
+    q.add_argument("out")
+    q.add_argument("--short-side", type=int, default=256, help="pixels (default 256); smaller images are copied")
+    q.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images (default 90)")
+    q.add_argument("--workers", type=int, help="processes (default: one per core but one)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("bench", help="measure speed")
+    p = sub.add_parser("bench", help="measure throughput: the input pipeline and the training step")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    q = bench_sub.add_parser("data", help="images/s of a recipe's training input pipeline per worker count",
+                             description="Run the recipe's training input pipeline (decode, augment, collate) on "
+                             "DIR/train and report images/s per worker count, and whether that feeds a T4.")
+    q.add_argument("dir", help="dataset folder with train/")
+    q.add_argument("--workers", default="1,2,4,8", help="comma-separated worker counts (default 1,2,4,8)")
+    q.add_argument("--recipe", default="imagenet-100ep", help="recipe whose pipeline runs (default imagenet-100ep)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key, as in train (repeatable)")
+    q.add_argument("--decode", choices=("recipe", "draft", "full", "both"), default="recipe",
+                   help="JPEG decoding: the recipe's augment.draft_decode (default), draft (reduced-size), full, "
+                        "or both, one after the other")
+    q.add_argument("--batches", type=int, default=20, help="batches timed per measurement (default 20)")
+    q.add_argument("--batch-size", type=int, help="default: the recipe's train.batch_size")
+    q.add_argument("--target", type=float, default=400.0,
+                   help="img/s the GPU consumes (default 400: a T4's AMP ResNet-50 rate)")
     q = bench_sub.add_parser("step", help="training-step images/s against a bare PyTorch loop doing the same work",
                              description="Time the trainer's step and a hand-written loop on the same synthetic "
                              "device batches (no data loading), interleaved; print both, their ratio and peak "
@@ -124,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_bench(args) -> int:
+def cmd_bench_step(args) -> int:
     from .stepbench import bench_step
 
     r = bench_step(args.model, args.img_size, args.batch_size, args.amp, args.channels_last, args.compile,
@@ -248,11 +307,77 @@ def cmd_runs(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .synthetic import generate
+    if args.data_command == "synthetic":
+        from .synthetic import generate
 
-    out = generate(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
-                   size=args.size, seed=args.seed)
-    print(f"wrote {out}: {args.classes} classes, {args.per_class} train + {args.val_per_class} val images each")
+        out = generate(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
+                       size=args.size, seed=args.seed)
+        print(f"wrote {out}: {args.classes} classes, {args.per_class} train + {args.val_per_class} val images each")
+        return 0
+    if args.data_command == "verify":
+        from .images import verify
+
+        result = verify(Path(args.dir), fix=args.fix, workers=args.workers, report=args.report, quiet=args.quiet)
+        for split, s in result["splits"].items():
+            print(f"{split}: {s['classes']} classes, {s['images']} images")
+        for p in result["problems"]:
+            fixed = "" if "fixed" not in p else (" (fixed)" if p["fixed"] else " (not fixed)")
+            print(f"{p['kind']}: {p['path']}: {p['detail']}{fixed}")
+        print(f"wrote {args.report or Path(args.dir) / 'verify.json'}")
+        left = [p for p in result["problems"] if not p.get("fixed")]
+        return 1 if left or "class_mismatch" in result or "empty_classes" in result else 0
+    if args.data_command == "resize":
+        from .images import resize
+
+        counts = resize(Path(args.dir), Path(args.out), args.short_side, args.quality, args.workers, args.quiet)
+        print(f"wrote {args.out}: " + "; ".join(f"{split}: " + ", ".join(f"{v} {k}" for k, v in c.items())
+                                                 for split, c in counts.items()))
+        return 0
+    from . import prepare
+
+    if args.data_command == "imagenette":
+        given = [(name, value) for name, value in (("md5", args.md5), ("sha256", args.sha256)) if value]
+        if len(given) > 1:
+            raise ValueError("--md5 and --sha256: give one checksum, not both")
+        counts = prepare.prepare_imagenette(Path(args.out), args.size, args.url, given[0] if given else None,
+                                            verify=not args.no_checksum, archive_dir=args.archive_dir,
+                                            quiet=args.quiet)
+    else:
+        archives = {}
+        for kind, flag in (("train", "train_tar"), ("val", "val_tar"), ("devkit", "devkit")):
+            given = getattr(args, flag)
+            if not given and not args.source:
+                raise ValueError(f"data imagenet: say where {prepare.IMAGENET_ARCHIVES[kind][0]} is "
+                                 f"(--{flag.replace('_', '-')} or --from)")
+            archives[kind] = given or f"{args.source.rstrip('/')}/{prepare.IMAGENET_ARCHIVES[kind][0]}"
+        counts = prepare.prepare_imagenet(Path(args.out), archives["train"], archives["val"], archives["devkit"],
+                                          verify_md5=args.verify_md5, partial=args.partial,
+                                          endpoint_url=args.endpoint_url, quiet=args.quiet)
+    print(f"wrote {args.out}: " + "; ".join(f"{split}: {c['classes']} classes, {c['images']} images"
+                                           for split, c in counts.items()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.bench_command == "step":
+        return cmd_bench_step(args)
+    from .bench_data import measure, verdict
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        workers = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        raise ValueError(f"--workers {args.workers!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+    modes = {"recipe": [None], "draft": [True], "full": [False], "both": [False, True]}[args.decode]
+    for draft in modes:
+        results = []
+        for w in workers:
+            r = measure(Path(args.dir), recipe, w, args.batches, draft, args.batch_size)
+            results.append(r)
+            print(f"{'draft' if r['draft_decode'] else 'full'} decode, {r['train_size']} px, {w} workers: "
+                  f"{r['img_s']:.0f} img/s ({r['img_s'] / max(1, w):.0f} per worker)", flush=True)
+        print(verdict(results, args.target))
     return 0
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import functional as F
 
 from .recipe import AugmentConfig, DataConfig, RecipeError
 
@@ -108,14 +110,22 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def undecoded(self) -> bool:
+        """A transform that starts with DraftResizedCrop decodes the image itself, at the size the crop needs.
+        A property, not a flag set once: progressive resizing replaces the transform between epochs."""
+        return isinstance(getattr(self.transform, "transforms", [None])[0], DraftResizedCrop)
+
     def _load(self, index: int) -> Image.Image:
         path = self.samples[index][0]
         try:
-            with Image.open(path) as img:
+            img = Image.open(path)
+            if self.undecoded:
+                return img
+            with img:
                 return img.convert("RGB")
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise UnreadableImage(f"{path}: unreadable image ({e}); fix or remove it, or set "
-                                  "data.bad_images: skip to skip and count such files") from e
+            raise unreadable(path, e) from e
 
     def __getitem__(self, key: tuple[int, int]) -> Sample:
         epoch, index = key
@@ -123,19 +133,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for attempt in range(len(self.samples)):
             source = (index + attempt) % len(self.samples)
             try:
-                img = self._load(source)
+                # Decoding draws no random numbers, so it may sit inside the seeded block with the transform.
+                with seeded(mix_seed(self.seed, epoch, index)):
+                    image = self.transform(self._load(source))
                 break
             except UnreadableImage:
                 if self.bad_images != "skip":
                     raise
                 bad = bad or self.samples[index][0]
-        with seeded(mix_seed(self.seed, epoch, index)):
-            image = self.transform(img)
         return Sample(image, self.samples[source][1], bad)
 
 
 class UnreadableImage(ValueError):
     pass
+
+
+def unreadable(path, error: Exception) -> UnreadableImage:
+    return UnreadableImage(f"{path}: unreadable image ({error}); fix or remove it (resnet50-recipe data verify "
+                           "--fix), or set data.bad_images: skip to skip and count such files")
 
 
 def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -190,12 +205,56 @@ class EpochSampler(torch.utils.data.Sampler):
 # Transforms and loaders
 
 
+class DraftResizedCrop:
+    """timm's RandomResizedCropAndInterpolation, applied to a JPEG before it is decoded.
+
+    The crop is drawn by timm's own `get_params` from the full image size, with the same random calls in the
+    same order, so a seed gives the same crop as timm's transform. When the crop is at least twice the output
+    size on both sides, PIL's draft mode has libjpeg decode at 1/2, 1/4 or 1/8 scale (in the DCT, so most of
+    the decoding work is skipped): the largest reduction that still leaves the crop at least the output's
+    pixels. The crop box is scaled to the reduced image and resampled with the same filter.
+    """
+
+    def __init__(self, crop: RandomResizedCropAndInterpolation):
+        self.crop = crop
+
+    def __call__(self, img: Image.Image):
+        c = self.crop
+        i, j, h, w = c.get_params(img, c.scale, c.ratio)
+        interpolation = random.choice(c.interpolation) if isinstance(c.interpolation, (tuple, list)) \
+            else c.interpolation
+        out_h, out_w = c.size
+        reduce = next((s for s in (8, 4, 2) if w >= s * out_w and h >= s * out_h), 1)
+        try:
+            if reduce > 1 and img.format == "JPEG" and img.tile:  # tile: not decoded yet
+                width = img.width
+                drafted = img.draft("RGB", (width // reduce, img.height // reduce))
+                reduce = round(width / drafted[1][2]) if drafted else 1  # draft's box is the full image, scaled
+            else:
+                reduce = 1  # not a JPEG, or already decoded: no reduced decoding
+            rgb = img.convert("RGB")
+        except (OSError, ValueError) as e:
+            img.close()
+            raise unreadable(getattr(img, "filename", "image"), e) from e
+        if reduce == 1:
+            return F.resized_crop(rgb, i, j, h, w, list(c.size), interpolation)
+        box = (j / reduce, i / reduce, (j + w) / reduce, (i + h) / reduce)
+        return rgb.resize((out_w, out_h), F.pil_modes_mapping[interpolation], box=box)
+
+    def __repr__(self) -> str:
+        return f"DraftResizedCrop({self.crop!r})"
+
+
 def train_transform(aug: AugmentConfig, size: int | None = None):
-    """timm's ImageNet train transform, ending in a uint8 tensor (normalised later, on the device)."""
-    return create_transform(
+    """timm's ImageNet train transform, ending in a uint8 tensor (normalised later, on the device); with
+    `augment.draft_decode`, its first step is DraftResizedCrop, which decodes the JPEG itself."""
+    transform = create_transform(
         size or aug.train_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
         auto_augment=aug.auto_augment, color_jitter=aug.color_jitter, interpolation=aug.interpolation,
         mean=aug.mean, use_prefetcher=True)
+    if aug.draft_decode and isinstance(transform.transforms[0], RandomResizedCropAndInterpolation):
+        transform.transforms[0] = DraftResizedCrop(transform.transforms[0])
+    return transform
 
 
 def train_size_at(aug: AugmentConfig, epoch: int) -> int:

@@ -87,6 +87,7 @@ class AugmentConfig:
     re_count: int = field(default=1, metadata=_range(1, 16))
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    draft_decode: bool = True
 
 
 @dataclass(frozen=True)
