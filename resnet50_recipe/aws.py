@@ -349,7 +349,7 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
            instance_type: str = "g4dn.xlarge", region: str | None = None, az: str = "auto",
            subnet: str | None = None, key_name: str | None = None, security_groups: list[str] = (),
            data: str | None = None, volume: str | None = None, ami: str | None = None,
-           package: str | None = None, disk_gb: int = 200, dry_run: bool = False, api: Api | None = None,
+           package: str | None = None, disk_gb: int | None = None, dry_run: bool = False, api: Api | None = None,
            out=print) -> dict:
     """Launch a persistent spot instance that trains `recipe_source` and mirrors the run to `bucket`/NAME.
 
@@ -417,6 +417,8 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     }
     user_data = render_user_data(settings)
 
+    if disk_gb is None:  # the AMI and the environment take ~100 GB; ImageNet copied from S3 another ~150 GB
+        disk_gb = 300 if data and (recipe_images(recipe) or 0) > 100_000 else 150
     devices = [{"DeviceName": root_device, "Ebs": {"VolumeSize": disk_gb, "VolumeType": "gp3",
                                                    "DeleteOnTermination": True}}]
     if volume:

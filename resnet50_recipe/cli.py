@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "parameter of the current AWS Deep Learning Base AMI, Ubuntu 22.04)")
     q.add_argument("--package", help="what the instance pip-installs: a pip spec, a local .whl (uploaded to the "
                    "run) or an s3://...whl (default: resnet50-recipe[aws]==this version, from PyPI)")
-    q.add_argument("--disk-gb", type=int, default=200, help="root volume size (data and checkpoints live there)")
+    q.add_argument("--disk-gb", type=int, help="root volume size in GB; data copied from S3 and checkpoints live "
+                   "there (default: 300 for ImageNet from S3, else 150)")
     q.add_argument("--dry-run", action="store_true", help="print every AWS call with its arguments; make none")
     for command, text in (("status", "instance, spot request, last checkpoint, metrics, cost so far, ETA"),
                           ("logs", "the instance's console output: setup and training log"),

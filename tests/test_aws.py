@@ -1,11 +1,14 @@
 """AWS launch, watch and stop against moto: EC2, IAM, SSM and Service Quotas in-process (mock_aws), S3 over the
 moto server on 127.0.0.1 (which shares the in-process state). Never AWS."""
 import base64
+import json
 import os
+import socket
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from http.server import ThreadingHTTPServer
 
@@ -89,18 +92,23 @@ def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_ins
     assert b"name: smoke" in recipe
 
 
-def test_the_spot_options_are_what_run_instances_is_given(cloud):
+def test_the_spot_options_are_what_run_instances_is_given(cloud, tmp_path):
     """moto keeps the lifecycle but not the spot options themselves: read them off the request that was sent."""
     sent = []
     api = aws.Api(REGION)
     api.client("ec2").meta.events.register("provide-client-params.ec2.RunInstances",
                                            lambda params, **kw: sent.append(params))
-    launch(cloud, api=api)
+    wheel = tmp_path / "resnet50_recipe-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK wheel bytes")
+    launch(cloud, api=api, package=str(wheel))
+    key = f"runs/r1/launch/{wheel.name}"  # a local wheel travels through the run's prefix
+    assert cloud["s3"].get_object(Bucket=cloud["bucket"], Key=key)["Body"].read() == b"PK wheel bytes"
     assert sent[0]["InstanceMarketOptions"] == {"MarketType": "spot", "SpotOptions": {
         "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}}
     user_data = base64.b64decode(sent[0]["UserData"]).decode()  # botocore encodes it in place, after this hook
     assert "RUN=r1\n" in user_data and f"REMOTE=s3://{cloud['bucket']}/runs/r1\n" in user_data
     assert "--resume auto" in user_data and "RestartForceExitStatus=75" in user_data
+    assert f"PACKAGE=s3://{cloud['bucket']}/{key}\n" in user_data
 
 
 def test_a_second_launch_reuses_the_role_and_profile_and_moves_the_policy(cloud):
@@ -315,3 +323,49 @@ def test_on_ec2_every_metrics_line_records_the_instance_and_its_cost(tiny_data, 
     assert {r["price_usd_per_h"] for r in records} == {0.00001}  # moto's spot price
     costs = [r["cost_usd"] for r in records]
     assert costs == sorted(costs) and costs[-1] > 0
+
+
+def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, monkeypatch):
+    """moto with IAM enforced (after 4 set-up calls), a user holding exactly the run's policy: the trainer's S3
+    preflight and pointer writes work on the run's prefix and are refused next door; of EC2 only the spot price
+    history is allowed. (moto does not evaluate the s3:prefix condition on ListBucket, so that part is not shown.)"""
+    from conftest import free_port
+    from resnet50_recipe.storage import RemoteError, S3Store
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    admin = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **admin, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        setup = dict(endpoint_url=endpoint, region_name=REGION, aws_access_key_id="testing",
+                     aws_secret_access_key="testing")
+        for _ in range(200):  # wait for the port without a request: each request counts towards the 4
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        boto3.client("s3", **setup).create_bucket(Bucket="runs-bucket")
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="instance")
+        iam.put_user_policy(UserName="instance", PolicyName="run", PolicyDocument=json.dumps(
+            aws.policy_document("runs-bucket", "runs/r1", [])))
+        key = iam.create_access_key(UserName="instance")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        store = S3Store("s3://runs-bucket/runs/r1", endpoint)
+        store.preflight()
+        etag = store.put_json("checkpoints/latest.json", {"step": 1}, None)
+        store.put_json("checkpoints/latest.json", {"step": 2}, etag)
+        assert store.get_json("checkpoints/latest.json")[0] == {"step": 2}
+        with pytest.raises(RemoteError, match="not allowed to write there"):
+            S3Store("s3://runs-bucket/runs/r2", endpoint).preflight()
+        ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name=REGION)
+        assert ec2.describe_spot_price_history(InstanceTypes=["g4dn.xlarge"])["SpotPriceHistory"]
+        with pytest.raises(ec2.exceptions.ClientError, match="not authorized|AccessDenied|UnauthorizedOperation"):
+            ec2.describe_instances()
+    finally:
+        server.terminate()
+        server.wait()
