@@ -1,11 +1,12 @@
 #!/bin/bash
 # User data for a resnet50-recipe spot instance (Ubuntu: the AWS Deep Learning Base AMI).
 #
-# First boot (cloud-init runs this once): install this script as a setup unit and a training unit, then start
-# them. Every later boot (a persistent spot request restarts a stopped instance) runs the setup unit again; its
-# steps leave markers, so a setup interrupted by a preemption continues where it was, and a finished one costs
-# nothing. The training unit runs `resnet50-recipe train ... --resume auto --remote s3://...` and restarts on
-# exit 75 (stopped with a checkpoint); on 0 (finished) or 2 (bad input) the instance powers itself off.
+# First boot (cloud-init runs this once): copy this script to /opt/resnet50-recipe/setup.sh, write a systemd
+# unit for the training run, enable and start it. Before every start of the unit (every boot: a persistent spot
+# request restarts a stopped instance) `setup.sh --setup` runs; its steps leave markers, so a setup interrupted
+# by a preemption continues where it was, and a finished one costs seconds. The unit runs
+# `resnet50-recipe train ... --resume auto --remote s3://...` and restarts on exit 75 (stopped with a
+# checkpoint); on 0 (finished) or 2 (bad input) the instance powers itself off.
 #
 # `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is.
 
@@ -33,36 +34,22 @@ if [ "${1:-}" != "--setup" ]; then
     if [ -n "$DATA" ] || [ -n "$VOLUME" ]; then
         data_arg="--data $DATA_DIR"
     fi
-    cat > /etc/systemd/system/resnet50-recipe-setup.service <<EOF
-[Unit]
-Description=resnet50-recipe setup for run $RUN (idempotent: packages, data, recipe)
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=oneshot
-RemainAfterExit=yes
-ExecStart=$HOME_DIR/setup.sh --setup
-TimeoutStartSec=infinity
-StandardOutput=journal+console
-StandardError=journal+console
-
-[Install]
-WantedBy=multi-user.target
-EOF
     # The shape of README's unit (Preemption section): 75 restarts, other exits do not loop forever.
     cat > /etc/systemd/system/resnet50-recipe-train.service <<EOF
 [Unit]
 Description=resnet50-recipe training run $RUN ($EPOCHS_NOTE)
-Requires=resnet50-recipe-setup.service
-After=resnet50-recipe-setup.service
-# A crash that repeats 4 times within an hour stops the retries; the instance stays up for aws logs.
+Wants=network-online.target
+After=network-online.target
+# A failure that repeats 4 times within an hour stops the retries; the instance stays up for aws logs.
 StartLimitIntervalSec=3600
 StartLimitBurst=4
 
 [Service]
 Environment=PYTHONUNBUFFERED=1 AWS_DEFAULT_REGION=$REGION
 WorkingDirectory=$HOME_DIR
+# Setup before every start: finished steps are skipped, a failed one (the network, say) is retried with the unit.
+ExecStartPre=$HOME_DIR/setup.sh --setup
+TimeoutStartSec=infinity
 ExecStart=$VENV/bin/resnet50-recipe train $HOME_DIR/recipe.yaml $data_arg --output $RUN_DIR --remote $REMOTE --resume auto
 # 75: stopped with a checkpoint (a signal, the spot notice). Not a failure, and always restarted; after a spot
 # notice the machine stops within two minutes, so the restart waits that long instead of starting to be killed.
@@ -83,12 +70,14 @@ StandardError=journal+console
 WantedBy=multi-user.target
 EOF
     systemctl daemon-reload
-    systemctl enable resnet50-recipe-setup.service resnet50-recipe-train.service
+    systemctl enable resnet50-recipe-train.service
     systemctl start --no-block resnet50-recipe-train.service
     exit 0
 fi
 
 say() { echo "resnet50-recipe setup: $*"; }
+# Any failure exits 1, which the unit retries (tar's 2 must not read as the trainer's "bad input").
+trap 'say "failed at line $LINENO"; exit 1' ERR
 
 # The AWS CLI for S3 transfers: the AMI's, or one in its own virtualenv (never mixed with the training one).
 if ! [ -x "$HOME_DIR/awscli/bin/aws" ] && ! command -v aws > /dev/null; then

@@ -187,12 +187,19 @@ def price(instance_types: list[str], region: str | None = None, recipe=None, ima
             est = estimate(recipe, gpu, images)
             per_gpu = est and {**est, "hours": est["hours"] / (gpus or 1)}  # assumes DDP over every GPU
             row["estimate"] = per_gpu
-            if per_gpu and cheapest[1] is not None:
-                row["estimate"]["spot_cost"] = per_gpu["hours"] * cheapest[1]
-                line += f"\n{'':<16}{recipe.name}: ~{per_gpu['hours']:.1f} h, ~${row['estimate']['spot_cost']:.2f} " \
-                    f"at that spot price ({per_gpu['img_per_s'] * (gpus or 1):.0f} img/s assumed)"
+            if per_gpu:
+                costs = []
+                if cheapest[1] is not None:
+                    row["estimate"]["spot_cost"] = per_gpu["hours"] * cheapest[1]
+                    costs.append(f"~${row['estimate']['spot_cost']:.2f} at that spot price")
+                if on_demand:
+                    costs.append(f"~${per_gpu['hours'] * on_demand:.2f} on-demand")
+                line += f"\n{'':<16}{recipe.name}: ~{per_gpu['hours']:.1f} h, {', '.join(costs)} " \
+                    f"({per_gpu['img_per_s'] * (gpus or 1):.0f} img/s assumed)"
             elif not images:
                 line += f"\n{'':<16}{recipe.name}: pass --images N (train images per epoch) for an estimate"
+            else:
+                line += f"\n{'':<16}{recipe.name}: no throughput figure for this instance type's GPU"
         rows.append(row)
         out(line)
     if recipe is not None:
@@ -212,6 +219,9 @@ def run_location(remote_root: str, name: str) -> tuple[str, str, str]:
     from .storage import parse_remote
 
     bucket, prefix = parse_remote(remote_root)
+    if not re.fullmatch(r"[A-Za-z0-9._/-]*", prefix):
+        raise ValueError(f"--bucket {remote_root}: use letters, digits and . _ / - in the prefix (it goes into the "
+                         "instance's systemd unit)")
     run_prefix = f"{prefix}/{name}" if prefix else name
     return bucket, run_prefix, f"s3://{bucket}/{run_prefix}"
 
@@ -357,6 +367,7 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     resolved recipe (and a local wheel) to the run's prefix; run_instances in the cheapest AZ, trying the next
     one on InsufficientInstanceCapacity. Returns what was launched.
     """
+    _boto3()  # without boto3, say how to install it before anything else
     from botocore.exceptions import ClientError
 
     from .recipe import load_recipe, to_yaml

@@ -245,6 +245,14 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
     assert "DATA=s3://my-bucket/imagenet/" in out
 
 
+def test_without_boto3_the_aws_commands_say_how_to_install_it(monkeypatch, capsys):
+    for module in ("boto3", "botocore", "botocore.exceptions"):
+        monkeypatch.setitem(sys.modules, module, None)  # what an install without the [aws] extra sees
+    for args in (["ls"], ["launch", "smoke", "--bucket", "s3://b/runs", "--dry-run"]):
+        assert main(["aws", *args]) == 1
+        assert "pip install 'resnet50-recipe[aws]'" in capsys.readouterr().err
+
+
 def render(**settings):
     values = {"RUN": "in1k", "REMOTE": "s3://b/runs/in1k", "REGION": REGION, "PACKAGE": "resnet50-recipe[aws]==0.1",
               "DATA": "s3://b/imagenet.tar", "VOLUME": "", "EPOCHS_NOTE": "100 epochs"}
