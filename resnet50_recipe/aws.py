@@ -428,7 +428,7 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     }
     user_data = render_user_data(settings)
 
-    if disk_gb is None:  # the AMI and the environment take ~100 GB; ImageNet copied from S3 another ~150 GB
+    if disk_gb is None:  # ImageNet copied from S3 is ~150 GB, besides the AMI's files and the environment
         disk_gb = 300 if data and (recipe_images(recipe) or 0) > 100_000 else 150
     devices = [{"DeviceName": root_device, "Ebs": {"VolumeSize": disk_gb, "VolumeType": "gp3",
                                                    "DeleteOnTermination": True}}]
