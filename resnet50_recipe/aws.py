@@ -356,16 +356,17 @@ def render_user_data(settings: dict) -> str:
 
 
 def launch(recipe_source: str, bucket: str, *, name: str | None = None, overrides: list[str] = (),
-           instance_type: str = "g4dn.xlarge", region: str | None = None, az: str = "auto",
+           instance_type: str = "g4dn.2xlarge", region: str | None = None, az: str = "auto",
            subnet: str | None = None, key_name: str | None = None, security_groups: list[str] = (),
            data: str | None = None, volume: str | None = None, ami: str | None = None,
            package: str | None = None, disk_gb: int | None = None, dry_run: bool = False, api: Api | None = None,
            out=print) -> dict:
     """Launch a persistent spot instance that trains `recipe_source` and mirrors the run to `bucket`/NAME.
 
-    Order: validate the recipe; check the spot vCPU quota; the run's IAM role and profile; the AMI; upload the
-    resolved recipe (and a local wheel) to the run's prefix; run_instances in the cheapest AZ, trying the next
-    one on InsufficientInstanceCapacity. Returns what was launched.
+    Order: validate the recipe; check the spot vCPU quota and that the run has no live instance; find the AMI;
+    the run's IAM role and profile; upload the resolved recipe (and a local wheel) to the run's prefix;
+    run_instances in the cheapest AZ, trying the next one on InsufficientInstanceCapacity. Returns what was
+    launched. With `dry_run`, prints each call instead of making it.
     """
     _boto3()  # without boto3, say how to install it before anything else
     from botocore.exceptions import ClientError

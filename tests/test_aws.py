@@ -14,6 +14,7 @@ from http.server import ThreadingHTTPServer
 
 import boto3
 import pytest
+import yaml
 from botocore.stub import Stubber
 from moto import mock_aws
 
@@ -208,6 +209,16 @@ def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_
     aws.print_status(status, out=lines.append)
     assert "last checkpoint: epoch 1, step 2" in "\n".join(lines) and "finished" in "\n".join(lines)
 
+    # The same files as a run 1 epoch into 5 would leave them: no summary yet, an ETA from the epoch time.
+    s3 = cloud["s3"]
+    s3.delete_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json")
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    resolved["train"]["epochs"] = 5
+    s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/recipe.yaml", Body=yaml.safe_dump(resolved))
+    status = aws.run_status("r1", REGION)
+    epoch_time = [r for r in last if r["kind"] == "epoch"][-1]["epoch_time_s"]
+    assert not status["finished"] and status["eta_hours"] == pytest.approx(4 * epoch_time / 3600)
+
 
 def test_cost_integrates_the_price_history_and_the_cheapest_az_comes_first():
     t = datetime(2026, 11, 26, tzinfo=timezone.utc)
@@ -363,6 +374,7 @@ def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, 
         key = iam.create_access_key(UserName="instance")["AccessKey"]
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the credentials an earlier test resolved
         store = S3Store("s3://runs-bucket/runs/r1", endpoint)
         store.preflight()
         etag = store.put_json("checkpoints/latest.json", {"step": 1}, None)
