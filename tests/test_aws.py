@@ -256,6 +256,23 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
     assert "DATA=s3://my-bucket/imagenet/" in out
 
 
+def test_the_dry_run_in_the_readmes_is_what_the_command_prints(capsys, monkeypatch):
+    import re
+    from pathlib import Path
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")  # the region falls back to us-east-1, as documented
+    command = "resnet50-recipe aws launch imagenet-100ep --bucket s3://my-bucket/runs --data s3://my-bucket/imagenet/"
+    assert main(command.split()[1:] + ["--dry-run"]) == 0
+    printed = capsys.readouterr().out.split("\n# <")[0].rstrip()
+    timestamps = re.compile(r"\d{4}-\d\d-\d\d[ T][\d:.]+(\+00:00|Z)")
+    root = Path(__file__).parent.parent
+    for readme in (root / "README.md", root / "aws" / "README.md"):
+        shown = readme.read_text().split(f"$ {command} --dry-run\n", 1)[1].split("\n```", 1)[0]
+        assert timestamps.sub("T", shown) == timestamps.sub("T", printed), readme
+
+
 def test_without_boto3_the_aws_commands_say_how_to_install_it(monkeypatch, capsys):
     for module in ("boto3", "botocore", "botocore.exceptions"):
         monkeypatch.setitem(sys.modules, module, None)  # what an install without the [aws] extra sees
