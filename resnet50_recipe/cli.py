@@ -180,6 +180,50 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--warmup", type=int, default=5, help="untimed steps per side first")
     q.add_argument("--trials", type=int, default=7)
     q.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+
+    p = sub.add_parser("aws", help="price, launch, watch and stop spot training runs on AWS (needs boto3: the "
+                       "[aws] extra)", description="Spot training runs on AWS. Every client honours "
+                       "AWS_ENDPOINT_URL; credentials and region come from boto3's chain. See aws/README.md.")
+    aws_sub = p.add_subparsers(dest="aws_command", required=True)
+    q = aws_sub.add_parser("price", help="spot price per AZ, on-demand price and, with --recipe, hours and cost")
+    q.add_argument("--instance-types", default="g4dn.xlarge,g4dn.2xlarge,g5.xlarge,g5.2xlarge,p3.2xlarge",
+                   help="comma-separated instance types")
+    q.add_argument("--recipe", help="recipe file or shipped name to estimate hours and cost for")
+    q.add_argument("--images", type=int, help="train images per epoch (default: known for ImageNet-1k and the "
+                   "generated data)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    q = aws_sub.add_parser("launch", help="launch a persistent spot instance that trains a recipe")
+    q.add_argument("recipe", help="recipe file or shipped name; resolved and checked here, uploaded to the run")
+    q.add_argument("--bucket", required=True, metavar="s3://BUCKET/PREFIX",
+                   help="where runs live; this one goes to PREFIX/NAME")
+    q.add_argument("--name", help="run name (default: the recipe's name)")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    q.add_argument("--instance-type", default="g4dn.2xlarge")
+    place = q.add_mutually_exclusive_group()
+    place.add_argument("--az", default="auto", help="availability zone; auto (default): the cheapest with capacity")
+    place.add_argument("--subnet", help="launch into this subnet (its AZ) instead")
+    q.add_argument("--key-name", help="EC2 key pair for SSH (not needed: status and logs work without)")
+    q.add_argument("--security-group", dest="security_groups", action="append", default=[], metavar="SG_ID")
+    source = q.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="s3://...", help="dataset: a folder with train/ and val/, or a .tar or "
+                        ".tar.gz of one; copied to the instance's disk once")
+    source.add_argument("--volume", metavar="snap-...", help="dataset: an EBS snapshot whose filesystem holds "
+                        "train/ and val/, attached as a volume")
+    q.add_argument("--ami", help="AMI id, or the name of an SSM parameter holding one (default: the public "
+                   "parameter of the current AWS Deep Learning Base AMI, Ubuntu 22.04)")
+    q.add_argument("--package", help="what the instance pip-installs: a pip spec, a local .whl (uploaded to the "
+                   "run) or an s3://...whl (default: resnet50-recipe[aws]==this version, from PyPI)")
+    q.add_argument("--disk-gb", type=int, help="root volume size in GB; data copied from S3 and checkpoints live "
+                   "there (default: 300 for ImageNet from S3, else 150)")
+    q.add_argument("--dry-run", action="store_true", help="print every AWS call with its arguments; make none")
+    for command, text in (("status", "instance, spot request, last checkpoint, metrics, cost so far, ETA"),
+                          ("logs", "the instance's console output: setup and training log"),
+                          ("stop", "cancel the persistent spot request and terminate the instance; S3 stays")):
+        q = aws_sub.add_parser(command, help=text)
+        q.add_argument("run", help="run name")
+    q = aws_sub.add_parser("ls", help="the runs launched by this tool, by tag")
+    for q in aws_sub.choices.values():
+        q.add_argument("--region", help="AWS region (default: boto3's configured region, else us-east-1)")
     return parser
 
 
@@ -381,6 +425,42 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_aws(args) -> int:
+    from . import aws
+
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        BotoCoreError = ClientError = aws.AwsError  # noqa: N806  boto3 missing: aws._boto3() says how to fix it
+    try:
+        if args.aws_command == "price":
+            recipe = None
+            if args.recipe:
+                from .recipe import load_recipe
+                recipe = load_recipe(args.recipe, args.overrides)
+            aws.price([t.strip() for t in args.instance_types.split(",") if t.strip()], args.region, recipe,
+                      args.images)
+        elif args.aws_command == "launch":
+            aws.launch(args.recipe, args.bucket, name=args.name, overrides=args.overrides,
+                       instance_type=args.instance_type, region=args.region, az=args.az, subnet=args.subnet,
+                       key_name=args.key_name, security_groups=args.security_groups, data=args.data,
+                       volume=args.volume, ami=args.ami, package=args.package, disk_gb=args.disk_gb,
+                       dry_run=args.dry_run)
+        elif args.aws_command == "status":
+            aws.print_status(aws.run_status(args.run, args.region))
+        elif args.aws_command == "logs":
+            print(aws.logs(args.run, args.region))
+        elif args.aws_command == "stop":
+            aws.stop(args.run, args.region)
+        else:
+            aws.ls(args.region)
+    except (aws.AwsError, ClientError, BotoCoreError) as e:
+        # AWS refused, or would: one line, exit 1 (2 stays for bad input, raised as ValueError above).
+        print(f"resnet50-recipe: aws {args.aws_command}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -393,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         package_log.addHandler(handler)
     package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "push": cmd_push, "runs": cmd_runs,
-               "data": cmd_data, "bench": cmd_bench}[args.command]
+               "data": cmd_data, "bench": cmd_bench, "aws": cmd_aws}[args.command]
     try:
         return handler(args)
     except (RecipeError, RemoteError, FileNotFoundError, FileExistsError, ValueError) as e:

@@ -418,6 +418,9 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
 
     previous_handlers = install_signal_handlers(control)
     watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s) if rt.is_main else None
+    if watcher is not None:  # on EC2: every metrics line also says what the instance costs (aws.InstanceCost)
+        from .aws import InstanceCost
+        runlog.extra = InstanceCost(watcher, out / "metrics.jsonl")
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # last, after everything that drew from the RNGs while being built
     show_bar = not quiet and rt.is_main and sys.stderr.isatty()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from .recipe import Recipe, to_yaml
 from .runtime import versions, write_json
@@ -32,6 +33,7 @@ class RunLog:
     def __init__(self, out: Path, enabled: bool):
         self.out, self.enabled = out, enabled
         self.epochs: list[dict] = []  # per-epoch records, for curves.png and the summary
+        self.extra: Callable[[], dict] | None = None  # fields added to every line (on EC2: instance and cost)
 
     def start(self, recipe: Recipe) -> None:
         if not self.enabled:
@@ -56,8 +58,9 @@ class RunLog:
             self.epochs.append(record)
         if not self.enabled:
             return
+        line = {**record, **self.extra()} if self.extra is not None else record
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(line) + "\n")
 
     def plot(self) -> None:
         if self.enabled and self.epochs:

@@ -1,0 +1,149 @@
+#!/bin/bash
+# User data for a resnet50-recipe spot instance (Ubuntu: the AWS Deep Learning Base AMI).
+#
+# First boot (cloud-init runs this once): copy this script to /opt/resnet50-recipe/setup.sh, write a systemd
+# unit for the training run, enable and start it. Before every start of the unit (every boot: a persistent spot
+# request restarts a stopped instance) `setup.sh --setup` runs; its steps leave markers, so a setup interrupted
+# by a preemption continues where it was, and a finished one costs seconds. The unit runs
+# `resnet50-recipe train ... --resume auto --remote s3://...` and restarts on exit 75 (stopped with a
+# checkpoint); on 0 (finished) or 2 (bad input) the instance powers itself off.
+#
+# `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is.
+
+# --- settings: written by `resnet50-recipe aws launch` ---
+RUN=example
+REMOTE=s3://my-bucket/runs/example
+REGION=us-east-1
+PACKAGE='resnet50-recipe[aws]'
+DATA=s3://my-bucket/datasets/imagenette2-320/
+VOLUME=
+EPOCHS_NOTE='20 epochs'
+# --- end of settings ---
+
+set -euo pipefail
+
+HOME_DIR=/opt/resnet50-recipe
+VENV=$HOME_DIR/venv
+DATA_DIR=/data/dataset
+RUN_DIR=/data/runs/$RUN
+export AWS_DEFAULT_REGION=$REGION
+
+if [ "${1:-}" != "--setup" ]; then
+    install -D -m 0755 "$0" "$HOME_DIR/setup.sh"
+    data_arg=""
+    if [ -n "$DATA" ] || [ -n "$VOLUME" ]; then
+        data_arg="--data $DATA_DIR"
+    fi
+    # The shape of README's unit (Preemption section): 75 restarts, other exits do not loop forever.
+    cat > /etc/systemd/system/resnet50-recipe-train.service <<EOF
+[Unit]
+Description=resnet50-recipe training run $RUN ($EPOCHS_NOTE)
+Wants=network-online.target
+After=network-online.target
+# A failure that repeats 4 times within an hour stops the retries; the instance stays up for aws logs.
+StartLimitIntervalSec=3600
+StartLimitBurst=4
+
+[Service]
+Environment=PYTHONUNBUFFERED=1 AWS_DEFAULT_REGION=$REGION
+WorkingDirectory=$HOME_DIR
+# Setup before every start: finished steps are skipped, a failed one (the network, say) is retried with the unit.
+ExecStartPre=$HOME_DIR/setup.sh --setup
+TimeoutStartSec=infinity
+ExecStart=$VENV/bin/resnet50-recipe train $HOME_DIR/recipe.yaml $data_arg --output $RUN_DIR --remote $REMOTE --resume auto
+# 75: stopped with a checkpoint (a signal, the spot notice). Not a failure, and always restarted; after a spot
+# notice the machine stops within two minutes, so the restart waits that long instead of starting to be killed.
+SuccessExitStatus=75
+RestartForceExitStatus=75
+Restart=on-failure
+RestartPreventExitStatus=2
+RestartSec=120
+KillSignal=SIGTERM
+TimeoutStopSec=110
+# Finished (0) or bad input (2): power off, which stops the spot instance so it costs only its disk.
+# (a doubled dollar sign is systemd's escape for one, left for the shell to expand)
+ExecStopPost=/bin/sh -c 'if [ "\$\$EXIT_STATUS" = 0 ] || [ "\$\$EXIT_STATUS" = 2 ]; then systemctl poweroff; fi'
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+EOF
+    systemctl daemon-reload
+    systemctl enable resnet50-recipe-train.service
+    systemctl start --no-block resnet50-recipe-train.service
+    exit 0
+fi
+
+say() { echo "resnet50-recipe setup: $*"; }
+# Any failure exits 1, which the unit retries (tar's 2 must not read as the trainer's "bad input").
+trap 'say "failed at line $LINENO"; exit 1' ERR
+
+# The AWS CLI for S3 transfers: the AMI's, or one in its own virtualenv (never mixed with the training one).
+if ! [ -x "$HOME_DIR/awscli/bin/aws" ] && ! command -v aws > /dev/null; then
+    say "installing python3-venv and the AWS CLI"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-venv
+    python3 -m venv "$HOME_DIR/awscli"
+    "$HOME_DIR/awscli/bin/pip" install --quiet awscli
+fi
+AWS=$(command -v aws || echo "$HOME_DIR/awscli/bin/aws")
+
+# The package, once per package spec.
+marker="$HOME_DIR/.installed-$(echo "$PACKAGE" | md5sum | cut -c1-12)"
+if ! [ -e "$marker" ]; then
+    say "installing $PACKAGE"
+    [ -x "$VENV/bin/pip" ] || python3 -m venv "$VENV" || {
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-venv && python3 -m venv "$VENV"; }
+    spec=$PACKAGE
+    case "$PACKAGE" in
+        s3://*)
+            wheel="$HOME_DIR/wheels/$(basename "$PACKAGE")"
+            mkdir -p "$HOME_DIR/wheels"
+            "$AWS" s3 cp --only-show-errors "$PACKAGE" "$wheel"
+            spec="${wheel}[aws]"
+            ;;
+    esac
+    "$VENV/bin/pip" install --quiet --upgrade pip
+    "$VENV/bin/pip" install --quiet "$spec"
+    touch "$marker"
+fi
+
+# The recipe, resolved and validated on the launching machine.
+"$AWS" s3 cp --only-show-errors "$REMOTE/launch/recipe.yaml" "$HOME_DIR/recipe.yaml"
+
+# The data: an EBS volume made from a snapshot (mounted on every boot), or a copy from S3 (once).
+if [ -n "$VOLUME" ] && ! mountpoint -q "$DATA_DIR"; then
+    root_disk=$(lsblk -no PKNAME "$(findmnt -no SOURCE /)")
+    device=""
+    for name in $(lsblk -dno NAME,MODEL | awk '/Elastic Block Store/ {print $1}'); do
+        if [ "$name" != "$root_disk" ]; then
+            # The filesystem is on the disk itself or on its first partition.
+            device=/dev/$(lsblk -lno NAME,FSTYPE "/dev/$name" | awk 'NF == 2 {print $1; exit}')
+        fi
+    done
+    if [ -z "$device" ] || [ "$device" = /dev/ ]; then
+        say "no EBS volume with a filesystem found besides the root disk" >&2
+        exit 1
+    fi
+    mkdir -p "$DATA_DIR"
+    mount "$device" "$DATA_DIR"
+    say "mounted $device on $DATA_DIR (a volume restored from a snapshot reads slowly until each block is touched once)"
+elif [ -n "$DATA" ] && ! [ -e "$DATA_DIR/.complete" ]; then
+    mkdir -p "$DATA_DIR"
+    case "$DATA" in
+        *.tar) say "extracting $DATA"; "$AWS" s3 cp --only-show-errors "$DATA" - | tar -x -C "$DATA_DIR" ;;
+        *.tar.gz | *.tgz) say "extracting $DATA"; "$AWS" s3 cp --only-show-errors "$DATA" - | tar -xz -C "$DATA_DIR" ;;
+        *) say "copying $DATA"; "$AWS" s3 sync --only-show-errors "$DATA" "$DATA_DIR" ;;
+    esac
+    # An archive of one folder holding train/ and val/: use that folder.
+    if ! [ -d "$DATA_DIR/train" ]; then
+        inner=$(find "$DATA_DIR" -mindepth 2 -maxdepth 2 -type d -name train -print -quit)
+        if [ -n "$inner" ]; then
+            mv "$(dirname "$inner")"/* "$DATA_DIR"/
+        fi
+    fi
+    touch "$DATA_DIR/.complete"
+fi
+mkdir -p "$RUN_DIR"
+say "ready: $(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null || echo 'no GPU visible')"

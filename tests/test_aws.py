@@ -1,0 +1,408 @@
+"""AWS launch, watch and stop against moto: EC2, IAM, SSM and Service Quotas in-process (mock_aws), S3 over the
+moto server on 127.0.0.1 (which shares the in-process state). Never AWS."""
+import base64
+import json
+import os
+import socket
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from http.server import ThreadingHTTPServer
+
+import boto3
+import pytest
+import yaml
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from conftest import tiny_overlay
+from resnet50_recipe import aws, load_recipe, train
+from resnet50_recipe.cli import main
+from resnet50_recipe.runlog import read_metrics
+from test_resume import MetadataStandIn
+
+REGION = "us-east-1"
+
+
+@pytest.fixture
+def cloud(s3_endpoint, bucket, monkeypatch):
+    """mock_aws for EC2/IAM/SSM/Service Quotas; S3 calls go to the moto server through AWS_ENDPOINT_URL_S3."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # moto's 1,300 stock AMIs take 2 s to load
+    with mock_aws():
+        boto3.client("s3", region_name=REGION).create_bucket(Bucket=bucket)  # mock_aws started with a clean slate
+        ec2 = boto3.client("ec2", region_name=REGION)
+        ami = register_ami(ec2)
+        yield {"ec2": ec2, "iam": boto3.client("iam", region_name=REGION), "ami": ami, "bucket": bucket,
+               "s3": boto3.client("s3", region_name=REGION, endpoint_url=s3_endpoint)}
+
+
+def register_ami(ec2) -> str:
+    return ec2.register_image(Name="dlami-stand-in", RootDeviceName="/dev/sda1", Architecture="x86_64",
+                              BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 8}}])["ImageId"]
+
+
+def launch(cloud, name="r1", **kwargs):
+    kwargs = {"ami": cloud["ami"], "region": REGION, "out": lambda *a: None, **kwargs}
+    return aws.launch("smoke", f"s3://{cloud['bucket']}/runs", name=name, **kwargs)
+
+
+def live_instances(ec2):
+    return [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
+            if i["State"]["Name"] != "terminated"]
+
+
+def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_instance(cloud, caplog):
+    result = launch(cloud, instance_type="g4dn.2xlarge")
+    iam, ec2 = cloud["iam"], cloud["ec2"]
+    roles = [r for r in iam.list_roles()["Roles"] if r["RoleName"].startswith("resnet50-recipe")]
+    assert [r["RoleName"] for r in roles] == ["resnet50-recipe-r1"]
+    assert roles[0]["AssumeRolePolicyDocument"]["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+    assert iam.list_attached_role_policies(RoleName="resnet50-recipe-r1")["AttachedPolicies"] == []  # no S3FullAccess
+    assert iam.list_role_policies(RoleName="resnet50-recipe-r1")["PolicyNames"] == ["resnet50-recipe-run"]
+    policy = iam.get_role_policy(RoleName="resnet50-recipe-r1", PolicyName="resnet50-recipe-run")["PolicyDocument"]
+    objects = [s for s in policy["Statement"] if "s3:PutObject" in s["Action"]]
+    assert objects == [{"Sid": "RunPrefixObjects", "Effect": "Allow",
+                        "Resource": f"arn:aws:s3:::{cloud['bucket']}/runs/r1/*",
+                        "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]}]
+    listing = next(s for s in policy["Statement"] if s["Action"] == "s3:ListBucket")
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": ["runs/r1", "runs/r1/*"]}}
+    assert {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} \
+        == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+            "ec2:DescribeSpotPriceHistory"}
+    profiles = iam.list_instance_profiles()["InstanceProfiles"]
+    assert [(p["InstanceProfileName"], [r["RoleName"] for r in p["Roles"]]) for p in profiles] == \
+        [("resnet50-recipe-r1", ["resnet50-recipe-r1"])]
+
+    [instance] = live_instances(ec2)
+    assert instance["InstanceId"] == result["instance_id"]
+    assert instance["InstanceType"] == "g4dn.2xlarge" and instance["ImageId"] == cloud["ami"]
+    assert instance["InstanceLifecycle"] == "spot"
+    assert instance["MetadataOptions"]["HttpTokens"] == "required"
+    assert instance["IamInstanceProfile"]["Arn"].endswith("/resnet50-recipe-r1")
+    tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+    assert tags[aws.TAG_RUN] == "r1" and tags[aws.TAG_REMOTE] == f"s3://{cloud['bucket']}/runs/r1"
+    cheapest = next(iter(aws.spot_prices(aws.Api(REGION), "g4dn.2xlarge")))
+    assert instance["Placement"]["AvailabilityZone"] == cheapest
+    # The quota could not be read (moto has no EC2 quotas): warned, and the launch went on.
+    assert "could not read the spot vCPU quota L-3819A6DF" in caplog.text
+    recipe = cloud["s3"].get_object(Bucket=cloud["bucket"], Key="runs/r1/launch/recipe.yaml")["Body"].read()
+    assert b"name: smoke" in recipe
+
+
+def test_the_spot_options_are_what_run_instances_is_given(cloud, tmp_path):
+    """moto keeps the lifecycle but not the spot options themselves: read them off the request that was sent."""
+    sent = []
+    api = aws.Api(REGION)
+    api.client("ec2").meta.events.register("provide-client-params.ec2.RunInstances",
+                                           lambda params, **kw: sent.append(params))
+    wheel = tmp_path / "resnet50_recipe-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK wheel bytes")
+    launch(cloud, api=api, package=str(wheel))
+    key = f"runs/r1/launch/{wheel.name}"  # a local wheel travels through the run's prefix
+    assert cloud["s3"].get_object(Bucket=cloud["bucket"], Key=key)["Body"].read() == b"PK wheel bytes"
+    assert sent[0]["InstanceMarketOptions"] == {"MarketType": "spot", "SpotOptions": {
+        "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}}
+    user_data = base64.b64decode(sent[0]["UserData"]).decode()  # botocore encodes it in place, after this hook
+    assert "RUN=r1\n" in user_data and f"REMOTE=s3://{cloud['bucket']}/runs/r1\n" in user_data
+    assert "--resume auto" in user_data and "RestartForceExitStatus=75" in user_data
+    assert f"PACKAGE=s3://{cloud['bucket']}/{key}\n" in user_data
+
+
+def test_a_second_launch_reuses_the_role_and_profile_and_moves_the_policy(cloud):
+    launch(cloud)
+    iam = cloud["iam"]
+    role_id = iam.get_role(RoleName="resnet50-recipe-r1")["Role"]["RoleId"]
+    profile_id = iam.get_instance_profile(InstanceProfileName="resnet50-recipe-r1")["InstanceProfile"][
+        "InstanceProfileId"]
+    with pytest.raises(aws.AwsError, match="already has instance"):
+        launch(cloud)  # one live instance per run
+    aws.stop("r1", REGION, out=lambda *a: None)
+    launch(cloud, data=f"s3://{cloud['bucket']}/datasets/imagenette/")
+    assert iam.get_role(RoleName="resnet50-recipe-r1")["Role"]["RoleId"] == role_id
+    profile = iam.get_instance_profile(InstanceProfileName="resnet50-recipe-r1")["InstanceProfile"]
+    assert profile["InstanceProfileId"] == profile_id and len(profile["Roles"]) == 1
+    assert len([r for r in iam.list_roles()["Roles"] if r["RoleName"].startswith("resnet50-recipe")]) == 1
+    policy = iam.get_role_policy(RoleName="resnet50-recipe-r1", PolicyName="resnet50-recipe-run")["PolicyDocument"]
+    reads = [s for s in policy["Statement"] if s["Sid"].startswith("Read")]
+    assert [s["Action"] for s in reads] == ["s3:ListBucket", "s3:GetObject"]  # read-only on the data
+    assert reads[1]["Resource"][1] == f"arn:aws:s3:::{cloud['bucket']}/datasets/imagenette/*"
+    assert len(live_instances(cloud["ec2"])) == 1
+
+
+def test_an_exceeded_quota_refuses_clearly_and_creates_nothing(cloud):
+    """moto has no EC2 quotas, so this one client answers through botocore's Stubber: the guide's 8 vCPUs,
+    with a 4-vCPU spot instance already running."""
+    ec2 = cloud["ec2"]
+    ec2.run_instances(ImageId=cloud["ami"], InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
+                      InstanceMarketOptions={"MarketType": "spot"})
+    api = aws.Api(REGION)
+    stub = Stubber(api.client("service-quotas"))
+    stub.add_response("get_service_quota", {"Quota": {"QuotaCode": "L-3819A6DF", "Value": 8.0, "ServiceCode": "ec2",
+                                                      "QuotaName": "All G and VT Spot Instance Requests"}},
+                      {"ServiceCode": "ec2", "QuotaCode": "L-3819A6DF"})
+    with stub, pytest.raises(aws.AwsError) as refused:
+        launch(cloud, instance_type="g4dn.2xlarge", api=api)
+    assert "g4dn.2xlarge needs 8 vCPUs and 4 are in use by running spot instances, but the account's quota " \
+           "L-3819A6DF (All G and VT Spot Instance Requests) in us-east-1 is 8 vCPUs" in str(refused.value)
+    assert [r for r in cloud["iam"].list_roles()["Roles"] if r["RoleName"].startswith("resnet50-recipe")] == []
+    assert cloud["iam"].list_instance_profiles()["InstanceProfiles"] == []
+    assert len(live_instances(ec2)) == 1  # only the one that was already running
+    assert "Contents" not in cloud["s3"].list_objects_v2(Bucket=cloud["bucket"])
+
+
+def test_no_capacity_in_the_cheapest_az_moves_to_the_next(cloud):
+    """EC2's InsufficientInstanceCapacity cannot be provoked in moto; it is raised for one AZ at the API
+    boundary (a botocore before-call hook), and the launch must land in the next AZ."""
+    api = aws.Api(REGION)
+    zones = list(aws.spot_prices(api, "g4dn.2xlarge"))
+    api.client("ec2").meta.events.register("before-call.ec2.RunInstances", lambda params, **kw: (
+        _raise_capacity() if params["body"].get("Placement.AvailabilityZone") == zones[0] else None))
+    result = launch(cloud, api=api)
+    assert result["az"] == zones[1]
+
+
+def _raise_capacity():
+    from botocore.exceptions import ClientError
+    raise ClientError({"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no capacity"}}, "RunInstances")
+
+
+def test_stop_cancels_the_request_then_terminates_and_leaves_s3(cloud):
+    launch(cloud)
+    ec2 = cloud["ec2"]
+    # EC2 creates a persistent spot request for run_instances, tagged from TagSpecifications; moto does not, so
+    # the test creates it the way EC2 would (moto starts an instance for it, as EC2 does).
+    request = ec2.request_spot_instances(
+        Type="persistent", InstanceInterruptionBehavior="stop",
+        LaunchSpecification={"ImageId": cloud["ami"], "InstanceType": "g4dn.xlarge"},
+        TagSpecifications=[{"ResourceType": "spot-instances-request",
+                            "Tags": [{"Key": aws.TAG_RUN, "Value": "r1"}]}])["SpotInstanceRequests"][0]
+    before = {o["Key"] for o in cloud["s3"].list_objects_v2(Bucket=cloud["bucket"])["Contents"]}
+    result = aws.stop("r1", REGION, out=lambda *a: None)
+    assert result["cancelled"] == [request["SpotInstanceRequestId"]]
+    requests = ec2.describe_spot_instance_requests()["SpotInstanceRequests"]  # moto drops cancelled ones
+    assert [r for r in requests if r["State"] != "cancelled"] == []
+    assert live_instances(ec2) == [] and len(result["terminated"]) == 2
+    assert {o["Key"] for o in cloud["s3"].list_objects_v2(Bucket=cloud["bucket"])["Contents"]} == before
+    with pytest.raises(aws.AwsError, match="no live instance"):
+        aws.stop("r1", REGION, out=lambda *a: None)
+
+
+def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_path):
+    launch(cloud)
+    remote = f"s3://{cloud['bucket']}/runs/r1"
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{
+        "checkpoint.every_epochs": 1, "checkpoint.remote": remote, "export.enabled": "false"}))
+    train(recipe, tmp_path / "run", quiet=True)  # a real run syncs its checkpoints and metrics to the prefix
+    status = aws.run_status("r1", REGION)
+    assert status["state"] == "running" and status["remote"] == remote
+    assert status["checkpoint"]["epoch"] == 1 and status["checkpoint"]["step"] == 2
+    assert datetime.fromisoformat(status["checkpoint"]["time"]) > datetime.now(timezone.utc) - timedelta(minutes=5)
+    last = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert status["last_epoch"]["top1"] == [r for r in last if r["kind"] == "epoch"][-1]["top1"]
+    assert status["epochs"] == 1 and status["finished"]
+    assert status["cost_usd_upper_bound"] >= 0 and status["hours_since_launch"] < 0.1
+    lines = []
+    aws.print_status(status, out=lines.append)
+    assert "last checkpoint: epoch 1, step 2" in "\n".join(lines) and "finished" in "\n".join(lines)
+
+    # The same files as a run 1 epoch into 5 would leave them: no summary yet, an ETA from the epoch time.
+    s3 = cloud["s3"]
+    s3.delete_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json")
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    resolved["train"]["epochs"] = 5
+    s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/recipe.yaml", Body=yaml.safe_dump(resolved))
+    status = aws.run_status("r1", REGION)
+    epoch_time = [r for r in last if r["kind"] == "epoch"][-1]["epoch_time_s"]
+    assert not status["finished"] and status["eta_hours"] == pytest.approx(4 * epoch_time / 3600)
+
+
+def test_cost_integrates_the_price_history_and_the_cheapest_az_comes_first():
+    t = datetime(2026, 11, 26, tzinfo=timezone.utc)
+    history = [{"Timestamp": t - timedelta(hours=5), "SpotPrice": "0.20"},
+               {"Timestamp": t + timedelta(hours=1), "SpotPrice": "0.30"}]
+    assert aws.integrate_cost(history, t, t + timedelta(hours=3)) == pytest.approx(0.20 + 2 * 0.30)
+
+
+def test_price_shows_spot_per_az_on_demand_and_an_estimate(cloud):
+    lines = []
+    rows = aws.price(["g4dn.xlarge", "p3.2xlarge"], REGION, load_recipe("imagenet-100ep"), out=lines.append)
+    assert rows[0]["on_demand"] == 0.526 and len(rows[0]["spot"]) >= 2 and rows[0]["gpu"] == "T4"
+    hours = 1_281_167 * 100 / (210 * (224 / 160) ** 2) / 3600  # the T4 figure scaled to 160 px
+    assert rows[0]["estimate"]["hours"] == pytest.approx(hours)
+    assert rows[1]["estimate"]["hours"] == pytest.approx(hours * 210 / 1200)
+    assert "Estimates, not quotes" in lines[-1]
+
+
+def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch):
+    # Any request would fail: nothing listens there, and there are no credentials.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["aws", "launch", "imagenet-100ep", "--bucket", "s3://my-bucket/runs", "--data",
+                 "s3://my-bucket/imagenet/", "--dry-run", "--region", REGION]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("\n# <")[0].splitlines()  # the calls, before the long arguments printed after them
+    calls = [line.split("(")[0] for line in listed if line[:1].isalpha()]
+    assert calls == ["ec2.describe_instance_types", "service-quotas.get_service_quota", "ec2.describe_instances",
+                     "ec2.describe_instances", "ssm.get_parameter", "ec2.describe_images", "iam.get_role",
+                     "iam.create_role", "iam.put_role_policy", "iam.get_instance_profile",
+                     "iam.create_instance_profile", "iam.add_role_to_instance_profile", "s3.put_object",
+                     "ec2.describe_spot_price_history", "ec2.run_instances"]
+    assert aws.DLAMI_PARAMETER in out and '"InstanceInterruptionBehavior": "stop"' in out
+    assert "DATA=s3://my-bucket/imagenet/" in out
+
+
+def test_the_dry_run_in_the_readmes_is_what_the_command_prints(capsys, monkeypatch):
+    import re
+    from pathlib import Path
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")  # the region falls back to us-east-1, as documented
+    command = "resnet50-recipe aws launch imagenet-100ep --bucket s3://my-bucket/runs --data s3://my-bucket/imagenet/"
+    assert main(command.split()[1:] + ["--dry-run"]) == 0
+    printed = capsys.readouterr().out.split("\n# <")[0].rstrip()
+    timestamps = re.compile(r"\d{4}-\d\d-\d\d[ T][\d:.]+(\+00:00|Z)")
+    root = Path(__file__).parent.parent
+    for readme in (root / "README.md", root / "aws" / "README.md"):
+        shown = readme.read_text().split(f"$ {command} --dry-run\n", 1)[1].split("\n```", 1)[0]
+        assert timestamps.sub("T", shown) == timestamps.sub("T", printed), readme
+
+
+def test_without_boto3_the_aws_commands_say_how_to_install_it(monkeypatch, capsys):
+    for module in ("boto3", "botocore", "botocore.exceptions"):
+        monkeypatch.setitem(sys.modules, module, None)  # what an install without the [aws] extra sees
+    for args in (["ls"], ["launch", "smoke", "--bucket", "s3://b/runs", "--dry-run"]):
+        assert main(["aws", *args]) == 1
+        assert "pip install 'resnet50-recipe[aws]'" in capsys.readouterr().err
+
+
+def render(**settings):
+    values = {"RUN": "in1k", "REMOTE": "s3://b/runs/in1k", "REGION": REGION, "PACKAGE": "resnet50-recipe[aws]==0.1",
+              "DATA": "s3://b/imagenet.tar", "VOLUME": "", "EPOCHS_NOTE": "100 epochs"}
+    return aws.render_user_data({**values, **settings})
+
+
+@pytest.mark.parametrize("settings", [{}, {"DATA": "", "VOLUME": "yes", "PACKAGE": "s3://b/w/x-0.1-py3-none-any.whl"},
+                                      {"RUN": "a b'c", "DATA": "s3://b/dir with space/"}])
+def test_user_data_passes_bash_n_and_shellcheck(settings, tmp_path):
+    script = tmp_path / "user-data.sh"
+    script.write_text(render(**settings))
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is missing; .ci/run installs it from Debian")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_cli_runs_against_a_moto_server_through_aws_endpoint_url(s3_endpoint, bucket, monkeypatch, capsys):
+    """The journey as a user types it, every client pointed at the server by AWS_ENDPOINT_URL alone: launch in
+    a fresh process, the rest through main(). The server has no public SSM parameters and no EC2 quotas: --ami
+    and the quota fallback cover those."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint}
+    ami = register_ami(boto3.client("ec2", endpoint_url=s3_endpoint, region_name=REGION))
+    launched = subprocess.run([sys.executable, "-m", "resnet50_recipe", "aws", "launch", "smoke", "--bucket",
+                               f"s3://{bucket}/runs", "--name", "cli-run", "--ami", ami, "--region", REGION],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert launched.returncode == 0, launched.stderr
+    assert "launched i-" in launched.stdout and "could not read the spot vCPU quota" in launched.stderr
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+    def cli(*args):
+        code = main(["aws", *args, "--region", REGION])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    code, out, _ = cli("ls")
+    assert code == 0 and "cli-run" in out and "running" in out
+    code, out, err = cli("status", "cli-run")
+    assert code == 0 and "last checkpoint: none in S3 yet" in out, err
+    assert cli("logs", "cli-run")[0] == 0
+    code, out, _ = cli("stop", "cli-run")
+    assert code == 0 and "terminating i-" in out
+    code, _, err = cli("status", "no-such-run")
+    assert code == 1 and "no instance tagged resnet50-recipe:run=no-such-run" in err
+
+
+class InstanceMetadata(MetadataStandIn):
+    """IMDSv2 of a g4dn.xlarge spot instance in us-east-1a (no interruption notice)."""
+    identity = {"instance-type": "g4dn.xlarge", "placement/availability-zone": "us-east-1a",
+                "placement/region": "us-east-1", "instance-life-cycle": "spot"}
+
+    def do_GET(self):
+        path = self.path.removeprefix("/latest/meta-data/")
+        if path in self.identity and self.headers.get("X-aws-ec2-metadata-token") == self.token:
+            return self._send(200, self.identity[path])
+        return super().do_GET()
+
+
+def test_on_ec2_every_metrics_line_records_the_instance_and_its_cost(tiny_data, s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # the spot price comes from the moto server
+    server = ThreadingHTTPServer(("127.0.0.1", 0), InstanceMetadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{
+            "checkpoint.spot_notice": "on", "export.enabled": "false",
+            "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"}))
+        train(recipe, tmp_path / "run", quiet=True)
+    finally:
+        server.shutdown()
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert {r["instance_type"] for r in records} == {"g4dn.xlarge"} and {r["market"] for r in records} == {"spot"}
+    assert {r["price_usd_per_h"] for r in records} == {0.00001}  # moto's spot price
+    costs = [r["cost_usd"] for r in records]
+    assert costs == sorted(costs) and costs[-1] > 0
+
+
+def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, monkeypatch):
+    """moto with IAM enforced (after 4 set-up calls), a user holding exactly the run's policy: the trainer's S3
+    preflight and pointer writes work on the run's prefix and are refused next door; of EC2 only the spot price
+    history is allowed. (moto does not evaluate the s3:prefix condition on ListBucket, so that part is not shown.)"""
+    from conftest import free_port
+    from resnet50_recipe.storage import RemoteError, S3Store
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    admin = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **admin, "INITIAL_NO_AUTH_ACTION_COUNT": "4"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        setup = dict(endpoint_url=endpoint, region_name=REGION, aws_access_key_id="testing",
+                     aws_secret_access_key="testing")
+        for _ in range(200):  # wait for the port without a request: each request counts towards the 4
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        boto3.client("s3", **setup).create_bucket(Bucket="runs-bucket")
+        iam = boto3.client("iam", **setup)
+        iam.create_user(UserName="instance")
+        iam.put_user_policy(UserName="instance", PolicyName="run", PolicyDocument=json.dumps(
+            aws.policy_document("runs-bucket", "runs/r1", [])))
+        key = iam.create_access_key(UserName="instance")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the credentials an earlier test resolved
+        store = S3Store("s3://runs-bucket/runs/r1", endpoint)
+        store.preflight()
+        etag = store.put_json("checkpoints/latest.json", {"step": 1}, None)
+        store.put_json("checkpoints/latest.json", {"step": 2}, etag)
+        assert store.get_json("checkpoints/latest.json")[0] == {"step": 2}
+        with pytest.raises(RemoteError, match="not allowed to write there"):
+            S3Store("s3://runs-bucket/runs/r2", endpoint).preflight()
+        ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name=REGION)
+        assert ec2.describe_spot_price_history(InstanceTypes=["g4dn.xlarge"])["SpotPriceHistory"]
+        with pytest.raises(ec2.exceptions.ClientError, match="not authorized|AccessDenied|UnauthorizedOperation"):
+            ec2.describe_instances()
+    finally:
+        server.terminate()
+        server.wait()
