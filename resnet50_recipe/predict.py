@@ -36,6 +36,8 @@ def load_classifier(source: str | Path, weights: str = "auto") -> Classifier:
     import timm
 
     source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source}: not found; pass a checkpoint file, a run directory or an export folder")
     if source.is_dir() and (source / "config.json").is_file():
         from timm.data import create_transform, resolve_data_config
 
@@ -86,6 +88,8 @@ def open_image(path: str | Path) -> Image.Image:
 @torch.no_grad()
 def predict(source: str | Path, images: list[str | Path], top: int = 5, weights: str = "auto") -> list[dict]:
     """For each image: {"image", "top": [{"index", "label", "prob"}, ...]}, most probable first."""
+    if top < 1:
+        raise ValueError(f"--top {top}: give how many labels to show per image, 1 or more")
     clf = load_classifier(source, weights)
     k = min(top, len(clf.names))
     results = []

@@ -103,6 +103,9 @@ def test_predict_names_the_right_class_from_checkpoint_and_export(smoke_run, cap
     assert result["top"][0]["label"] == SHAPES[0]
     assert main(["predict", str(smoke_run.dir / "export"), str(smoke_run.dir / "missing.jpg")]) == 2
     assert "missing.jpg: image not found" in capsys.readouterr().err
+    assert main(["predict", str(smoke_run.dir / "nothing"), str(images[0])]) == 2
+    assert "nothing: not found; pass a checkpoint file, a run directory or an export folder" in \
+        capsys.readouterr().err
 
 
 def test_explain_heat_lies_on_the_shape(smoke_run, tmp_path):
