@@ -20,8 +20,10 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# The CPU rows of BENCHMARKS.md's step table: our step against a bare loop, ResNet-18 and ResNet-50 at 64 px.
 bench: install
-	$(PYTHON) benchmarks/step_overhead.py
+	$(PYTHON) -m resnet50_recipe bench step --device cpu --model resnet18 --img-size 64 --batch-size 32 --trials 11
+	$(PYTHON) -m resnet50_recipe bench step --device cpu --model resnet50 --img-size 64 --batch-size 16 --steps 10 --trials 11
 
 clean:
 	rm -rf runs build *.egg-info

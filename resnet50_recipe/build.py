@@ -9,7 +9,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from .recipe import EmaConfig, LossConfig, MixupConfig, ModelConfig, OptimConfig, SchedConfig
+from .recipe import EmaConfig, LossConfig, MixupConfig, ModelConfig, OptimConfig, RecipeError, SchedConfig
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
@@ -20,17 +20,50 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         kwargs["drop_path_rate"] = cfg.drop_path
     if cfg.name.split(".")[0].startswith(("resnet", "resnext", "seresnet", "test_resnet", "wide_resnet")):
         kwargs["zero_init_last"] = cfg.zero_init_last
-    model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    model = timm.create_model(model_name(cfg), pretrained=False, **kwargs)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer factory; `no_decay_norm_bias` keeps weight decay off norm weights and biases."""
+def model_name(cfg: ModelConfig) -> str:
+    """The timm model to create. `aa_layer: blurpool` picks timm's anti-aliased variant of the same ResNet
+    (resnet50 -> resnetblur50: BlurPool2d before each stride-2 step, Zhang 2019, as FFCV trains). A named
+    variant rather than `aa_layer=BlurPool2d` passed to create_model: the export's config.json then names an
+    architecture that `timm.create_model("hf-hub:...")` rebuilds, where a layer class cannot be written to JSON."""
+    if cfg.aa_layer is None:
+        return cfg.name
+    base = cfg.name.split(".")[0]
+    variant = base.replace("resnet", "resnetblur", 1) if base.startswith("resnet") else None
+    if variant is None or not timm.is_model(variant):
+        raise RecipeError(f"model.aa_layer: timm has no BlurPool variant of {cfg.name!r}; it has "
+                          f"{', '.join(timm.list_models('resnetblur*'))} (set model.name to the plain ResNet, "
+                          "e.g. resnet50, or model.aa_layer: null)")
+    return variant
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr: float,
+                    device: torch.device | None = None) -> torch.optim.Optimizer:
+    """timm's optimizer factory; `no_decay_norm_bias` keeps weight decay off norm weights and biases.
+
+    `fused: auto` takes torch's fused kernel (one launch for all parameters, and GradScaler's unscale and inf
+    check inside it, with no host sync) on CUDA when the optimizer has one: SGD, Adam, AdamW. Elsewhere torch
+    picks its foreach path itself.
+    """
     kwargs = {}
     if cfg.opt.lower() in ("sgd", "nesterov", "momentum"):
         kwargs["momentum"] = cfg.momentum
+    if cfg.fused != "off":
+        import inspect
+        import timm.optim
+
+        has_fused = "fused" in inspect.signature(timm.optim.get_optimizer_class(cfg.opt, bind_defaults=False)
+                                                 ).parameters
+        if cfg.fused == "on" and not has_fused:
+            raise RecipeError(f"optim.fused: on, but timm's {cfg.opt!r} optimizer has no fused kernel; use auto "
+                              "or off, or an optimizer that has one (sgd, momentum, adam, adamw)")
+        if has_fused and (cfg.fused == "on" or (device is not None and device.type == "cuda")):
+            kwargs["fused"] = True
     return create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                filter_bias_and_bn=cfg.no_decay_norm_bias, **kwargs)
 

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the one the checkpoint's recipe names)")
     p.add_argument("--img-size", type=int, help="eval resolution (default: the recipe's augment.eval_size)")
     p.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the recipe's augment.crop_pct)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the logits of each image and its mirror (default: the recipe's augment.eval_flip)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="auto")
@@ -101,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--size", type=int, default=64, help="image side in pixels")
     q.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("bench", help="measure speed")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    q = bench_sub.add_parser("step", help="training-step images/s against a bare PyTorch loop doing the same work",
+                             description="Time the trainer's step and a hand-written loop on the same synthetic "
+                             "device batches (no data loading), interleaved; print both, their ratio and peak "
+                             "GPU memory.")
+    q.add_argument("--model", default="resnet50", help="timm model name")
+    q.add_argument("--img-size", type=int, default=224)
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA: fp16 before Ampere, bf16 from Ampere on (the CPU runs fp32)")
+    q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    q.add_argument("--steps", type=int, default=20, help="optimizer steps per trial")
+    q.add_argument("--warmup", type=int, default=5, help="untimed steps per side first")
+    q.add_argument("--trials", type=int, default=7)
+    q.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+
     p = sub.add_parser("watch", help="live view of a run: progress, loss, top-1, speed, ETA, checkpoint, cost",
                        description="Redraw a run's status every --interval seconds until it finishes (Ctrl-C "
                        "stops watching, not the run). RUN is a run directory or the s3://bucket/prefix it syncs to.")
@@ -136,6 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="auto")
     return parser
+
+
+def cmd_bench(args) -> int:
+    from .stepbench import bench_step
+
+    r = bench_step(args.model, args.img_size, args.batch_size, args.amp, args.channels_last, args.compile,
+                   args.device, args.steps, args.warmup, args.trials)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    mem = (f"; peak memory {r['trainer_peak_mem_gb']} GB (trainer) vs {r['bare_peak_mem_gb']} GB (bare)"
+           if r["trainer_peak_mem_gb"] is not None else "")
+    print(f"{r['model']} at {r['img_size']} px, batch {r['batch_size']}, amp {r['amp']}, channels_last "
+          f"{r['channels_last']}, compile {r['compile']}, on {r['card']} ({r['device']}, {r['threads']} threads)\n"
+          f"trainer {r['trainer_img_per_s']:.1f} img/s, bare loop {r['bare_img_per_s']:.1f} img/s: ratio "
+          f"{r['ratio']:.3f} (median of paired trials {r['median_paired_ratio']:.3f}){mem}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -196,14 +234,14 @@ def cmd_eval(args) -> int:
     from .engine import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.img_size, args.crop_pct, args.batch_size,
-                                 args.workers, args.device)
+                                 args.workers, args.device, args.flip)
     out = Path(args.json_out or f"{args.checkpoint}.eval.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     for weights in ("raw", "ema"):
         if weights in result:
             r = result[weights]
             print(f"{weights}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  ({r['count']} images at "
-                  f"{result['img_size']} px, crop {result['crop_pct']})")
+                  f"{result['img_size']} px, crop {result['crop_pct']}{', flip TTA' if result['flip'] else ''})")
     print(f"wrote {out}")
     return 0
 
@@ -303,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         package_log.addHandler(handler)
     package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "push": cmd_push, "runs": cmd_runs,
-               "data": cmd_data, "watch": cmd_watch, "predict": cmd_predict, "explain": cmd_explain,
-               "report": cmd_report}[args.command]
+               "data": cmd_data, "bench": cmd_bench, "watch": cmd_watch, "predict": cmd_predict,
+               "explain": cmd_explain, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (RecipeError, RemoteError, FileNotFoundError, FileExistsError, ValueError) as e:

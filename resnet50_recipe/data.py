@@ -198,6 +198,20 @@ def train_transform(aug: AugmentConfig, size: int | None = None):
         mean=aug.mean, use_prefetcher=True)
 
 
+def train_size_at(aug: AugmentConfig, epoch: int) -> int:
+    """The training resolution for `epoch` (0-based): `augment.train_size`, or with `augment.progressive`
+    FFCV's ramp: min_size up to start_epoch, train_size from end_epoch, linear in between and rounded to a
+    multiple of `multiple` pixels, so that only a few distinct sizes occur (each one is a cuDNN autotune and,
+    with train.compile, one compiled graph). The batch size stays the same at every size, as in FFCV."""
+    p = aug.progressive
+    if p is None or epoch >= p.end_epoch:
+        return aug.train_size
+    if epoch <= p.start_epoch:
+        return p.min_size
+    size = p.min_size + (aug.train_size - p.min_size) * (epoch - p.start_epoch) / (p.end_epoch - p.start_epoch)
+    return min(aug.train_size, max(p.min_size, int(round(size / p.multiple)) * p.multiple))
+
+
 def eval_transform(aug: AugmentConfig, size: int | None = None, crop_pct: float | None = None):
     """Resize to size / crop_pct, center-crop to size: timm's eval transform, uint8 out."""
     interpolation = "bicubic" if aug.interpolation == "random" else aug.interpolation

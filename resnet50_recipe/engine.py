@@ -4,7 +4,8 @@
 Rules the step keeps (docs/DESIGN.md):
 - no host-device synchronisation per step: losses accumulate on the device and are read every
   `log.every_steps` steps;
-- batches arrive as uint8 and are normalised on the device;
+- batches arrive as uint8 and are normalised on the device; on CUDA the next batch is copied (pinned,
+  non_blocking) and normalised on a side stream while the current step computes;
 - per-batch randomness (random erasing positions, Mixup/CutMix) is seeded by (seed, epoch, step), and the
   stop event is looked at only between steps.
 """
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .build import build_ema, build_loss, build_mixup, build_model, build_optimizer, build_scheduler
 from .data import (EpochSampler, ImageFolderDataset, class_names, eval_transform, make_loader, mix_seed,
-                   resolve_data_dir, seeded, train_transform)
+                   resolve_data_dir, seeded, train_size_at, train_transform)
 from .recipe import Recipe, RecipeError, load_recipe, recipe_diff, scaled_lr, to_dict
 from .runlog import RunLog, prepare_run_dir
 from .runtime import Runtime, setup, versions
@@ -71,6 +72,33 @@ def make_to_input(recipe: Recipe, device: torch.device) -> Callable[[torch.Tenso
     return to_input
 
 
+def device_batches(batches: Iterable, to_input, device: torch.device) -> Iterator:
+    """(uint8 images, targets, bad) from the loader -> (normalised device images, device targets, bad).
+
+    On CUDA this runs one batch ahead, as timm's PrefetchLoader does: batch n+1 is copied and normalised on a
+    side stream while the step for batch n runs, so the copy never stalls the compute stream.
+    """
+    if device.type != "cuda":
+        for images, targets, bad in batches:
+            yield to_input(images), targets.to(device), bad
+        return
+    stream = torch.cuda.Stream(device)
+    ready = None
+    for images, targets, bad in batches:
+        with torch.cuda.stream(stream):
+            upcoming = (to_input(images), targets.to(device, non_blocking=True), bad)
+        if ready is not None:
+            yield ready
+        torch.cuda.current_stream(device).wait_stream(stream)
+        for tensor in upcoming[:2]:
+            # Made on the side stream, used on the compute stream: without this the allocator could hand the
+            # memory back to the side stream for the next copy while the compute stream still reads it.
+            tensor.record_stream(torch.cuda.current_stream(device))
+        ready = upcoming
+    if ready is not None:
+        yield ready
+
+
 def prepare_model(recipe: Recipe, rt: Runtime, num_classes: int) -> torch.nn.Module:
     model = build_model(recipe.model, num_classes).to(rt.device)
     return model.to(memory_format=torch.channels_last) if recipe.train.channels_last else model
@@ -90,14 +118,16 @@ def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epo
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device] if rt.device.type == "cuda" else None)
     global_batch = tc.batch_size * rt.world_size * tc.accum_steps
-    optimizer = build_optimizer(recipe.optim, model, scaled_lr(recipe.optim, global_batch))
+    optimizer = build_optimizer(recipe.optim, model, scaled_lr(recipe.optim, global_batch), rt.device)
     scheduler = build_scheduler(recipe.sched, optimizer, tc.epochs, updates_per_epoch)
     mixup = build_mixup(recipe.mixup, recipe.loss, num_classes)
     aug = recipe.augment
     eraser = RandomErasing(aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=rt.device) \
         if aug.re_prob > 0 else None
     return Trainer(
-        recipe=recipe, rt=rt, model=model, forward=torch.compile(forward) if tc.compile else forward,
+        # dynamic=False: one static graph per input size, so a progressive-resizing step to a new size is a
+        # clean recompile of a specialised graph rather than a switch to slower shape-generic kernels.
+        recipe=recipe, rt=rt, model=model, forward=torch.compile(forward, dynamic=False) if tc.compile else forward,
         optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler(rt.device.type, enabled=rt.use_scaler),
         criterion=build_loss(recipe.loss, mixup is not None).to(rt.device), mixup=mixup, eraser=eraser, ema=ema,
         to_input=make_to_input(recipe, rt.device), epoch_loss=torch.zeros((), device=rt.device),
@@ -125,16 +155,15 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
         t.window_steps = 0
     window_seen, window_wait = 0, 0.0
     window_start = time.perf_counter()
-    batch_iter: Iterator = iter(batches)
-    batch_idx = start_batch - 1
+    batch_iter: Iterator = device_batches(batches, t.to_input, t.rt.device)
+    batch_idx, input_size = start_batch - 1, None
     for batch_idx in range(start_batch, num_batches):
         wait_start = time.perf_counter()
         images, targets, bad = next(batch_iter)
         window_wait += time.perf_counter() - wait_start
         if bad:
             t.bad_images += bad
-        images = t.to_input(images)
-        targets = targets.to(t.rt.device, non_blocking=True)
+        input_size = images.shape[-1]
         if t.eraser is not None or t.mixup is not None:
             with seeded(mix_seed(seed, epoch, batch_idx, 1)):
                 if t.eraser is not None:
@@ -191,7 +220,7 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
             break
     done = batch_idx + 1
     epoch_loss = t.rt.all_reduce(t.epoch_loss.clone()) / t.rt.world_size
-    return {"train_loss": epoch_loss.item() / max(1, done), "batches": done,
+    return {"train_loss": epoch_loss.item() / max(1, done), "batches": done, "input_size": input_size,
             "stopped": stop is not None and stop.is_set() and done < num_batches}
 
 
@@ -220,17 +249,21 @@ def agreed_stop(rt: Runtime, stop: threading.Event) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, to_input, rt: Runtime) -> dict:
-    """Top-1/top-5 accuracy (fractions) and mean cross-entropy over every sample in `batches`."""
+def evaluate(model: torch.nn.Module, batches: Iterable, to_input, rt: Runtime, flip: bool = False) -> dict:
+    """Top-1/top-5 accuracy (fractions) and mean cross-entropy over every sample in `batches`.
+
+    `flip`: test-time augmentation with the horizontal mirror; the two logits are averaged (FFCV's lr_tta).
+    """
     model.eval()
     correct1 = torch.zeros((), dtype=torch.int64, device=rt.device)
     correct5 = torch.zeros((), dtype=torch.int64, device=rt.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     count = 0
-    for images, targets, _ in batches:
-        targets = targets.to(rt.device, non_blocking=True)
+    for images, targets, _ in device_batches(batches, to_input, rt.device):
         with rt.autocast():
-            logits = model(to_input(images))
+            logits = model(images)
+            if flip:
+                logits = (logits + model(images.flip(3))) / 2
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(targets[:, None])
         correct1 += hits[:, 0].sum()
@@ -320,7 +353,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
                                  world_size=rt.world_size, aug_repeats=recipe.data.aug_repeats)
     val_sampler = EpochSampler(len(val_set), recipe.seed, shuffle=False, rank=rt.rank, world_size=rt.world_size)
     loader_args = dict(workers=recipe.data.workers, pin_memory=recipe.data.pin_memory, seed=recipe.seed)
-    train_loader = make_loader(train_set, train_sampler, tc.batch_size, drop_last=True, **loader_args)
+    train_loader, loader_size = None, None  # made per training resolution, in the epoch loop
     val_loader = make_loader(val_set, val_sampler, tc.batch_size, drop_last=False, **loader_args)
     full_batches = len(train_set) // (tc.batch_size * rt.world_size)
     num_batches = full_batches if tc.steps_per_epoch is None else min(full_batches,
@@ -395,6 +428,15 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     try:
         for epoch in range(start_epoch, tc.epochs):
             epoch_start = time.time()
+            size = train_size_at(recipe.augment, epoch)
+            if size != loader_size:
+                # Progressive resizing: new workers with the new crop size. This happens once per distinct size,
+                # so restarting the persistent workers costs seconds in a run of hours.
+                train_set.transform = train_transform(recipe.augment, size)
+                train_loader = make_loader(train_set, train_sampler, tc.batch_size, drop_last=True, **loader_args)
+                if loader_size is not None:
+                    say(f"epoch {epoch + 1}: training resolution {loader_size} -> {size} px")
+                loader_size = size
             first_batch = start_batch if epoch == start_epoch else 0
             train_sampler.set_epoch(epoch, first_batch * samples_per_batch)
             if rt.device.type == "cuda":
@@ -414,13 +456,15 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
                 break
 
             record = {"kind": "epoch", "epoch": epoch, "global_step": t.global_step,
-                      "train_loss": stats["train_loss"], "lr": t.optimizer.param_groups[0]["lr"]}
+                      "train_loss": stats["train_loss"], "lr": t.optimizer.param_groups[0]["lr"],
+                      "train_size": stats["input_size"]}
             last_epoch = epoch + 1 == tc.epochs
             if (epoch + 1) % tc.eval_every == 0 or last_epoch:
-                raw = evaluate(t.model, val_loader, t.to_input, rt)
+                flip = recipe.augment.eval_flip
+                raw = evaluate(t.model, val_loader, t.to_input, rt, flip)
                 record.update(top1=raw["top1"], top5=raw["top5"], val_loss=raw["loss"])
                 if t.ema is not None:
-                    ema = evaluate(t.ema.module, val_loader, t.to_input, rt)
+                    ema = evaluate(t.ema.module, val_loader, t.to_input, rt, flip)
                     record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
                 score = max(record["top1"], record.get("ema_top1", -1.0))
                 if best is None or score > best["top1"]:
@@ -572,8 +616,9 @@ def restore(t: Trainer, state: dict, scheduler: bool = True) -> None:
 
 def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, img_size: int | None = None,
                         crop_pct: float | None = None, batch_size: int | None = None, workers: int | None = None,
-                        device: str = "auto") -> dict:
-    """Top-1/top-5 of a checkpoint's raw (and EMA) weights on DIR/val, at the recipe's or the given size."""
+                        device: str = "auto", flip: bool | None = None) -> dict:
+    """Top-1/top-5 of a checkpoint's raw (and EMA) weights on DIR/val, at the recipe's or the given size, with or
+    without flip test-time augmentation (default: the recipe's augment.eval_flip)."""
     state = ckpt.load_state(path)
     overrides = [f"train.device={device}"] + ([f"data.path={data}"] if data else [])
     if data:
@@ -596,9 +641,11 @@ def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, img_si
     to_input = make_to_input(recipe, rt.device)
     result = {"checkpoint": str(path), "data": str(data_dir), "img_size": size, "crop_pct": pct,
               "epoch": state["epoch"], "global_step": state["global_step"]}
+    flip = recipe.augment.eval_flip if flip is None else flip
+    result["flip"] = flip
     model.load_state_dict(state["model"])
-    result["raw"] = evaluate(model, loader, to_input, rt)
+    result["raw"] = evaluate(model, loader, to_input, rt, flip)
     if state.get("ema") is not None:
         model.load_state_dict(state["ema"])
-        result["ema"] = evaluate(model, loader, to_input, rt)
+        result["ema"] = evaluate(model, loader, to_input, rt, flip)
     return result

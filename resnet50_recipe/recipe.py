@@ -39,6 +39,7 @@ class ModelConfig:
     drop_path: float = field(default=0.0, metadata=_range(0, 1, hi_open=True))
     zero_init_last: bool = True
     grad_checkpointing: bool = False
+    aa_layer: Optional[Literal["blurpool"]] = None
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,20 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ProgressiveConfig:
+    min_size: int = field(default=160, metadata=_range(16, 4096))
+    start_epoch: int = field(default=0, metadata=_range(0))
+    end_epoch: int = field(default=1, metadata=_range(0))
+    multiple: int = field(default=32, metadata=_range(1, 512))
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     train_size: int = field(default=224, metadata=_range(16, 4096))
+    progressive: Optional[ProgressiveConfig] = None
     eval_size: int = field(default=224, metadata=_range(16, 4096))
     crop_pct: float = field(default=0.875, metadata=_range(0, 1, lo_open=True))
+    eval_flip: bool = False
     interpolation: Literal["bilinear", "bicubic", "random"] = "bilinear"
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (0.75, 4 / 3)
@@ -106,11 +117,12 @@ class OptimConfig:
     no_decay_norm_bias: bool = True
     clip_grad: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
     clip_mode: Literal["norm", "value", "agc"] = "norm"
+    fused: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
 class SchedConfig:
-    kind: Literal["cosine", "step"] = "cosine"
+    kind: Literal["cosine", "step", "poly"] = "cosine"
     warmup_epochs: int = field(default=5, metadata=_range(0))
     warmup_lr: float = field(default=1e-5, metadata=_range(0))
     min_lr: float = field(default=0.0, metadata=_range(0))
@@ -522,8 +534,8 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 # Keys that change where or how fast a run goes, not what it computes: they may differ on resume.
 # train.batch_size is per process: what must match is the global batch, checked on its own.
 RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "train.device", "train.compile",
-               "train.channels_last", "train.deterministic", "train.stop_sync_every", "train.batch_size", "log.",
-               "checkpoint.", "export.")
+               "train.channels_last", "train.deterministic", "train.stop_sync_every", "train.batch_size",
+               "optim.fused", "log.", "checkpoint.", "export.")
 
 
 def recipe_diff(old: Mapping, new: Mapping) -> list[str]:
@@ -552,6 +564,9 @@ def check_names(recipe: Recipe) -> None:
         hint = _closest(recipe.model.name, timm.list_models())
         raise RecipeError(f"model.name: unknown timm model {recipe.model.name!r}"
                           + (f"; did you mean {hint!r}?" if hint else "; see timm.list_models()"))
+    if recipe.model.aa_layer is not None:
+        from .build import model_name
+        model_name(recipe.model)
     optimizers = timm.optim.list_optimizers()
     if recipe.optim.opt.lower() not in optimizers:
         hint = _closest(recipe.optim.opt.lower(), optimizers)
@@ -571,6 +586,14 @@ def check_names(recipe: Recipe) -> None:
     if (recipe.mixup.mixup_alpha > 0 or recipe.mixup.cutmix_alpha > 0) and recipe.train.batch_size % 2:
         raise RecipeError(f"train.batch_size: {recipe.train.batch_size} is odd; timm's Mixup/CutMix pairs each "
                           "image with its mirror in the batch and needs an even batch size")
+    p = recipe.augment.progressive
+    if p is not None:
+        if not p.min_size <= recipe.augment.train_size:
+            raise RecipeError(f"augment.progressive.min_size: {p.min_size} is above augment.train_size "
+                              f"{recipe.augment.train_size}, the size the ramp ends at")
+        if not p.start_epoch <= p.end_epoch <= recipe.train.epochs:
+            raise RecipeError(f"augment.progressive: start_epoch {p.start_epoch} <= end_epoch {p.end_epoch} <= "
+                              f"train.epochs {recipe.train.epochs} does not hold")
     if recipe.loss.bce_target_thresh is not None and recipe.loss.kind != "bce":
         raise RecipeError("loss.bce_target_thresh: only used with loss.kind: bce")
     if recipe.checkpoint.remote is not None and not re.fullmatch(r"s3://[^/]+(/.*)?", recipe.checkpoint.remote):

@@ -39,7 +39,8 @@ def tiny_overlay(data_dir, **extra) -> list[str]:
     overrides = {
         "data.path": str(data_dir), "data.synthetic": "null", "data.workers": 0,
         "train.epochs": 1, "train.steps_per_epoch": 2, "train.batch_size": 4, "train.accum_steps": 1,
-        "augment.train_size": 32, "augment.eval_size": 32, "log.every_steps": 1, "train.device": "cpu",
+        "augment.train_size": 32, "augment.progressive": "null", "augment.eval_size": 32, "log.every_steps": 1,
+        "train.device": "cpu",
     }
     overrides.update(extra)
     return [f"{k}={v}" for k, v in overrides.items()]

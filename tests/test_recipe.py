@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(shipped_recipes())
 
 
-def test_the_four_recipes_ship():
-    assert {"smoke", "kaggle-sample", "imagenet-81", "imagenet-100ep"} <= set(SHIPPED)
+def test_the_recipes_ship():
+    assert {"smoke", "kaggle-sample", "imagenet-81", "imagenet-100ep", "imagenet-fast-16", "imagenet-fast-32",
+            "imagenet-fast-88"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -151,13 +151,12 @@ def test_stop_request_ends_at_a_step_boundary_with_a_checkpoint(tiny_data, tmp_p
 
 
 @pytest.mark.parametrize("options", [
-    {"train.compile": "true"},
     {"model.grad_checkpointing": "true", "train.channels_last": "false", "model.name": "resnet18"},
     {"train.amp_dtype": "bfloat16"},
     {"sched.kind": "step", "sched.decay_epochs": 1, "optim.opt": "momentum"},
     {"optim.opt": "adamw", "loss.kind": "bce", "loss.bce_target_thresh": 0.2},
     {"mixup.cutmix_alpha": 1.0, "augment.re_prob": 0.5, "augment.auto_augment": "augmix-m5-w2-d1"},
-], ids=["compile", "grad-checkpointing", "bf16-autocast", "step-sched", "adamw-bce", "cutmix-erasing-augmix"])
+], ids=["grad-checkpointing", "bf16-autocast", "step-sched", "adamw-bce", "cutmix-erasing-augmix"])
 def test_loop_options_train(options, tiny_data, tmp_path):
     summary = train(load_recipe("smoke", tiny_overlay(tiny_data, **options)), tmp_path / "run", quiet=True)
     assert summary["global_step"] == 2
