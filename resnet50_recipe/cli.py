@@ -224,6 +224,41 @@ def build_parser() -> argparse.ArgumentParser:
     q = aws_sub.add_parser("ls", help="the runs launched by this tool, by tag")
     for q in aws_sub.choices.values():
         q.add_argument("--region", help="AWS region (default: boto3's configured region, else us-east-1)")
+
+    p = sub.add_parser("watch", help="live view of a run: progress, loss, top-1, speed, ETA, checkpoint, cost",
+                       description="Redraw a run's status every --interval seconds until it finishes (Ctrl-C "
+                       "stops watching, not the run). RUN is a run directory or the s3://bucket/prefix it syncs to.")
+    p.add_argument("run", metavar="RUN_DIR|s3://...")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
+
+    p = sub.add_parser("predict", help="top-5 labels with probabilities for images")
+    p.add_argument("model", metavar="CHECKPOINT|RUN_DIR|EXPORT_DIR")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top", type=int, default=5, help="labels per image (default 5)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto",
+                   help="for a checkpoint or run: which weights (as for export)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("explain", help="Grad-CAM heatmap of what the model looked at, as a PNG overlay")
+    p.add_argument("model", metavar="CHECKPOINT|RUN_DIR|EXPORT_DIR")
+    p.add_argument("image")
+    p.add_argument("--out", required=True, help="PNG to write, at the input image's size")
+    p.add_argument("--class", dest="target", metavar="NAME|INDEX",
+                   help="the class to explain (default: the top prediction)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto")
+
+    p = sub.add_parser("report", help="an offline HTML report of a run: curves, per-class accuracy, confusion "
+                       "matrix, confident mistakes, time and cost")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--out", help="folder for index.html and its PNGs (default: RUN_DIR/report)")
+    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto",
+                   help="the checkpoint evaluated on val (as for export)")
+    p.add_argument("--data", help="dataset folder (default: the one the run's recipe names)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="auto")
     return parser
 
 
@@ -461,6 +496,44 @@ def cmd_aws(args) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    from .watch import watch
+
+    watch(args.run, interval=args.interval, once=args.once, endpoint_url=args.endpoint_url)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    results = predict(args.model, args.images, top=args.top, weights=args.weights)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["image"])
+        for t in r["top"]:
+            print(f"  {t['prob']:7.2%}  {t['label']} ({t['index']})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .predict import explain
+
+    r = explain(args.model, args.image, args.out, args.target, weights=args.weights)
+    print(f"wrote {r['out']}: Grad-CAM for {r['label']} ({r['index']}, p={r['prob']:.2%})")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    page = report(args.run, weights=args.weights, data=args.data, out=args.out, batch_size=args.batch_size,
+                  workers=args.workers, device=args.device)
+    print(f"wrote {page}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -473,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         package_log.addHandler(handler)
     package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "push": cmd_push, "runs": cmd_runs,
-               "data": cmd_data, "bench": cmd_bench, "aws": cmd_aws}[args.command]
+               "data": cmd_data, "bench": cmd_bench, "aws": cmd_aws, "watch": cmd_watch, "predict": cmd_predict,
+               "explain": cmd_explain, "report": cmd_report}[args.command]
     try:
         return handler(args)
     except (RecipeError, RemoteError, FileNotFoundError, FileExistsError, ValueError) as e:

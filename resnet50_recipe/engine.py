@@ -385,7 +385,10 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         runlog.resume(t.global_step, history)
         say(f"resuming from {resume_path}: epoch {start_epoch + 1}, batch {start_batch} of {num_batches}, "
             f"step {t.global_step}")
-    runlog.start(recipe)
+    runlog.start(recipe, {"epochs": tc.epochs, "steps_per_epoch": updates_per_epoch, "global_batch": global_batch,
+                          "world_size": rt.world_size, "train_images": len(train_set), "device": str(rt.device)})
+    if state is None:
+        runlog.sample_images(train_set)
     say(f"{recipe.name}: {recipe.model.name} ({n_params / 1e6:.1f}M params), {len(classes)} classes, "
         f"{len(train_set)} train / {len(val_set)} val images from {data_dir}; {rt.device}, "
         f"amp={str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off'}, "
@@ -512,6 +515,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     if uploader is not None:
         summary["failed_uploads"] = list(uploader.failed) + ([uploader.pending] if uploader.pending else [])
     runlog.summary(summary)
+    runlog.close()
     ec = recipe.export
     if ec.enabled and rt.is_main and not summary["stopped"]:
         from .hub import export, push  # here, so that training never needs huggingface_hub to start

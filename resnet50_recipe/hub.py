@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 REPO_PLACEHOLDER = "YOUR-USER/YOUR-MODEL"
 FILES = ("model.safetensors", "config.json", "README.md")
+# From report.py's PNGS, less its curves.png (the card shows the run's own). Its numbers are from the weights
+# the report evaluated, which are the exported ones when both used the same --weights.
+REPORT_PNGS = {"per_class_accuracy.png": "per-class accuracy on val",
+               "confusion_matrix.png": "confusion matrix on val", "mistakes.png": "the most confident mistakes on val"}
 
 
 def resolve_source(source: str | Path, weights: str) -> tuple[Path, str]:
@@ -97,6 +101,9 @@ def export(source: str | Path, out: str | Path, weights: str = "auto", names_fil
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     if (run_dir / "curves.png").is_file():
         shutil.copyfile(run_dir / "curves.png", out / "curves.png")
+    for name in REPORT_PNGS:  # `resnet50-recipe report`'s figures, when the run has a report
+        if (run_dir / "report" / name).is_file():
+            shutil.copyfile(run_dir / "report" / name, out / name)
     card = model_card(recipe, state, kind, path, run_dir, repo_id, license, dataset)
     (out / "README.md").write_text(card)
     check_export(out, reference=model)
@@ -169,6 +176,9 @@ def model_card(recipe: Recipe, state: dict, kind: str, path: Path, run_dir: Path
     rows = "\n".join(f"| {r['epoch'] + 1} | {r['train_loss']:.4f} | {r['top1']:.4f} | {r['top5']:.4f} | "
                      f"{_fmt(r.get('ema_top1'))} |" for r in evaluated)
     aug = recipe.augment
+    figures = "".join(f"![{alt}]({name})\n\n" for name, alt in REPORT_PNGS.items()
+                      if (run_dir / "report" / name).is_file())
+    analysis = f"\n## Analysis\n\nFrom `resnet50-recipe report` on the run.\n\n{figures}" if figures else ""
     return f"""---
 {data.to_yaml()}
 ---
@@ -189,7 +199,7 @@ Validation top-1 {_fmt(top1)}, top-5 {_fmt(top5)}, at {aug.eval_size} px, crop {
 {rows}
 
 ![training curves](curves.png)
-
+{analysis}
 ## How it was trained
 
 - Epochs: {state['epoch']} of {recipe.train.epochs}; {state['global_step']} optimizer steps

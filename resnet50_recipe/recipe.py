@@ -176,6 +176,10 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class LogConfig:
     every_steps: int = field(default=50, metadata=_range(1))
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "resnet50-recipe"
+    wandb_entity: Optional[str] = None
 
 
 @dataclass(frozen=True)

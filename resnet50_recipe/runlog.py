@@ -1,4 +1,9 @@
-"""The run directory's human-facing files: recipe.yaml, env.json, metrics.jsonl, curves.png, summary.json.
+"""The run directory's human-facing files: recipe.yaml, env.json, metrics.jsonl, curves.png, summary.json,
+and the TensorBoard / W&B trackers fed from the same records (trackers.py).
+
+metrics.jsonl holds one JSON record a line: `step` records every `log.every_steps` optimizer steps, `epoch`
+records, and a `start` record each time a process starts or resumes the run (the wall-clock time and the
+run's plan: epochs, steps per epoch, global batch), which `watch` and `report` use for ETA and restarts.
 
 Only rank 0 writes; other ranks get a RunLog that does nothing, so callers need no rank checks.
 """
@@ -6,13 +11,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
 from .recipe import Recipe, to_yaml
 from .runtime import versions, write_json
 
-ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoints", "export")
+ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoints", "export",
+             "tensorboard", "wandb", "wandb.json", "report")
 
 
 def prepare_run_dir(out: Path, force: bool) -> None:
@@ -34,15 +41,34 @@ class RunLog:
         self.out, self.enabled = out, enabled
         self.epochs: list[dict] = []  # per-epoch records, for curves.png and the summary
         self.extra: Callable[[], dict] | None = None  # fields added to every line (on EC2: instance and cost)
+        self.resumed_at: int | None = None  # the global step of the checkpoint this process resumed from
+        self.trackers: list = []
 
-    def start(self, recipe: Recipe) -> None:
+    def start(self, recipe: Recipe, plan: dict | None = None) -> None:
         if not self.enabled:
             return
+        from .trackers import open_trackers
+
         (self.out / "recipe.yaml").write_text(to_yaml(recipe))
         write_json(self.out / "env.json", versions())
+        self.trackers = open_trackers(self.out, recipe, self.resumed_at)
+        self.log({"kind": "start", "global_step": self.resumed_at or 0, "time": time.time(), **(plan or {})})
+
+    def sample_images(self, dataset, count: int = 16) -> None:
+        """A grid of augmented training images as epoch 0 sees them (before Mixup and erasing, which happen
+        on the device), spread over the dataset so that several classes show."""
+        if not self.trackers:
+            return
+        from torchvision.utils import make_grid
+
+        indices = sorted({i * len(dataset) // count for i in range(count)})
+        grid = make_grid([dataset[(0, i)].image for i in indices], nrow=8, padding=2)
+        for tracker in self.trackers:
+            tracker.images("train/augmented_samples", grid)
 
     def resume(self, global_step: int, history: list[dict]) -> None:
         """Drop what was logged after the checkpoint being resumed: those steps will run again."""
+        self.resumed_at = global_step
         self.epochs = [r for r in history if r.get("kind") == "epoch"]
         path = self.out / "metrics.jsonl"
         if not self.enabled or not path.exists():
@@ -61,6 +87,9 @@ class RunLog:
         line = {**record, **self.extra()} if self.extra is not None else record
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
+        if record.get("kind") in ("step", "epoch"):
+            for tracker in self.trackers:
+                tracker.log(line)  # with the cost fields on EC2, so TensorBoard charts them too
 
     def plot(self) -> None:
         if self.enabled and self.epochs:
@@ -69,6 +98,13 @@ class RunLog:
     def summary(self, data: dict) -> None:
         if self.enabled:
             write_json(self.out / "summary.json", data)
+            for tracker in self.trackers:
+                tracker.summary(data)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def read_metrics(path: Path) -> list[dict]:

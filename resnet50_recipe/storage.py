@@ -22,7 +22,8 @@ from . import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-SYNCED_FILES = ("metrics.jsonl", "recipe.yaml", "env.json", "curves.png", "summary.json")
+# wandb.json (the W&B run id) comes back with a resume on a fresh machine, so W&B continues the same run.
+SYNCED_FILES = ("metrics.jsonl", "recipe.yaml", "env.json", "curves.png", "summary.json", "wandb.json")
 _CHUNK = 64 * 2**20  # multipart part size and threshold; the ETag check below recomputes with the same size
 
 
@@ -276,10 +277,11 @@ class Uploader:
             path = self.run_dir / name
             if path.is_file():
                 self.store.upload_file(path, name)
-        export = self.run_dir / "export"
-        if export.is_dir():
-            for path in sorted(export.iterdir()):
-                self.store.upload_file(path, f"export/{path.name}")
+        for folder in ("export", "tensorboard"):  # event files are named per process, so none overwrites another
+            if (self.run_dir / folder).is_dir():
+                for path in sorted((self.run_dir / folder).iterdir()):
+                    if path.is_file():
+                        self.store.upload_file(path, f"{folder}/{path.name}")
 
 
 def fetch_latest(store: S3Store, folder: Path, newer_than: int, keep_last: int) -> bool:

@@ -34,13 +34,16 @@ def _regular(n: int, inner: float | None = None) -> np.ndarray:
     return np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1)
 
 
-def _draw_mask(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """White shape on black, at supersampled resolution."""
+def _draw_mask(shape: str, size: int, rng: np.random.Generator, center: tuple[float, float] | None = None,
+               radius: float | None = None) -> Image.Image:
+    """White shape on black, drawn at supersampled resolution. `center` (x, y) and `radius` are fractions of
+    the side; the random ones are drawn either way, so that giving them leaves every other draw unchanged."""
     big = size * _SUPERSAMPLE
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
-    radius = rng.uniform(0.22, 0.40) * big
-    center = tuple(rng.uniform(0.32, 0.68, size=2) * big)
+    drawn_radius, drawn_center = rng.uniform(0.22, 0.40), rng.uniform(0.32, 0.68, size=2)
+    radius = (drawn_radius if radius is None else radius) * big
+    center = tuple((drawn_center if center is None else np.asarray(center, dtype=float)) * big)
     angle = rng.uniform(0, 2 * math.pi)
     cx, cy = center
 
@@ -87,6 +90,13 @@ def _draw_mask(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
 
 def draw_image(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One image: a noisy gradient background and a textured shape, colours independent of the class."""
+    return draw_sample(shape, size, rng)[0]
+
+
+def draw_sample(shape: str, size: int, rng: np.random.Generator, center: tuple[float, float] | None = None,
+                radius: float | None = None) -> tuple[Image.Image, np.ndarray]:
+    """`draw_image` plus where the shape is: a float mask in [0, 1] of the image's size. `center` and `radius`
+    (fractions of the side) place the shape; left out, they are drawn as the dataset draws them."""
     background = rng.uniform(0, 255, size=3)
     foreground = rng.uniform(0, 255, size=3)
     while np.abs(foreground - background).sum() < 180:  # keep the shape visible
@@ -96,9 +106,9 @@ def draw_image(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     gradient = (ramp[None, :] * direction[0] + ramp[:, None] * direction[1])[..., None] * rng.uniform(0, 40)
     back = background + gradient + rng.normal(0, rng.uniform(8, 30), size=(size, size, 3))
     front = foreground + rng.normal(0, 12, size=(size, size, 3))
-    alpha = np.asarray(_draw_mask(shape, size, rng), dtype=np.float32)[..., None] / 255.0
+    alpha = np.asarray(_draw_mask(shape, size, rng, center, radius), dtype=np.float32)[..., None] / 255.0
     pixels = np.clip(alpha * front + (1 - alpha) * back, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, "RGB")
+    return Image.fromarray(pixels, "RGB"), alpha[..., 0]
 
 
 def generate(out: str | Path, classes: int = 10, per_class: int = 300, val_per_class: int = 50, size: int = 64,

@@ -19,6 +19,21 @@ def tiny_data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data") / "tiny", classes=3, per_class=8, val_per_class=4, size=32)
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The shipped smoke recipe, unchanged but for where it writes, trained once per session (~70 s on 2 cores):
+    test_train checks its accuracy; the TensorBoard, predict, explain, watch and report tests inspect it.
+    Tests must not change its run directory (copy it first)."""
+    from types import SimpleNamespace
+
+    from resnet50_recipe import load_recipe, train
+
+    base = tmp_path_factory.mktemp("smoke")
+    recipe = load_recipe("smoke", [f"data.path={base / 'shapes'}"])
+    summary = train(recipe, base / "run", quiet=True)
+    return SimpleNamespace(dir=base / "run", data=base / "shapes", summary=summary, recipe=recipe)
+
+
 def tiny_overlay(data_dir, **extra) -> list[str]:
     """Shrinks any recipe to a 2-step, 32 px run on generated data: what the recipe tests train."""
     overrides = {
