@@ -268,32 +268,31 @@ ASSUME_ROLE = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 
 
-def ensure_instance_profile(api: Api, name: str, policy: dict) -> tuple[str, bool]:
-    """The run's role (its policy set to `policy`) and instance profile, created when missing. Returns the
-    profile name and whether anything was created (IAM then needs a few seconds before EC2 accepts it)."""
+def iam_get(api: Api, method: str, **kwargs):
+    """An IAM get_* call's answer, or None when the entity does not exist."""
     from botocore.exceptions import ClientError
 
-    role = profile = f"resnet50-recipe-{name}"
-    created = False
     try:
-        found = api("iam", "get_role", RoleName=role)
+        return api("iam", method, **kwargs)
     except ClientError as e:
         if error_code(e) != "NoSuchEntity":
             raise
-        found = None
-    if found is None:
+        return None
+
+
+def ensure_instance_profile(api: Api, name: str, policy: dict) -> tuple[str, bool]:
+    """The run's role (its policy set to `policy`) and instance profile, created when missing. Returns the
+    profile name and whether anything was created (IAM then needs a few seconds before EC2 accepts it)."""
+    role = profile = f"resnet50-recipe-{name}"
+    created = False
+    if iam_get(api, "get_role", RoleName=role) is None:
         api("iam", "create_role", note="when get_role finds none", RoleName=role,
             AssumeRolePolicyDocument=json.dumps(ASSUME_ROLE), Tags=[{"Key": TAG_RUN, "Value": name}],
             Description=f"resnet50-recipe run {name}: S3 access to its own prefix only")
         created = True
     api("iam", "put_role_policy", RoleName=role, PolicyName="resnet50-recipe-run",
         PolicyDocument=json.dumps(policy))
-    try:
-        found = api("iam", "get_instance_profile", InstanceProfileName=profile)
-    except ClientError as e:
-        if error_code(e) != "NoSuchEntity":
-            raise
-        found = None
+    found = iam_get(api, "get_instance_profile", InstanceProfileName=profile)
     if found is None:
         api("iam", "create_instance_profile", note="when get_instance_profile finds none",
             InstanceProfileName=profile, Tags=[{"Key": TAG_RUN, "Value": name}])
