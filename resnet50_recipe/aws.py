@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import shlex
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -690,8 +691,9 @@ class InstanceCost:
     cost so far (price x time of the training processes, carried over from the last record of an earlier one).
 
     It asks the instance metadata (through the spot watcher's IMDSv2 session) once, and the spot price at most
-    every `refresh_s` seconds, never per step. Boot, install and time spent stopped are not in `cost_usd`;
-    `aws status` gives the bill's upper bound from the price history.
+    every `refresh_s` seconds, never per step. Only the first price is read in the caller's thread; later
+    refreshes run in a background thread, so a slow or hanging EC2 API never stalls training. Boot, install and
+    time spent stopped are not in `cost_usd`; `aws status` gives the bill's upper bound from the price history.
     """
 
     def __init__(self, watcher, metrics_path: Path, refresh_s: float = 600.0):
@@ -699,6 +701,7 @@ class InstanceCost:
         self.identity: dict | None = None
         self.price: float | None = None
         self.priced_at = -float("inf")
+        self.pricing: threading.Thread | None = None
         self.cost = 0.0
         try:
             from .runlog import read_metrics
@@ -721,15 +724,25 @@ class InstanceCost:
             return {}
         if self.identity["instance_type"] is None:
             return {}  # a metadata service that does not know the instance: nothing to record
-        if now - self.priced_at >= self.refresh_s:
+        if now - self.priced_at >= self.refresh_s and (self.pricing is None or not self.pricing.is_alive()):
+            first = self.priced_at == -float("inf")
             self.priced_at = now
-            self.price = self.current_price()
+            if first:
+                self.price = self.current_price()
+            else:
+                self.pricing = threading.Thread(target=self.refresh_price, name="spot-price", daemon=True)
+                self.pricing.start()
         if self.price is not None:
             self.cost += (now - self.last) / 3600 * self.price
         self.last = now
         ident = self.identity
         return {"instance_type": ident["instance_type"], "az": ident["az"], "market": ident["market"],
                 "price_usd_per_h": self.price, "cost_usd": self.cost if self.price is not None else None}
+
+    def refresh_price(self) -> None:
+        price = self.current_price()
+        if price is not None:  # a failed refresh keeps the last known price
+            self.price = price
 
     def current_price(self) -> float | None:
         ident = self.identity

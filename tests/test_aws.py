@@ -407,3 +407,22 @@ def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, 
     finally:
         server.terminate()
         server.wait()
+
+
+def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path, monkeypatch):
+    from resnet50_recipe.spot import SpotWatcher, StopControl
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), InstanceMetadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        watcher = SpotWatcher(StopControl(), f"http://127.0.0.1:{server.server_port}")
+        cost = aws.InstanceCost(watcher, tmp_path / "metrics.jsonl", refresh_s=0.0)
+        first = cost()  # the first price is read in the caller's thread: the first line has it
+        assert first["price_usd_per_h"] == 0.00001 and cost.pricing is None
+        cost()  # a refresh is due: it runs in a thread of its own while the caller goes on
+        assert cost.pricing is not None and cost.pricing.name == "spot-price"
+        cost.pricing.join(30)
+        assert cost()["price_usd_per_h"] == 0.00001
+    finally:
+        server.shutdown()
