@@ -6,12 +6,11 @@ This is the guide's "is data loading the bottleneck?" check, answered before ren
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from .data import EpochSampler, ImageFolderDataset, find_classes, make_loader, train_transform
+from .data import EpochSampler, ImageFolderDataset, find_classes, make_loader, train_transform, usable_cores
 from .recipe import Recipe
 
 # A T4's ResNet-50 training rate with AMP at the ImageNet recipe's 160 px, as recipes/imagenet-100ep.yaml
@@ -61,7 +60,7 @@ def verdict(results: list[dict], target: float = T4_IMG_S) -> str:
     best = max(results, key=lambda r: r["img_s"])
     per_worker = max(r["img_s"] / max(1, r["workers"]) for r in results)
     needed = math.ceil(target / per_worker)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     fed = "keeps" if best["img_s"] >= target else "would starve"
     return (f"best: {best['img_s']:.0f} img/s with {best['workers']} workers, which {fed} a GPU taking {target:.0f} "
             f"img/s (a T4 with AMP on ResNet-50). At {per_worker:.0f} img/s per worker that takes about {needed} "

@@ -278,13 +278,16 @@ def eval_transform(aug: AugmentConfig, size: int | None = None, crop_pct: float 
                             crop_pct=crop_pct or aug.crop_pct, use_prefetcher=True)
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """One worker per core but one, which the training process keeps for itself, capped at 16."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cores = os.cpu_count() or 1
-    return max(1, min(16, cores - 1))
+    return max(1, min(16, usable_cores() - 1))
 
 
 def make_loader(dataset, sampler, batch_size: int, workers: int | None, drop_last: bool, pin_memory: bool,

@@ -342,8 +342,10 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     # Data: ImageFolder train/ and val/, uint8 batches, order a pure function of (seed, epoch).
     data_dir = resolve_data_dir(recipe.data)
     classes = class_names(data_dir)
-    train_set = ImageFolderDataset(data_dir / "train", classes, train_transform(recipe.augment), recipe.seed,
-                                   recipe.data.bad_images)
+    # The transform is set per epoch with the loader below (progressive resizing); epoch 0's size until then, which
+    # is what the sample images of a fresh run show.
+    train_set = ImageFolderDataset(data_dir / "train", classes, train_transform(recipe.augment,
+                                   train_size_at(recipe.augment, 0)), recipe.seed, recipe.data.bad_images)
     val_set = ImageFolderDataset(data_dir / "val", classes, eval_transform(recipe.augment), recipe.seed,
                                  recipe.data.bad_images)
     if state is not None and state["class_names"] != classes:
