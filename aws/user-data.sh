@@ -6,7 +6,8 @@
 # request restarts a stopped instance) `setup.sh --setup` runs; its steps leave markers, so a setup interrupted
 # by a preemption continues where it was, and a finished one costs seconds. The unit runs
 # `resnet50-recipe train ... --resume auto --remote s3://...` and restarts on exit 75 (stopped with a
-# checkpoint); on 0 (finished) or 2 (bad input) the instance powers itself off.
+# checkpoint) and 74 (not yet all in S3); on 0 (finished), 2 (bad input) or 3 (finished, export failed) the
+# instance powers itself off.
 #
 # `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is.
 
@@ -51,18 +52,23 @@ WorkingDirectory=$HOME_DIR
 ExecStartPre=$HOME_DIR/setup.sh --setup
 TimeoutStartSec=infinity
 ExecStart=$VENV/bin/resnet50-recipe train $HOME_DIR/recipe.yaml $data_arg --output $RUN_DIR --remote $REMOTE --resume auto
-# 75: stopped with a checkpoint (a signal, the spot notice). Not a failure, and always restarted; after a spot
-# notice the machine stops within two minutes, so the restart waits that long instead of starting to be killed.
-SuccessExitStatus=75
-RestartForceExitStatus=75
+# 75: stopped with a checkpoint (a signal, the spot notice); 74: a checkpoint or the run's files had not reached
+# S3 by the deadline. Neither is a failure, and both are restarted; after a spot notice the machine stops within
+# two minutes, so the restart waits that long instead of starting to be killed.
+SuccessExitStatus=74 75
+RestartForceExitStatus=74 75
 Restart=on-failure
-RestartPreventExitStatus=2
+# 2: bad input; 3: trained and synced, but the export or the Hub push failed (README, "Exit codes").
+RestartPreventExitStatus=2 3
 RestartSec=120
+# The trainer alone gets SIGTERM (its loader workers and torchrun's ranks hear it from their parent), within
+# the trainer's own stop deadline (checkpoint.stop_timeout_s, 100 s) before the SIGKILL.
+KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec=110
-# Finished (0) or bad input (2): power off, which stops the spot instance so it costs only its disk.
-# (a doubled dollar sign is systemd's escape for one, left for the shell to expand)
-ExecStopPost=/bin/sh -c 'if [ "\$\$EXIT_STATUS" = 0 ] || [ "\$\$EXIT_STATUS" = 2 ]; then systemctl poweroff; fi'
+# Finished (0), bad input (2) or finished with a failed export (3): power off, which stops the spot instance so
+# it costs only its disk. (a doubled dollar sign is systemd's escape for one, left for the shell to expand)
+ExecStopPost=/bin/sh -c 'case "\$\$EXIT_STATUS" in 0|2|3) systemctl poweroff ;; esac'
 StandardOutput=journal+console
 StandardError=journal+console
 

@@ -20,7 +20,7 @@ import torch
 
 from resnet50_recipe import checkpoint as ckpt
 from resnet50_recipe import load_recipe
-from resnet50_recipe.engine import build_trainer, snapshot, train_one_epoch
+from resnet50_recipe.engine import Progress, build_trainer, snapshot, train_one_epoch
 from resnet50_recipe.runtime import setup
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     train_one_epoch(t, [batch], epoch=0, num_batches=1, log=lambda r: None)  # fills the momentum buffers
 
     def take() -> dict:
-        return snapshot(t, 0, 0, None, None, [], 0.0, [str(i) for i in range(1000)])
+        return snapshot(t, 0, 0, Progress(), [str(i) for i in range(1000)])
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))
     sync_stall, bg_stall, bg_total = [], [], []

@@ -24,7 +24,7 @@ from moto.server import ThreadedMotoServer
 
 from resnet50_recipe import checkpoint as ckpt
 from resnet50_recipe import load_recipe
-from resnet50_recipe.engine import build_trainer, snapshot, train_one_epoch
+from resnet50_recipe.engine import Progress, build_trainer, snapshot, train_one_epoch
 from resnet50_recipe.runtime import setup
 from resnet50_recipe.storage import S3Store, Uploader
 
@@ -58,9 +58,9 @@ def main() -> None:
         writer = ckpt.Writer(run / "checkpoints", keep_last=2, on_commit=uploader.submit)
         t.global_step = trial + 1
         stop_requested = time.perf_counter()  # as the loop does on a stop: snapshot, write, upload, wait
-        writer.submit(snapshot(t, 0, 0, None, None, [], 0.0, [str(i) for i in range(1000)]))
+        writer.submit(snapshot(t, 0, 0, Progress(), [str(i) for i in range(1000)]))
         writer.drain()
-        uploader.drain()
+        uploader.drain(600)
         stops.append(time.perf_counter() - stop_requested)
         uploads.append(uploader.last_upload_s)
         size = writer.last["size"]

@@ -168,6 +168,10 @@ def price(instance_types: list[str], region: str | None = None, recipe=None, ima
           api: Api | None = None, out=print) -> list[dict]:
     """Print, per instance type, the spot price in each AZ, the on-demand price and, with a recipe, the
     estimated hours and cost; return the rows."""
+    unknown = [t for t in instance_types if t not in INSTANCE_TYPES]
+    if unknown or not instance_types:
+        raise ValueError(f"--instance-types: {', '.join(unknown) or 'none given'}: not an instance type this "
+                         f"command knows (its GPU, vCPUs and throughput); known: {', '.join(INSTANCE_TYPES)}")
     api = api or Api(region)
     images = images or (recipe_images(recipe) if recipe is not None else None)
     rows = []
@@ -554,7 +558,7 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
 
     store = store or S3Store(remote)
     manifest, _ = store.get_json("checkpoints/latest.json")
-    if manifest:
+    if manifest and manifest.get("file"):  # a new lineage lists no checkpoint until its first one
         head = store.head("checkpoints/latest.json")
         status["checkpoint"] = {"file": manifest["file"], "epoch": manifest["epoch"], "step": manifest["step"],
                                 "time": head["LastModified"].isoformat() if head else None}

@@ -5,11 +5,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .recipe import RecipeError, shipped_recipes
 from .storage import RemoteError
 
@@ -281,7 +283,14 @@ def cmd_bench_step(args) -> int:
 
 def cmd_train(args) -> int:
     from .recipe import load_recipe, to_yaml
+    from .spot import StopControl, install_signal_handlers
 
+    # For the whole command, not only inside train(): a stop while the recipe loads, or after the run has ended
+    # while the process exits (under torchrun, whose SIGTERM would otherwise kill a rank that is done), is a stop.
+    control = StopControl()
+    install_signal_handlers(control)
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node {args.nproc_per_node}: expected 1 or more processes")
     overrides = []
     for name, key in SHORTCUTS.items():
         value = getattr(args, name)
@@ -294,27 +303,24 @@ def cmd_train(args) -> int:
         print(to_yaml(recipe), end="")
         return 0
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
-        return relaunch_with_torchrun(args, recipe)
+        return relaunch_with_torchrun(args, recipe, control)
     from .engine import train
-    from .spot import EXIT_PREEMPTED
 
     summary = train(recipe, args.output, quiet=args.quiet, resume=args.resume, force=args.force,
-                    allow_recipe_change=args.allow_recipe_change)
-    if summary["stopped"]:
-        return EXIT_PREEMPTED  # "try again": a supervisor restarts on it and --resume auto continues
+                    allow_recipe_change=args.allow_recipe_change, control=control)
     if args.quiet and summary["top1"] is not None:
         print(f"val top-1 {summary['top1']:.4f}")
-    return 0
+    return summary["exit_status"]  # 0, 3, 74 or 75: README's exit-code table
 
 
-def relaunch_with_torchrun(args, recipe) -> int:
+def relaunch_with_torchrun(args, recipe, control) -> int:
     """`train --nproc-per-node N` is `torchrun --standalone --nproc-per-node N -m resnet50_recipe train ...`.
 
-    torchrun reports any non-zero worker exit as its own failure, so a run that stopped for preemption is
-    recognised from its summary and still exits 75.
+    torchrun reports any non-zero worker exit as its own failure (exit 1), so the run's own status is read from
+    the summary.json rank 0 wrote, which is how a preempted job exits 75 as a whole. A signal to this process is
+    passed on to torchrun, which passes it to the workers; torchrun's grace period before SIGKILL is raised to
+    the stop's own deadline (`checkpoint.stop_timeout_s`), so that no rank is killed while it saves.
     """
-    from .spot import EXIT_PREEMPTED
-
     argv, skip = [], False
     for item in args.argv:
         if skip:
@@ -324,12 +330,23 @@ def relaunch_with_torchrun(args, recipe) -> int:
         elif not item.startswith("--nproc-per-node="):
             argv.append(item)
     started = time.time()
-    code = subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc-per-node={args.nproc_per_node}", "-m", "resnet50_recipe", *argv])
+    env = dict(os.environ)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(recipe.checkpoint.stop_timeout_s) + 10))
+    # A session of its own, so that a Ctrl-C in the terminal reaches torchrun once, through us, and not twice
+    # (a worker counts a second SIGINT as "exit now"). The systemd unit uses KillMode=mixed for the same reason.
+    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={args.nproc_per_node}", "-m", "resnet50_recipe", *argv], env=env,
+                             start_new_session=True)
+    previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     summary = Path(args.output or Path("runs") / recipe.name) / "summary.json"
-    if (code != 0 and summary.is_file() and summary.stat().st_mtime >= started
-            and json.loads(summary.read_text()).get("stopped")):
-        return EXIT_PREEMPTED
+    if code != 0 and summary.is_file() and summary.stat().st_mtime >= started:
+        return json.loads(summary.read_text()).get("exit_status", code)
     return code
 
 
@@ -550,10 +567,14 @@ def main(argv: list[str] | None = None) -> int:
                "explain": cmd_explain, "report": cmd_report}[args.command]
     try:
         return handler(args)
-    except (RecipeError, RemoteError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (RecipeError, RemoteError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError, UnicodeDecodeError, ValueError) as e:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
         print(f"resnet50-recipe: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:  # a full or failing disk: nothing saved is lost, and a restart would not help
+        print(f"resnet50-recipe: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -145,7 +145,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 class UnreadableImage(ValueError):
-    pass
+    """An image the loader cannot decode: bad input, reported in one line.
+
+    Raised in a loader worker, it reaches the main process re-made by torch from a message that carries the
+    worker's traceback ("Caught UnreadableImage in DataLoader worker process 0. Original Traceback ...");
+    only its last line, which is this message, is kept.
+    """
+
+    def __init__(self, message: str):
+        if message.startswith("Caught UnreadableImage"):
+            lines = [line for line in message.splitlines() if line.strip()]
+            message = lines[-1].split("UnreadableImage: ", 1)[-1]
+        super().__init__(message)
 
 
 def unreadable(path, error: Exception) -> UnreadableImage:

@@ -1,5 +1,7 @@
-"""The training loop: `train()` builds everything from a recipe, then runs `train_one_epoch()` and
-`evaluate()` epoch by epoch. It reads top to bottom in the order it runs.
+"""The training loop: `train()` is the run's outline, one call per phase (docs/DESIGN.md, "The run's phases");
+the phases around the loop live in lifecycle.py, the loop itself here: `run_epochs()` runs `train_one_epoch()`
+and `evaluate()` epoch by epoch, and the `Checkpointer` saves at its cadence. It reads top to bottom in the
+order it runs.
 
 Rules the step keeps (docs/DESIGN.md):
 - no host-device synchronisation per step: losses accumulate on the device and are read every
@@ -11,6 +13,7 @@ Rules the step keeps (docs/DESIGN.md):
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import threading
@@ -26,12 +29,14 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .build import build_ema, build_loss, build_mixup, build_model, build_optimizer, build_scheduler
-from .data import (EpochSampler, ImageFolderDataset, class_names, eval_transform, make_loader, mix_seed,
-                   resolve_data_dir, seeded, train_size_at, train_transform)
-from .recipe import Recipe, RecipeError, load_recipe, recipe_diff, scaled_lr, to_dict
-from .runlog import RunLog, prepare_run_dir
-from .runtime import Runtime, setup, versions
-from .spot import StopControl, install_signal_handlers, restore_signal_handlers, start_spot_watcher
+from .data import (EpochSampler, ImageFolderDataset, UnreadableImage, class_names, eval_transform, make_loader,
+                   mix_seed, resolve_data_dir, seeded, train_size_at, train_transform)
+from .lifecycle import (EXIT_PREEMPTED, Inputs, Run, Services, SetupStopped, check_inputs, exit_status,
+                        open_run)
+from .recipe import Recipe, RecipeError, load_recipe, scaled_lr, to_dict
+from .runlog import RunLog
+from .runtime import Runtime, setup, versions, write_json
+from .spot import StopControl, install_signal_handlers, restore_signal_handlers
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +164,11 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
     batch_idx, input_size = start_batch - 1, None
     for batch_idx in range(start_batch, num_batches):
         wait_start = time.perf_counter()
-        images, targets, bad = next(batch_iter)
+        try:
+            images, targets, bad = next(batch_iter)
+        except UnreadableImage as e:
+            e.batches_done = batch_idx  # the state is at this step boundary: the run can checkpoint it
+            raise
         window_wait += time.perf_counter() - wait_start
         if bad:
             t.bad_images += bad
@@ -184,16 +193,7 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
 
         if (batch_idx + 1) % tc.accum_steps:
             continue  # gradient accumulation: keep summing into .grad
-        if t.recipe.optim.clip_grad is not None:
-            t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the fp16-scaled ones
-            dispatch_clip_grad(t.model.parameters(), t.recipe.optim.clip_grad, mode=t.recipe.optim.clip_mode)
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
-        t.global_step += 1
-        if t.ema is not None and t.global_step % t.recipe.ema.every == 0:
-            t.ema.update(t.model, step=t.global_step // t.recipe.ema.every)
-        t.scheduler.step_update(num_updates=t.global_step)
-        t.window_steps += 1
+        optimizer_step(t)
 
         if t.window_steps == t.recipe.log.every_steps or batch_idx + 1 == num_batches:
             elapsed = time.perf_counter() - window_start
@@ -224,6 +224,20 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
             "stopped": stop is not None and stop.is_set() and done < num_batches}
 
 
+def optimizer_step(t: Trainer) -> None:
+    """One update from the accumulated gradients: clip, step, the EMA every `ema.every` updates, the lr."""
+    if t.recipe.optim.clip_grad is not None:
+        t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        dispatch_clip_grad(t.model.parameters(), t.recipe.optim.clip_grad, mode=t.recipe.optim.clip_mode)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.global_step += 1
+    if t.ema is not None and t.global_step % t.recipe.ema.every == 0:
+        t.ema.update(t.model, step=t.global_step // t.recipe.ema.every)
+    t.scheduler.step_update(num_updates=t.global_step)
+    t.window_steps += 1
+
+
 def should_stop(t: Trainer, stop: threading.Event) -> bool:
     """One process alone decides in a single-process run. Under DDP a stop seen by any rank (a signal, the
     spot notice) is agreed every `train.stop_sync_every` steps, so that every rank stops after the same step
@@ -249,17 +263,30 @@ def agreed_stop(rt: Runtime, stop: threading.Event) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, to_input, rt: Runtime, flip: bool = False) -> dict:
+def evaluate(model: torch.nn.Module, batches: Iterable, to_input, rt: Runtime, flip: bool = False,
+             stop: threading.Event | None = None, checks: int | None = None) -> dict | None:
     """Top-1/top-5 accuracy (fractions) and mean cross-entropy over every sample in `batches`.
 
     `flip`: test-time augmentation with the horizontal mirror; the two logits are averaged (FFCV's lr_tta).
+    `stop`: looked at before every batch; a stop ends the evaluation there and returns None (nothing it
+    computed is kept, and it changed no training state). Under DDP the stop is agreed, so every rank takes
+    part in each of the `checks` agreements (the longest shard's batch count), however many batches it has.
     """
     model.eval()
     correct1 = torch.zeros((), dtype=torch.int64, device=rt.device)
     correct5 = torch.zeros((), dtype=torch.int64, device=rt.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     count = 0
-    for images, targets, _ in device_batches(batches, to_input, rt.device):
+    batch_iter = device_batches(batches, to_input, rt.device)
+    for _ in range(checks) if stop is not None and rt.distributed else itertools.count():
+        if stop is not None and agreed_stop(rt, stop):
+            return None
+        batch = next(batch_iter, None)
+        if batch is None:
+            if stop is not None and rt.distributed:
+                continue  # this rank's shard is done; it still joins the other ranks' stop agreements
+            break
+        images, targets, _ = batch
         with rt.autocast():
             logits = model(images)
             if flip:
@@ -280,273 +307,363 @@ def evaluate(model: torch.nn.Module, batches: Iterable, to_input, rt: Runtime, f
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The whole run
+# The whole run: `train` is the outline; each phase is one call (docs/DESIGN.md, "The run's phases").
 
 
 def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = False, resume: str = "auto",
           force: bool = False, allow_recipe_change: bool = False, control: StopControl | None = None) -> dict:
-    """Train `recipe` in the run directory `output` (default runs/<recipe name>); return the summary.
+    """Train `recipe` in the run directory `output` (default runs/<recipe name>); return the summary, whose
+    `exit_status` is what `resnet50-recipe train` exits with (README, "Exit codes").
 
-    `resume`: "auto" continues from the newest valid checkpoint in `output` when there is one, "never"
-    starts fresh (refusing to replace checkpoints unless `force`), or a checkpoint path. A stop request
-    (SIGTERM, SIGINT, SIGUSR1, the EC2 spot notice, or `control`) ends the run after the current step with a
-    checkpoint and `summary["stopped"]` set. This is exactly what `resnet50-recipe train` runs.
+    `resume`: "auto" continues the run's current lineage from its newest valid checkpoint, locally or in S3,
+    when there is one; "never" starts a new lineage (refusing to replace checkpoints unless `force`); a path
+    continues from that checkpoint (a new lineage unless it is the current lineage's newest). A stop request
+    (SIGTERM, SIGINT, SIGUSR1, the EC2 spot notice, or `control`) at any point ends the run at the next step
+    boundary with a checkpoint, and `summary["stopped"]` set.
     """
-    wall_start = time.time()
-    tc = recipe.train
-    rt = setup(tc, recipe.seed)
-    out = Path(output or Path("runs") / recipe.name)
-    folder = out / "checkpoints"
     control = control or StopControl()
-    say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
+    handlers = install_signal_handlers(control)  # before any set-up work: a stop is honoured from here on
+    run = services = None
+    try:
+        rt = setup(recipe.train, recipe.seed)
+        say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
+        inputs = check_inputs(recipe, rt, control)  # 1. every check that needs no checkpoint; nothing written
+        run = open_run(recipe, rt, inputs, output, resume, force, allow_recipe_change, control, say)  # 2.
+        loop = build(recipe, rt, inputs, run, say, quiet)  # 3. loaders, trainer, the checkpoint restored
+        services = Services(run, recipe, rt, inputs, control, loop.runlog)  # 4. writer, uploader, spot watcher
+        outcome = run_epochs(loop, Checkpointer(loop, services, control), control)  # 5. the epoch loop
+        unfinished = stop_and_drain(loop, services, outcome, control)  # 6. a stop's checkpoint made safe
+        return finish(loop, services, outcome, unfinished, control)  # 7. summary, sync, export, push
+    except SetupStopped as e:
+        log.warning(str(e))
+        return {"stopped": True, "during": "set-up", "global_step": None, "top1": None,
+                "exit_status": EXIT_PREEMPTED}
+    finally:
+        if services is not None:
+            services.close()
+        if run is not None:
+            run.close()
+        restore_signal_handlers(handlers)  # after the last sync
 
-    cc = recipe.checkpoint
-    store = None
-    if cc.remote:
-        from .storage import S3Store, fetch_latest, pull_files
 
-        store = S3Store(cc.remote, cc.endpoint_url, cc.checksum)
-        if rt.is_main:
-            store.preflight()  # a wrong bucket or a missing permission fails here, before any work
-
-    # Where to start: a checkpoint to resume from, or a clean run directory.
-    state = None
-    if resume == "auto":
-        if store is not None and rt.is_main:
-            # On a fresh machine (or when the bucket is ahead of the disk) the newest valid checkpoint wins.
-            found = ckpt.find_latest(folder)
-            if fetch_latest(store, folder, found[1]["global_step"] if found else -1, cc.keep_last):
-                out.mkdir(parents=True, exist_ok=True)
-                pull_files(store, out)
-        rt.barrier()  # every rank loads the same checkpoint, after rank 0 has fetched it
-        found = ckpt.find_latest(folder)
-        if found is None and any(folder.glob("ckpt-*.pt")):
-            raise ValueError(f"{folder}: holds checkpoints but none passes its size and hash check; move them "
-                             "away, or pass --no-resume --force to start over")
-        if found is not None:
-            resume_path, state = found
-    elif resume != "never":
-        resume_path, state = Path(resume), ckpt.load_state(resume)
-    diff = recipe_diff(state["recipe"], to_dict(recipe)) if state is not None else []
-    if state is not None:
-        if diff and not allow_recipe_change:
-            raise RecipeError(f"{resume_path}: the recipe differs from the checkpoint's in keys that change the "
-                              "result:\n  " + "\n  ".join(diff) + "\npass --allow-recipe-change to resume anyway, "
-                              "or --output DIR for a new run")
-    elif rt.is_main:
-        prepare_run_dir(out, force)
-    rt.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-    runlog = RunLog(out, enabled=rt.is_main)
-
-    # Data: ImageFolder train/ and val/, uint8 batches, order a pure function of (seed, epoch).
-    data_dir = resolve_data_dir(recipe.data)
-    classes = class_names(data_dir)
-    # The transform is set per epoch with the loader below (progressive resizing); epoch 0's size until then, which
-    # is what the sample images of a fresh run show.
-    train_set = ImageFolderDataset(data_dir / "train", classes, train_transform(recipe.augment,
-                                   train_size_at(recipe.augment, 0)), recipe.seed, recipe.data.bad_images)
-    val_set = ImageFolderDataset(data_dir / "val", classes, eval_transform(recipe.augment), recipe.seed,
-                                 recipe.data.bad_images)
-    if state is not None and state["class_names"] != classes:
-        raise ValueError(f"{data_dir}: its classes differ from the {len(state['class_names'])} the checkpoint "
-                         f"{resume_path} was trained on")
-    train_sampler = EpochSampler(len(train_set), recipe.seed, shuffle=True, rank=rt.rank,
-                                 world_size=rt.world_size, aug_repeats=recipe.data.aug_repeats)
-    val_sampler = EpochSampler(len(val_set), recipe.seed, shuffle=False, rank=rt.rank, world_size=rt.world_size)
-    loader_args = dict(workers=recipe.data.workers, pin_memory=recipe.data.pin_memory, seed=recipe.seed)
-    train_loader, loader_size = None, None  # made per training resolution, in the epoch loop
-    val_loader = make_loader(val_set, val_sampler, tc.batch_size, drop_last=False, **loader_args)
-    full_batches = len(train_set) // (tc.batch_size * rt.world_size)
-    num_batches = full_batches if tc.steps_per_epoch is None else min(full_batches,
-                                                                        tc.steps_per_epoch * tc.accum_steps)
-    num_batches -= num_batches % tc.accum_steps
-    if num_batches == 0:
-        raise ValueError(f"{data_dir / 'train'}: {len(train_set)} images give no full optimizer step at "
-                         f"train.batch_size={tc.batch_size} x accum_steps={tc.accum_steps}; lower the batch size")
-    updates_per_epoch = num_batches // tc.accum_steps
-    samples_per_batch = tc.batch_size * rt.world_size
-
-    global_batch = samples_per_batch * tc.accum_steps
-    if state is not None and state.get("global_batch", global_batch) != global_batch and not allow_recipe_change:
-        raise RecipeError(f"{resume_path}: the global batch was {state['global_batch']} images per step and is "
-                          f"now {global_batch} (batch_size {tc.batch_size} x {rt.world_size} processes x "
-                          f"accum_steps {tc.accum_steps}); match it, or pass --allow-recipe-change")
-    t = build_trainer(recipe, rt, len(classes), updates_per_epoch)
-    n_params = sum(p.numel() for p in t.model.parameters())
-    history: list[dict] = []
+@dataclass
+class Progress:
+    """What the loop carries besides the trainer: results so far, the best epoch, and the run's clock."""
+    history: list[dict] = field(default_factory=list)  # epoch records
     best: dict | None = None  # best evaluated epoch
     best_checkpoint: dict | None = None  # best epoch that has a checkpoint, kept by retention
-    start_epoch, start_batch, elapsed_before = 0, 0, 0.0
+    pending_eval: dict | None = None  # an epoch whose evaluation a stop cut short: evaluated first on resume
+    elapsed_before: float = 0.0
+    wall_start: float = field(default_factory=time.time)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.wall_start
+
+
+@dataclass
+class Loop:
+    """What the epoch loop works with, built once by `build`."""
+    recipe: Recipe
+    rt: Runtime
+    t: Trainer
+    inputs: Inputs
+    run: Run
+    progress: Progress
+    runlog: RunLog
+    train_sampler: EpochSampler
+    val_loader: torch.utils.data.DataLoader
+    val_batches: int  # evaluation batches of the longest shard: every rank checks for a stop that often
+    loader_args: dict
+    say: Callable[[str], None]
+    show_bar: bool
+    start_epoch: int = 0
+    start_batch: int = 0
+    train_loader: torch.utils.data.DataLoader | None = None  # made per training resolution, in the epoch loop
+    loader_size: int | None = None
+
+
+@dataclass
+class Outcome:
+    """How the epoch loop ended: at the end, or stopped with a checkpoint at (epoch, batches done)."""
+    stopped: bool = False
+    at: tuple[int, int] | None = None
+    during: str | None = None  # "training" or "evaluation"
+
+
+def build(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet: bool) -> Loop:
+    """The build phase: samplers and loaders, the trainer, the checkpoint restored, the run's log opened."""
+    tc, n = recipe.train, inputs.samples_per_batch
+    train_sampler = EpochSampler(len(inputs.train_set), recipe.seed, shuffle=True, rank=rt.rank,
+                                 world_size=rt.world_size, aug_repeats=recipe.data.aug_repeats)
+    val_sampler = EpochSampler(len(inputs.val_set), recipe.seed, shuffle=False, rank=rt.rank, world_size=rt.world_size)
+    loader_args = dict(workers=recipe.data.workers, pin_memory=recipe.data.pin_memory, seed=recipe.seed)
+    val_loader = make_loader(inputs.val_set, val_sampler, tc.batch_size, drop_last=False, **loader_args)
+    longest_shard = -(-len(inputs.val_set) // rt.world_size)
+    t = build_trainer(recipe, rt, len(inputs.classes), inputs.updates_per_epoch)
+    loop = Loop(recipe, rt, t, inputs, run, Progress(), RunLog(run.out, enabled=rt.is_main), train_sampler,
+                val_loader, -(-longest_shard // tc.batch_size), loader_args, say,
+                show_bar=not quiet and rt.is_main and sys.stderr.isatty())
+    state, p = run.state, loop.progress
     if state is not None:
         # After an allowed recipe change (more epochs, say) the schedule follows the new recipe from here on.
-        restore(t, state, scheduler=not diff)
-        history, best, best_checkpoint = state["metrics"], state["best"], state["best_checkpoint"]
-        start_epoch, elapsed_before = state["epoch"], state["elapsed_s"]
-        start_batch = state["step_in_epoch"] // samples_per_batch
-        runlog.resume(t.global_step, history)
-        say(f"resuming from {resume_path}: epoch {start_epoch + 1}, batch {start_batch} of {num_batches}, "
-            f"step {t.global_step}")
-    runlog.start(recipe, {"epochs": tc.epochs, "steps_per_epoch": updates_per_epoch, "global_batch": global_batch,
-                          "world_size": rt.world_size, "train_images": len(train_set), "device": str(rt.device)})
+        restore(t, state, scheduler=not run.diff)
+        p.history, p.best, p.best_checkpoint = state["metrics"], state["best"], state["best_checkpoint"]
+        p.pending_eval, p.elapsed_before = state.get("pending_eval"), state["elapsed_s"]
+        loop.start_epoch, loop.start_batch = state["epoch"], state["step_in_epoch"] // n
+        loop.runlog.resume(t.global_step, p.history)
+        say(f"resuming from {run.resume_path}: epoch {loop.start_epoch + 1}, batch {loop.start_batch} of "
+            f"{inputs.num_batches}, step {t.global_step}")
+    loop.runlog.start(recipe, {"epochs": tc.epochs, "steps_per_epoch": inputs.updates_per_epoch,
+                               "global_batch": inputs.global_batch, "world_size": rt.world_size,
+                               "train_images": len(inputs.train_set), "device": str(rt.device),
+                               "run_id": run.lineage["run_id"]})
     if state is None:
-        runlog.sample_images(train_set)
-    say(f"{recipe.name}: {recipe.model.name} ({n_params / 1e6:.1f}M params), {len(classes)} classes, "
-        f"{len(train_set)} train / {len(val_set)} val images from {data_dir}; {rt.device}, "
+        loop.runlog.sample_images(inputs.train_set)
+    n_params = sum(p.numel() for p in t.model.parameters())
+    say(f"{recipe.name}: {recipe.model.name} ({n_params / 1e6:.1f}M params), {len(inputs.classes)} classes, "
+        f"{len(inputs.train_set)} train / {len(inputs.val_set)} val images from {inputs.data_dir}; {rt.device}, "
         f"amp={str(rt.amp_dtype).replace('torch.', '') if rt.amp_dtype else 'off'}, "
-        f"peak lr {scaled_lr(recipe.optim, global_batch):.4g} at global batch {global_batch}; run dir {out}")
-
-    uploader = None
-    if store is not None and rt.is_main:
-        from .storage import Uploader
-
-        uploader = Uploader(store, out, cc.keep_last, cc.keep_best)
-    writer = ckpt.Writer(folder, cc.keep_last, cc.keep_best, uploader.submit if uploader else None) \
-        if rt.is_main else None
-    last_save = time.monotonic()
-
-    def save(epoch: int, batches_done: int) -> None:
-        """Snapshot the state into CPU memory now; the writer thread puts it on disk."""
-        nonlocal last_save
-        last_save = time.monotonic()
-        if writer is not None:
-            writer.submit(snapshot(t, epoch, batches_done * samples_per_batch, best, best_checkpoint, history,
-                                   elapsed_before + time.time() - wall_start, classes))
-
-    def mid_epoch_save(epoch: int, batches_done: int) -> None:
-        due = ((cc.every_steps and t.global_step % cc.every_steps == 0)
-               or (cc.every_minutes and time.monotonic() - last_save >= cc.every_minutes * 60)
-               or control.checkpoint_now.is_set())
-        if due and batches_done < num_batches and not control.stop.is_set():
-            control.checkpoint_now.clear()
-            save(epoch, batches_done)
-
-    previous_handlers = install_signal_handlers(control)
-    watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s) if rt.is_main else None
-    if watcher is not None:  # on EC2: every metrics line also says what the instance costs (aws.InstanceCost)
-        from .aws import InstanceCost
-        runlog.extra = InstanceCost(watcher, out / "metrics.jsonl")
+        f"peak lr {scaled_lr(recipe.optim, inputs.global_batch):.4g} at global batch {inputs.global_batch}; "
+        f"run dir {run.out}")
     if state is not None:
         ckpt.set_rng_state(state["rng"])  # last, after everything that drew from the RNGs while being built
-    show_bar = not quiet and rt.is_main and sys.stderr.isatty()
-    stopped_at: tuple[int, int] | None = None
-    try:
-        for epoch in range(start_epoch, tc.epochs):
-            epoch_start = time.time()
-            size = train_size_at(recipe.augment, epoch)
-            if size != loader_size:
-                # Progressive resizing: new workers with the new crop size. This happens once per distinct size,
-                # so restarting the persistent workers costs seconds in a run of hours.
-                train_set.transform = train_transform(recipe.augment, size)
-                train_loader = make_loader(train_set, train_sampler, tc.batch_size, drop_last=True, **loader_args)
-                if loader_size is not None:
-                    say(f"epoch {epoch + 1}: training resolution {loader_size} -> {size} px")
-                loader_size = size
-            first_batch = start_batch if epoch == start_epoch else 0
-            train_sampler.set_epoch(epoch, first_batch * samples_per_batch)
-            if rt.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(rt.device)
-            with tqdm(total=num_batches, initial=first_batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
-                      disable=not show_bar, leave=False, dynamic_ncols=True) as bar:
-                def log_step(record, epoch=epoch):
-                    runlog.log(record)
-                    if not show_bar:
-                        say(f"epoch {epoch + 1} step {record['step']}/{updates_per_epoch} loss {record['loss']:.4f} "
-                            f"lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s "
-                            f"data-wait {record['data_wait']:.0%}")
-                stats = train_one_epoch(t, train_loader, epoch, num_batches, log_step, bar if show_bar else None,
-                                        control.stop, first_batch, lambda done, e=epoch: mid_epoch_save(e, done))
-            if stats["stopped"]:
-                stopped_at = (epoch, stats["batches"])
-                break
+    return loop
 
-            record = {"kind": "epoch", "epoch": epoch, "global_step": t.global_step,
-                      "train_loss": stats["train_loss"], "lr": t.optimizer.param_groups[0]["lr"],
-                      "train_size": stats["input_size"]}
-            last_epoch = epoch + 1 == tc.epochs
-            if (epoch + 1) % tc.eval_every == 0 or last_epoch:
-                flip = recipe.augment.eval_flip
-                raw = evaluate(t.model, val_loader, t.to_input, rt, flip)
-                record.update(top1=raw["top1"], top5=raw["top5"], val_loss=raw["loss"])
-                if t.ema is not None:
-                    ema = evaluate(t.ema.module, val_loader, t.to_input, rt, flip)
-                    record.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
-                score = max(record["top1"], record.get("ema_top1", -1.0))
-                if best is None or score > best["top1"]:
-                    best = {"top1": score, "epoch": epoch, "weights": "ema" if score != record["top1"] else "raw"}
-            record.update(epoch_time_s=time.time() - epoch_start, bad_images=len(t.bad_images),
-                          peak_gpu_mem_gb=(torch.cuda.max_memory_allocated(rt.device) / 2**30
-                                           if rt.device.type == "cuda" else None))
-            runlog.log(record)
-            history.append(record)
-            runlog.plot()
-            say(_epoch_line(record, tc.epochs))
 
-            if (epoch + 1) % cc.every_epochs == 0 or last_epoch or agreed_stop(rt, control.stop):
-                if best is not None and best["epoch"] == epoch:
-                    best_checkpoint = {**best, "file": ckpt.checkpoint_name(t.global_step)}
-                save(epoch + 1, 0)
-            if agreed_stop(rt, control.stop) and not last_epoch:  # a stop after the last epoch changes nothing
-                stopped_at = (epoch + 1, 0)
-                break
-        if stopped_at is not None:
-            if stopped_at[1] > 0:  # mid-epoch; an epoch-end stop was saved above
-                save(*stopped_at)
-            started = time.time()
-            deadline = control.deadline - time.time() if control.deadline else None
-            on_time = writer is None or writer.drain(deadline)
-            took = time.time() - started
-            if uploader is not None and on_time:
-                on_time = uploader.drain(None if deadline is None else deadline - (time.time() - started))
-            took = time.time() - started
-            where = f"written and uploaded to {cc.remote}" if uploader is not None else "written"
-            say(f"stopped ({control.reason}): checkpoint at step {t.global_step} {where} in {took:.1f} s"
-                + (f" of the {deadline:.0f} s left before the deadline" if deadline is not None else "")
-                + ("" if on_time else "; the deadline passed before it was complete"))
-        if writer is not None:
-            writer.drain()
-        if uploader is not None and not uploader.drain(upload_wait(cc.upload_timeout_s, control)):
-            log.warning("uploads to %s did not finish in time", cc.remote)
-    finally:
-        restore_signal_handlers(previous_handlers)
-        if watcher is not None:
-            watcher.halt()
+class Checkpointer:
+    """Checkpoint cadence and saving: the snapshot, the writer, when the last save was, and the best checkpoint.
 
-    summary = make_summary(recipe, t, history, best, elapsed_before + time.time() - wall_start, n_params,
-                           len(classes), stopped_at is not None, rt)
-    if uploader is not None:
-        summary["failed_uploads"] = list(uploader.failed) + ([uploader.pending] if uploader.pending else [])
-    runlog.summary(summary)
-    runlog.close()
-    ec = recipe.export
-    if ec.enabled and rt.is_main and not summary["stopped"]:
-        from .hub import export, push  # here, so that training never needs huggingface_hub to start
+    Saves come at epoch ends (`checkpoint.every_epochs`, the last epoch, a stop), inside an epoch
+    (`every_steps`, `every_minutes`, a rebalance recommendation) and at a stop. Only rank 0 has a writer; the
+    other ranks keep the cadence's bookkeeping and write nothing.
+    """
 
-        exported = export(out, out / "export", ec.weights, ec.label_names, ec.repo_id, ec.license, ec.dataset)
-        say(f"exported {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
-        if ec.repo_id:
-            push(exported, ec.repo_id, private=ec.private)
-            say(f"pushed to https://huggingface.co/{ec.repo_id}")
+    def __init__(self, loop: Loop, services: Services, control: StopControl):
+        self.loop, self.services, self.control = loop, services, control
+        self.writer = services.writer
+        self.last_save = time.monotonic()
+
+    def save(self, epoch: int, batches_done: int, pending_eval: dict | None = None, is_best: bool = False) -> None:
+        """Snapshot the state into CPU memory now (the epoch to run next and the batches of it done); the writer
+        thread puts it on disk. A best epoch's snapshot is never superseded in the writer's queue."""
+        loop, p = self.loop, self.loop.progress
+        self.last_save = time.monotonic()
+        if is_best:
+            p.best_checkpoint = {**p.best, "file": ckpt.checkpoint_name(loop.t.global_step)}
+        if self.writer is not None:
+            state = snapshot(loop.t, epoch, batches_done * loop.inputs.samples_per_batch, p, loop.inputs.classes,
+                             loop.run.lineage, pending_eval)
+            self.writer.submit({**state, "is_best": is_best})
+
+    def after_step(self, epoch: int, batches_done: int) -> None:
+        """After every optimizer step: a failed write stops the run at once; a mid-epoch save when one is due."""
+        if self.writer is not None and self.writer.error is not None:
+            self.writer.raise_error()
+        cc = self.loop.recipe.checkpoint
+        due = ((cc.every_steps and self.loop.t.global_step % cc.every_steps == 0)
+               or (cc.every_minutes and time.monotonic() - self.last_save >= cc.every_minutes * 60)
+               or self.control.checkpoint_now.is_set())
+        if due and batches_done < self.loop.inputs.num_batches and not self.control.stop.is_set():
+            self.control.checkpoint_now.clear()
+            self.save(epoch, batches_done)
+
+    def save_and_wait(self, epoch: int, batches_done: int) -> list[str]:
+        """A checkpoint before the run ends on an error it cannot train past (an unreadable image)."""
+        self.save(epoch, batches_done)
+        return self.services.drain(time.time() + self.loop.recipe.checkpoint.stop_timeout_s)
+
+
+def run_epochs(loop: Loop, checkpointer: Checkpointer, control: StopControl) -> Outcome:
+    """The epoch loop. A stop during training ends it with a checkpoint at the step boundary; a stop during
+    evaluation with the epoch-end state and the epoch's record, which the resumed run evaluates first."""
+    pending, loop.progress.pending_eval = loop.progress.pending_eval, None
+    if pending is not None:
+        loop.say(f"evaluating epoch {pending['epoch'] + 1} first: a stop interrupted its evaluation")
+        stopped = end_epoch(loop, checkpointer, pending, control)
+        if stopped is not None:
+            return stopped
+    for epoch in range(loop.start_epoch, loop.recipe.train.epochs):
+        first_batch = loop.start_batch if epoch == loop.start_epoch else 0
+        record = train_epoch(loop, checkpointer, epoch, first_batch, control)
+        if isinstance(record, Outcome):
+            return record
+        stopped = end_epoch(loop, checkpointer, record, control)
+        if stopped is not None:
+            return stopped
+    return Outcome()
+
+
+def train_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch: int,
+                control: StopControl) -> dict | Outcome:
+    """Train one epoch from `first_batch`; its record, or the Outcome of a stop (checkpoint submitted)."""
+    recipe, rt, t, inputs, tc = loop.recipe, loop.rt, loop.t, loop.inputs, loop.recipe.train
+    size = train_size_at(recipe.augment, epoch)
+    if size != loop.loader_size:
+        # Progressive resizing: new workers with the new crop size. This happens once per distinct size,
+        # so restarting the persistent workers costs seconds in a run of hours.
+        inputs.train_set.transform = train_transform(recipe.augment, size)
+        loop.train_loader = make_loader(inputs.train_set, loop.train_sampler, tc.batch_size, drop_last=True,
+                                        **loop.loader_args)
+        if loop.loader_size is not None:
+            loop.say(f"epoch {epoch + 1}: training resolution {loop.loader_size} -> {size} px")
+        loop.loader_size = size
+    loop.train_sampler.set_epoch(epoch, first_batch * inputs.samples_per_batch)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    epoch_start = time.time()
+    with tqdm(total=inputs.num_batches, initial=first_batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
+              disable=not loop.show_bar, leave=False, dynamic_ncols=True) as bar:
+        def log_step(record):
+            loop.runlog.log(record)
+            if not loop.show_bar:
+                loop.say(f"epoch {epoch + 1} step {record['step']}/{inputs.updates_per_epoch} loss "
+                         f"{record['loss']:.4f} lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s "
+                         f"data-wait {record['data_wait']:.0%}")
+        try:
+            stats = train_one_epoch(t, loop.train_loader, epoch, inputs.num_batches, log_step,
+                                    bar if loop.show_bar else None, control.stop, first_batch,
+                                    lambda done: checkpointer.after_step(epoch, done))
+        except UnreadableImage as e:  # bad input met mid-run: keep the work done so far, then say what is wrong
+            done = getattr(e, "batches_done", None)
+            if done is not None and done > first_batch and done % tc.accum_steps == 0:
+                left = checkpointer.save_and_wait(epoch, done)
+                log.error("checkpoint at step %d %s before stopping on an unreadable image", t.global_step,
+                          "written" if not left else f"not complete ({', '.join(left)})")
+            raise
+    if stats["stopped"]:
+        checkpointer.save(epoch, stats["batches"])
+        return Outcome(True, (epoch, stats["batches"]), "training")
+    return {"kind": "epoch", "epoch": epoch, "global_step": t.global_step, "train_loss": stats["train_loss"],
+            "lr": t.optimizer.param_groups[0]["lr"], "train_size": stats["input_size"],
+            "epoch_time_s": time.time() - epoch_start}
+
+
+def end_epoch(loop: Loop, checkpointer: Checkpointer, record: dict, control: StopControl) -> Outcome | None:
+    """Evaluate (when due), log, and checkpoint an epoch's end. The stop is agreed once here (one collective
+    under DDP), so that a stop arriving at any point of the epoch end is either seen or left to the next step."""
+    recipe, rt, p, epoch = loop.recipe, loop.rt, loop.progress, record["epoch"]
+    last_epoch = epoch + 1 == recipe.train.epochs
+    eval_start = time.time()
+    if (epoch + 1) % recipe.train.eval_every == 0 or last_epoch:
+        scores = evaluate_epoch(loop, control)
+        if scores is None:  # evaluation changes no training state: the epoch-end state is the checkpoint
+            checkpointer.save(epoch + 1, 0, pending_eval=record)
+            return Outcome(True, (epoch + 1, 0), "evaluation")
+        record.update(scores)
+        score = max(record["top1"], record.get("ema_top1", -1.0))
+        if p.best is None or score > p.best["top1"]:
+            p.best = {"top1": score, "epoch": epoch, "weights": "ema" if score != record["top1"] else "raw"}
+    record.update(epoch_time_s=record["epoch_time_s"] + time.time() - eval_start, bad_images=len(loop.t.bad_images),
+                  peak_gpu_mem_gb=(torch.cuda.max_memory_allocated(rt.device) / 2**30
+                                   if rt.device.type == "cuda" else None))
+    loop.runlog.log(record)
+    p.history.append(record)
+    loop.runlog.plot()
+    loop.say(_epoch_line(record, recipe.train.epochs))
+    stop = agreed_stop(rt, control.stop)
+    if (epoch + 1) % recipe.checkpoint.every_epochs == 0 or last_epoch or stop:
+        checkpointer.save(epoch + 1, 0, is_best=p.best is not None and p.best["epoch"] == epoch)
+    if stop and not last_epoch:  # a stop after the last epoch changes nothing: the run finishes
+        return Outcome(True, (epoch + 1, 0), "training")
+    return None
+
+
+def evaluate_epoch(loop: Loop, control: StopControl) -> dict | None:
+    """Raw and EMA top-1/top-5 on val; None when a stop cut the evaluation short."""
+    t, flip = loop.t, loop.recipe.augment.eval_flip
+    raw = evaluate(t.model, loop.val_loader, t.to_input, loop.rt, flip, control.stop, loop.val_batches)
+    if raw is None:
+        return None
+    scores = {"top1": raw["top1"], "top5": raw["top5"], "val_loss": raw["loss"]}
+    if t.ema is not None:
+        ema = evaluate(t.ema.module, loop.val_loader, t.to_input, loop.rt, flip, control.stop, loop.val_batches)
+        if ema is None:
+            return None
+        scores.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+    return scores
+
+
+def stop_and_drain(loop: Loop, services: Services, outcome: Outcome, control: StopControl) -> list[str]:
+    """After a stop: wait for its checkpoint on disk and in S3, until the deadline at most (the spot notice's,
+    or `checkpoint.stop_timeout_s` from now); return what did not finish."""
+    if not outcome.stopped:
+        return []
+    cc = loop.recipe.checkpoint
+    started = time.time()
+    deadline = control.stop_deadline(cc.stop_timeout_s)
+    unfinished = services.drain(deadline)
+    where = f"written and uploaded to {cc.remote}" if services.uploader is not None else "written"
+    loop.say(f"stopped ({control.reason}): checkpoint at step {loop.t.global_step} {where} in "
+             f"{time.time() - started:.1f} s of the {deadline - started:.0f} s left before the deadline"
+             + (f"; not finished by then: {', '.join(unfinished)}" if unfinished else "")
+             + (f"; the resumed run evaluates epoch {outcome.at[0]} first" if outcome.during == "evaluation" else ""))
+    return unfinished
+
+
+def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[str], control: StopControl) -> dict:
+    """The end, in this order: the summary; metrics and checkpoints synced to S3; then export and push, whose
+    failure leaves the run complete and synced, is recorded in summary.json and exits 3 (not restarted)."""
+    recipe, rt, t, p, cc = loop.recipe, loop.rt, loop.t, loop.progress, loop.recipe.checkpoint
+    summary = make_summary(recipe, t, p.history, p.best, p.elapsed(), sum(q.numel() for q in t.model.parameters()),
+                           len(loop.inputs.classes), outcome.stopped, rt)
+    summary.update(during=outcome.during, run_id=loop.run.lineage["run_id"])
+    deadline = control.stop_deadline(cc.stop_timeout_s) if control.stop.is_set() else time.time() + cc.upload_timeout_s
+    publish = recipe.export.enabled and rt.is_main and not outcome.stopped
+    if publish and control.stop.is_set():  # trained to the end, but the machine is going: the restart exports
+        summary.update(stopped=True, during="finish")
+        publish = False
+    unfinished = unfinished + (services.drain(deadline) if not outcome.stopped else [])
+    uploader = services.uploader
+
+    def record(left):
+        summary["unfinished"] = sorted(set(left))
+        summary["failed_uploads"] = list(uploader.failed) if uploader is not None else []
+        summary["exit_status"] = exit_status(summary)
+        if rt.is_main:
+            write_json(loop.run.out / "summary.json", summary)
+    record(unfinished)
+    unfinished += services.sync(deadline)  # the summary, metrics and curves follow the checkpoints
+    if publish:
+        summary.update(publish_run(loop))
+        record(unfinished)
+        unfinished += services.sync(deadline)  # the export, and the summary that says how it went
+    record(unfinished)
+    loop.runlog.summary(summary)
+    loop.runlog.close()
+    summary["exit_status"] = rt.broadcast(summary["exit_status"])  # every rank waits for rank 0's last sync
     if rt.distributed:
         import torch.distributed as dist
         dist.destroy_process_group()
-    if uploader is not None:  # the summary, metrics, curves and export follow the checkpoints to the bucket
-        uploader.sync_files()
-        if not uploader.drain(upload_wait(cc.upload_timeout_s, control)):
-            log.warning("syncing the run's files to %s did not finish in time", cc.remote)
-        uploader.close()
     if summary["top1"] is not None and not summary["stopped"]:
-        say(f"val top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  best top-1 {summary['best_top1']:.4f} "
-            f"(epoch {summary['best_epoch'] + 1}, {summary['best_weights']})  in {summary['wall_time_s']:.0f} s; "
-            f"run dir {out}")
+        loop.say(f"val top-1 {summary['top1']:.4f}  top-5 {summary['top5']:.4f}  best top-1 "
+                 f"{summary['best_top1']:.4f} (epoch {summary['best_epoch'] + 1}, {summary['best_weights']})  in "
+                 f"{summary['wall_time_s']:.0f} s; run dir {loop.run.out}")
     return summary
 
 
-def upload_wait(timeout_s: float, control: StopControl) -> float:
-    """How long to wait for uploads: the configured limit, or what is left of a spot notice's deadline."""
-    if control.deadline is None:
-        return timeout_s
-    return max(0.0, min(timeout_s, control.deadline - time.time()))
+def publish_run(loop: Loop) -> dict:
+    """Export, then push when export.repo_id is set; an error is reported with the command that retries it."""
+    from .hub import export, push  # here, so that training never needs huggingface_hub to start
+
+    ec, out = loop.recipe.export, loop.run.out
+    try:
+        exported = export(out, out / "export", ec.weights, ec.label_names, ec.repo_id, ec.license, ec.dataset)
+    except Exception as e:  # the run is done and synced; a failed export must not make it look unfinished
+        log.error("export failed (%s: %s); the run is complete and synced. Retry with: resnet50-recipe export %s "
+                  "%s", type(e).__name__, e, out, out / "export")
+        return {"export_error": f"{type(e).__name__}: {e}"}
+    loop.say(f"exported {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
+    if not ec.repo_id:
+        return {}
+    try:
+        push(exported, ec.repo_id, private=ec.private)
+    except Exception as e:
+        log.error("push to %s failed (%s: %s); the run is complete, synced and exported. Retry with: "
+                  "resnet50-recipe push %s --repo-id %s%s", ec.repo_id, type(e).__name__, e, exported, ec.repo_id,
+                  " --private" if ec.private else "")
+        return {"push_error": f"{type(e).__name__}: {e}"}
+    loop.say(f"pushed to https://huggingface.co/{ec.repo_id}")
+    return {"pushed": ec.repo_id}
 
 
 def make_summary(recipe: Recipe, t: Trainer, history: list[dict], best: dict | None, wall_time_s: float,
@@ -574,12 +691,13 @@ def _epoch_line(r: dict, epochs: int) -> str:
     return line + f" ({r['epoch_time_s']:.1f} s)"
 
 
-def snapshot(t: Trainer, epoch: int, step_in_epoch: int, best: dict | None, best_checkpoint: dict | None,
-             history: list, elapsed_s: float, classes: list[str]) -> dict:
+def snapshot(t: Trainer, epoch: int, step_in_epoch: int, progress: Progress, classes: list[str],
+             lineage: dict | None = None, pending_eval: dict | None = None) -> dict:
     """The whole training state (docs/DESIGN.md, section 3) as CPU copies, taken at a step boundary.
 
     `epoch` is the epoch to run next and `step_in_epoch` the samples of it already consumed, counted in the
-    global sample order so that the position survives a change of process count.
+    global sample order so that the position survives a change of process count. `pending_eval` is the record
+    of an epoch whose evaluation a stop cut short.
     """
     return {
         "format": ckpt.FORMAT,
@@ -593,8 +711,10 @@ def snapshot(t: Trainer, epoch: int, step_in_epoch: int, best: dict | None, best
         "loop": {"epoch_loss": ckpt.cpu_copy(t.epoch_loss), "window_loss": ckpt.cpu_copy(t.window_loss),
                  "window_steps": t.window_steps, "bad_images": list(t.bad_images)},
         "rng": ckpt.rng_state(),
-        "best": best, "best_checkpoint": best_checkpoint, "metrics": [dict(r) for r in history],
-        "elapsed_s": elapsed_s, "recipe": to_dict(t.recipe), "versions": versions(), "class_names": classes,
+        "best": progress.best, "best_checkpoint": progress.best_checkpoint,
+        "metrics": [dict(r) for r in progress.history], "pending_eval": pending_eval,
+        "elapsed_s": progress.elapsed(), "recipe": to_dict(t.recipe), "versions": versions(), "class_names": classes,
+        "lineage": lineage or ckpt.new_lineage(),
     }
 
 

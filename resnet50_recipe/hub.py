@@ -37,8 +37,9 @@ def resolve_source(source: str | Path, weights: str) -> tuple[Path, str]:
     if source.is_dir():
         folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
         manifest = ckpt.read_manifest(folder)
-        if manifest is None:
-            raise FileNotFoundError(f"{source}: no checkpoints/latest.json; pass a run directory or a checkpoint")
+        if manifest is None or not manifest.get("file"):
+            raise FileNotFoundError(f"{source}: no checkpoint recorded in checkpoints/latest.json; pass a run "
+                                    "directory that has one, or a checkpoint file")
         if weights == "best":
             best = manifest.get("best")
             if not best or not best.get("file"):

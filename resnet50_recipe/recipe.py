@@ -168,6 +168,7 @@ class CheckpointConfig:
     endpoint_url: Optional[str] = None
     checksum: Literal["when_supported", "when_required"] = "when_supported"
     upload_timeout_s: float = field(default=600.0, metadata=_range(0, lo_open=True))
+    stop_timeout_s: float = field(default=100.0, metadata=_range(0, lo_open=True))
     spot_notice: Literal["auto", "on", "off"] = "auto"
     imds_endpoint: Optional[str] = None
     spot_poll_s: float = field(default=5.0, metadata=_range(0, lo_open=True))
@@ -234,18 +235,49 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_scalar(text: str) -> Any:
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A YAML mapping, where a key written twice is an error: YAML itself lets the last one win, silently."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise RecipeError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line "
+                              f"{seen[key] + 1}); write each key once")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def parse_scalar(text: str, where: str = "--set") -> Any:
     """Parse an override value the way the recipe file would: `0.1` is a float, `null` is None."""
-    return yaml.load(text, Loader=_Loader) if text.strip() else ""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except (yaml.YAMLError, RecipeError) as e:
+        raise RecipeError(f"{where}: {text!r} is not a valid YAML value ({str(e).splitlines()[0]}); quote a string "
+                          "that holds YAML syntax, e.g. --set 'augment.auto_augment=\"rand-m9\"'") from None
 
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file (it is not UTF-8); a recipe is a YAML file") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
     if data is None:
-        return {}
+        # An empty file would train every default (a ResNet-50) on whatever --data names: surely a mistake.
+        raise RecipeError(f"{path}: the recipe is empty; write its sections, or `extends: smoke` (a shipped "
+                          "recipe) to start from one")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -268,6 +300,8 @@ def resolve_recipe_path(source: str | Path, relative_to: Path | None = None) -> 
         candidate = relative_to / candidate
     if candidate.is_file():
         return candidate
+    if candidate.is_dir():
+        raise RecipeError(f"recipe {str(source)!r} is a folder; give a YAML file or a shipped recipe name")
     shipped = shipped_recipes()
     name = Path(str(source)).name
     name = name[:-5] if name.endswith(".yaml") else name
@@ -319,9 +353,13 @@ def _compose(data: dict, where: str, folder: Path | None, origins: dict[str, str
     parents = data.pop("extends", None)
     _check_keys(Recipe, data, "", where)
     merged: dict = {}
+    if parents is not None and not isinstance(parents, (str, list)):
+        raise RecipeError(f"{where}: `extends` must be a recipe file or shipped name, or a list of them, got "
+                          f"{parents!r}")
     for parent in [parents] if isinstance(parents, str) else (parents or []):
         if not isinstance(parent, str):
-            raise RecipeError(f"{where}: `extends` must be a file name or a list of them, got {parent!r}")
+            raise RecipeError(f"{where}: `extends` must be a recipe file or shipped name, or a list of them, got "
+                              f"{parent!r} in the list")
         merged = _merge(merged, _load_file(resolve_recipe_path(parent, folder or Path.cwd()), origins, chain))
     _record_origins(data, "", where, origins)
     return _merge(merged, data)
@@ -358,7 +396,7 @@ def _apply_override(data: dict, item: str, origins: dict[str, str]) -> None:
             raise RecipeError(_unknown_key_message("--set", prefix, key, names))
         sub = _dataclass_of(typing.get_type_hints(cls)[key])
         if depth == len(keys) - 1:
-            node[key] = parse_scalar(text)
+            node[key] = parse_scalar(text, f"--set {dotted.strip()}")
         else:
             if sub is None:
                 raise RecipeError(f"--set {dotted}: {'.'.join(keys[:depth + 1])} is a value, not a section")
@@ -534,9 +572,10 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 
 # Keys that change where or how fast a run goes, not what it computes: they may differ on resume.
 # train.batch_size is per process: what must match is the global batch, checked on its own.
-RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "train.device", "train.compile",
-               "train.channels_last", "train.deterministic", "train.stop_sync_every", "train.batch_size",
-               "optim.fused", "log.", "checkpoint.", "export.")
+# data.bad_images changes nothing unless an image is unreadable, and then only whether the run goes on.
+RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "data.bad_images", "train.device",
+               "train.compile", "train.channels_last", "train.deterministic", "train.stop_sync_every",
+               "train.batch_size", "optim.fused", "log.", "checkpoint.", "export.")
 
 
 def recipe_diff(old: Mapping, new: Mapping) -> list[str]:
@@ -600,6 +639,10 @@ def check_names(recipe: Recipe) -> None:
     if recipe.checkpoint.remote is not None and not re.fullmatch(r"s3://[^/]+(/.*)?", recipe.checkpoint.remote):
         raise RecipeError(f"checkpoint.remote: {recipe.checkpoint.remote!r} is not an S3 URL; expected "
                           "s3://bucket/prefix")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", recipe.name):
+        # The name is the default run directory runs/<name> and the remote run's folder: no path separators.
+        raise RecipeError(f"name: {recipe.name!r} is not a run name; use letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit")
     if recipe.train.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+",
                                                                                        recipe.train.device):
         raise RecipeError(f"train.device: invalid value {recipe.train.device!r}; expected auto, cpu, cuda, "

@@ -18,15 +18,23 @@ from typing import Callable
 from .recipe import Recipe, to_yaml
 from .runtime import versions, write_json
 
-ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "checkpoints", "export",
-             "tensorboard", "wandb", "wandb.json", "report")
+# What a fresh start replaces. checkpoints/ is not among them: its files belong to lineages, which the lineage
+# rule sets aside or deletes (lifecycle.prepare), never this.
+ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "export", "tensorboard",
+             "wandb", "wandb.json", "report")
+RESULTS = ("summary.json", "export")
 
 
-def prepare_run_dir(out: Path, force: bool) -> None:
-    """Clear `out` for a fresh run. Checkpoints are never deleted without `force`; old logs are replaced."""
-    if any((out / "checkpoints").glob("ckpt-*.pt")) and not force:
-        raise FileExistsError(f"{out} holds checkpoints of an earlier run; resume it (the default, --resume auto), "
-                              "pass --output DIR for a new run, or --force to delete them and start over")
+def check_replaceable(out: Path, force: bool) -> None:
+    """A fresh start in `out` replaces its logs; a finished run's results are never replaced without `force`."""
+    results = [name for name in RESULTS if (out / name).exists()]
+    if results and not force:
+        raise FileExistsError(f"{out} holds the results of an earlier run ({', '.join(results)}) and no checkpoint "
+                              "to resume; pass --output DIR for a new run, or --force to replace them")
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove an earlier run's logs and results for a fresh start (checkpoints/ is the lineage rule's)."""
     for name in ARTEFACTS:
         path = out / name
         if path.is_dir():

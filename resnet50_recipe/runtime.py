@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .recipe import TrainConfig
+from .recipe import RecipeError, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,16 @@ class Runtime:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return tensor
 
+    def broadcast(self, obj):
+        """Rank 0's object on every rank; a no-op in a single process. For small decisions (the run's opening:
+        a path, a lineage, an error), which pickle, never for tensors."""
+        if not self.distributed:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -58,7 +68,7 @@ def pick_device(name: str) -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device: {name!r} asked for, but torch sees no CUDA device; use auto or cpu")
+        raise RecipeError(f"train.device: {name!r} asked for, but torch sees no CUDA device; use auto or cpu")
     return torch.device(name)
 
 

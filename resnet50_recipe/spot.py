@@ -1,7 +1,8 @@
 """One stop event, set by signals or by the EC2 spot interruption notice.
 
-- SIGTERM, SIGINT and SIGUSR1 ask for a stop: the loop finishes its step, checkpoints and exits 75. A second
-  SIGINT exits at once.
+- SIGTERM, SIGINT and SIGUSR1 ask for a stop: the loop finishes its step, checkpoints and exits 75. Only a
+  second SIGINT exits at once, whatever asked for the stop first: a Ctrl-C after a spot notice is the first
+  Ctrl-C, a request to stop that is already under way.
 - On EC2 a thread polls the instance metadata service (IMDSv2) every few seconds. AWS announces a spot
   interruption there two minutes ahead, while the OS only gets SIGTERM at the end of those two minutes. A
   rebalance recommendation (an earlier, softer warning) asks for an extra checkpoint instead of a stop.
@@ -31,12 +32,19 @@ class StopControl:
         self.checkpoint_now = threading.Event()
         self.reason: str | None = None
         self.deadline: float | None = None  # epoch seconds by which the checkpoint must be safe, when known
+        self.interrupts = 0  # SIGINTs received: the second one exits at once
 
     def request_stop(self, reason: str, deadline: float | None = None) -> None:
         if not self.stop.is_set():
             self.reason, self.deadline = reason, deadline
             log.warning("stop requested: %s", reason)
+        elif deadline is not None and (self.deadline is None or deadline < self.deadline):
+            self.deadline = deadline  # a spot notice after a signal: its deadline is the one that holds
         self.stop.set()
+
+    def stop_deadline(self, default_s: float) -> float:
+        """Epoch seconds by which a stop must be complete: the notice's deadline, or `default_s` from now."""
+        return self.deadline if self.deadline is not None else time.time() + default_s
 
 
 def install_signal_handlers(control: StopControl) -> dict:
@@ -46,8 +54,13 @@ def install_signal_handlers(control: StopControl) -> dict:
 
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
-        if signum == signal.SIGINT and control.stop.is_set():
-            os._exit(130)  # the second Ctrl-C: the user wants out now, checkpoint or not
+        if signum == signal.SIGINT:
+            control.interrupts += 1
+            if control.interrupts > 1:
+                os._exit(130)  # the second Ctrl-C: the user wants out now, checkpoint or not
+            if control.stop.is_set():
+                log.warning("SIGINT received: already stopping (%s); press Ctrl-C again to exit at once, "
+                            "without waiting for the checkpoint", control.reason)
         control.request_stop(f"{name} received")
 
     previous = {}

@@ -83,7 +83,10 @@ class S3Store:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key(name))
         except self.client.exceptions.NoSuchKey:
             return None, None
-        return json.loads(response["Body"].read()), response["ETag"]
+        try:
+            return json.loads(response["Body"].read()), response["ETag"]
+        except ValueError:
+            raise ValueError(f"{self.remote}/{name}: not valid JSON") from None
 
     def put_json(self, name: str, data: dict, etag: str | None) -> str:
         """Conditional put: only over the version we read (If-Match), or only if absent (If-None-Match)."""
@@ -94,6 +97,18 @@ class S3Store:
 
     def delete(self, name: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
+
+    def copy(self, source: str, name: str) -> None:
+        """A server-side copy within the prefix (multipart above 5 GB, by s3transfer): no bytes travel here."""
+        self.client.copy({"Bucket": self.bucket, "Key": self.key(source)}, self.bucket, self.key(name),
+                         Config=self.transfer)
+
+    def manifest(self) -> tuple[dict | None, str | None]:
+        """The remote checkpoints/latest.json and its ETag; ValueError when it is not a manifest."""
+        data, etag = self.get_json(f"checkpoints/{ckpt.MANIFEST}")
+        if data is not None:
+            ckpt.check_manifest(data, f"{self.remote}/checkpoints/{ckpt.MANIFEST}")
+        return data, etag
 
     def list(self, sub: str = "") -> list[str]:
         """Names (relative to the prefix) of every object under `sub`."""
@@ -142,6 +157,10 @@ def expected_etag(path: Path, size: int) -> str:
     return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
+class RemoteSuperseded(RemoteError):
+    """The remote pointer belongs to a newer lineage: another run started afresh on this prefix."""
+
+
 class Uploader:
     """Uploads committed checkpoints and the run's small files on a background thread.
 
@@ -149,16 +168,23 @@ class Uploader:
     conditional put, then delete what falls out of retention. Only the newest pending checkpoint is kept when
     uploads fall behind. Failures are retried with backoff and never stop training; checkpoints that never
     made it are listed in `failed`.
+
+    Lineages (docs/DESIGN.md): the remote pointer follows this run's lineage only. An older lineage found there
+    is set aside (`claim`); a newer one means another run took the prefix over, and this one stops uploading
+    rather than fight it. Retention deletes only files of this lineage that the pointer it replaced listed.
     """
 
-    def __init__(self, store: S3Store, run_dir: Path, keep_last: int, keep_best: bool = True):
+    def __init__(self, store: S3Store, run_dir: Path, keep_last: int, keep_best: bool = True,
+                 lineage: dict | None = None):
         self.store, self.run_dir, self.keep_last, self.keep_best = store, run_dir, keep_last, keep_best
+        self.lineage = lineage or ckpt.new_lineage()
         self._cond = threading.Condition()
         self._pending: dict | None = None  # the local manifest naming the checkpoint to upload
         self._files_pending = False
         self._busy = False
         self._closed = False
         self.failed: list[str] = []
+        self.superseded: str | None = None
         self.last_upload_s: float | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
         self._thread.start()
@@ -184,17 +210,28 @@ class Uploader:
             self._files_pending = True
             self._cond.notify_all()
 
-    def drain(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def unfinished(self) -> list[str]:
+        """What has not reached the store yet: the pending checkpoint, the run's files."""
+        with self._cond:
+            left = [f"upload of checkpoints/{self._pending['file']}"] if self._pending is not None else []
+            if self._files_pending or (self._busy and self._pending is None):
+                left.append("sync of the run's files")
+            return left
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until everything submitted is in the store; False when `timeout` seconds passed first. There is
+        always a deadline: a store that is down must not hold a stopping run past its notice."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             while self._pending is not None or self._files_pending or self._busy:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     return False
-                self._cond.wait(remaining if remaining is not None else 1.0)
+                self._cond.wait(remaining)
         return True
 
     def close(self) -> None:
+        """Stop the thread once it is idle; one still retrying gives up after its current attempt."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -222,7 +259,17 @@ class Uploader:
                     if files:
                         self._files_pending = self._pending is not None
                 delay = 1.0
+            except RemoteSuperseded as e:  # permanent: never overwrite another run's pointer
+                log.error("%s; this run's checkpoints stay local from now on", e)
+                with self._cond:
+                    self.superseded = str(e)
+                    self.failed += [self._pending["file"]] if self._pending else []
+                    self._pending, self._files_pending, self._closed = None, False, True
+                return
             except Exception as e:  # network or store failure: warn, back off, try again; training goes on
+                with self._cond:
+                    if self._closed:  # the run has ended: what is left was reported as unfinished
+                        return
                 log.warning("upload to %s failed (%s); retrying in %.0f s", self.store.remote, e, delay)
                 with self._cond:
                     self._busy = False
@@ -235,8 +282,7 @@ class Uploader:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _upload_checkpoint(self, manifest: dict) -> None:
-        entry = {k: manifest[k] for k in ("file", "step", "epoch", "sha256", "size")}
+    def _ensure_uploaded(self, entry: dict) -> None:
         local = self.run_dir / "checkpoints" / entry["file"]
         name = f"checkpoints/{entry['file']}"
         head = self.store.head(name)
@@ -247,19 +293,40 @@ class Uploader:
         if head is None or head["ContentLength"] != entry["size"] or head["ETag"].strip('"') != expected:
             self.store.delete(name)
             raise RemoteError(f"{name}: the uploaded object does not match the local file; deleted it")
+
+    def _upload_checkpoint(self, manifest: dict) -> None:
+        entry = {k: manifest[k] for k in ("file", "step", "epoch", "sha256", "size")}
+        entry["run_id"] = self.lineage["run_id"]
+        remote, _ = self.store.manifest()
+        if remote is not None and ckpt.lineage_of(remote)["run_id"] != self.lineage["run_id"]:
+            claim(self.store, self.lineage)  # before any upload, which could overwrite a same-named file of theirs
+        self._ensure_uploaded(entry)
+        best = manifest.get("best")
+        best_entry = next((e for e in manifest.get("checkpoints", []) if best and e["file"] == best.get("file")),
+                          None)
+        if best_entry is not None and best_entry["file"] != entry["file"] and \
+                (self.run_dir / "checkpoints" / best_entry["file"]).is_file():
+            self._ensure_uploaded(best_entry)  # the pointer's `best` must name an object that is there
         # Only now may the pointer name it. The conditional put makes a concurrent writer fail, not interleave.
         for _ in range(3):
-            remote, etag = self.store.get_json(f"checkpoints/{ckpt.MANIFEST}")
-            entries = [e for e in (remote or {}).get("checkpoints", []) if e["file"] != entry["file"]] + [entry]
+            remote, etag = self.store.manifest()
+            if remote is not None and ckpt.lineage_of(remote)["run_id"] != self.lineage["run_id"]:
+                claim(self.store, self.lineage)
+                continue
+            listed = (remote or {}).get("checkpoints", [])
+            entries = [e for e in listed if e["file"] != entry["file"]] + [entry]
+            if best_entry is not None and not any(e["file"] == best_entry["file"] for e in entries):
+                entries.append({**best_entry, "run_id": self.lineage["run_id"]})
             entries.sort(key=lambda e: e["step"])
-            best = manifest.get("best")
+            remote_best = best if best_entry is not None else (remote or {}).get("best")
             keep = {e["file"] for e in entries[-self.keep_last:]} | {entry["file"]}
-            if self.keep_best and best and best.get("file") and any(e["file"] == best["file"] for e in entries):
-                keep.add(best["file"])
+            if self.keep_best and remote_best and remote_best.get("file"):
+                keep.add(remote_best["file"])
             kept = [e for e in entries if e["file"] in keep]
             try:
-                self.store.put_json(f"checkpoints/{ckpt.MANIFEST}", {**entry, "best": best, "checkpoints": kept},
-                                    etag)
+                self.store.put_json(f"checkpoints/{ckpt.MANIFEST}", {
+                    **entry, "lineage": self.lineage, "run_id": self.lineage["run_id"], "best": remote_best,
+                    "checkpoints": kept, "lineages": (remote or {}).get("lineages", [])}, etag)
                 break
             except self.store.client.exceptions.ClientError as e:
                 if e.response["Error"]["Code"] != "PreconditionFailed":
@@ -267,10 +334,9 @@ class Uploader:
                 log.warning("the remote latest.json changed under us; reading it again")
         else:
             raise RemoteError("could not update the remote latest.json: another writer keeps changing it")
-        for other in self.store.list("checkpoints/"):
-            base = other.rsplit("/", 1)[-1]
-            if base.startswith("ckpt-") and base not in keep:
-                self.store.delete(other)
+        for e in listed:  # only what the replaced pointer listed for this lineage: never another writer's files
+            if e["file"] not in keep:
+                self.store.delete(f"checkpoints/{e['file']}")
 
     def _upload_files(self) -> None:
         for name in SYNCED_FILES:
@@ -284,31 +350,102 @@ class Uploader:
                         self.store.upload_file(path, f"{folder}/{path.name}")
 
 
-def fetch_latest(store: S3Store, folder: Path, newer_than: int, keep_last: int) -> bool:
-    """Download the newest remote checkpoint newer than step `newer_than` that passes its sha256 check into
-    the local `folder` and record it in the local manifest. A corrupt remote object is reported and the
-    previous one tried. Returns whether one was fetched."""
-    remote, _ = store.get_json(f"checkpoints/{ckpt.MANIFEST}")
-    if remote is None:
-        return False
+def claim(store: S3Store, lineage: dict) -> None:
+    """Make `lineage` the remote's current one before it uploads anything. The checkpoints of the lineage the
+    pointer named are copied aside into `checkpoints/lineages/<run_id>/` (server-side) and listed under
+    `lineages`, then the pointer names the new lineage, then the originals go: nothing is lost, and no fresh
+    machine resumes the abandoned lineage. A newer lineage already there is never displaced."""
+    for _ in range(3):
+        remote, etag = store.manifest()
+        if remote is None or ckpt.lineage_of(remote)["run_id"] == lineage["run_id"]:
+            if remote is None:
+                try:
+                    store.put_json(f"checkpoints/{ckpt.MANIFEST}", {
+                        "lineage": lineage, "run_id": lineage["run_id"], "best": None, "checkpoints": [],
+                        "lineages": []}, None)
+                except store.client.exceptions.ClientError as e:
+                    if e.response["Error"]["Code"] == "PreconditionFailed":
+                        continue  # someone wrote one meanwhile: look at it
+                    raise
+            return
+        theirs = ckpt.lineage_of(remote)
+        if theirs["started"] > lineage["started"]:
+            raise RemoteSuperseded(f"{store.remote}: the remote checkpoints belong to lineage {theirs['run_id']}, "
+                                   f"started after this run's {lineage['run_id']}: another run has started afresh "
+                                   "on this prefix")
+        folder = f"lineages/{theirs['run_id']}"
+        moved = []
+        for entry in remote["checkpoints"]:
+            try:
+                store.copy(f"checkpoints/{entry['file']}", f"checkpoints/{folder}/{entry['file']}")
+                moved.append(entry)
+            except store.client.exceptions.ClientError as e:
+                if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                    raise
+        record = {**theirs, "folder": folder, "checkpoints": moved}
+        try:
+            store.put_json(f"checkpoints/{ckpt.MANIFEST}", {
+                "lineage": lineage, "run_id": lineage["run_id"], "best": None, "checkpoints": [],
+                "lineages": remote.get("lineages", []) + ([record] if moved else [])}, etag)
+        except store.client.exceptions.ClientError as e:
+            if e.response["Error"]["Code"] == "PreconditionFailed":
+                continue
+            raise
+        for entry in moved:
+            store.delete(f"checkpoints/{entry['file']}")
+        log.info("lineage %s: its %d remote checkpoint(s) are kept in %s/checkpoints/%s", theirs["run_id"],
+                 len(moved), store.remote, folder)
+        return
+    raise RemoteError(f"{store.remote}: could not claim the remote latest.json: another writer keeps changing it")
+
+
+def stage_remote(store: S3Store, folder: Path, manifest: dict, newer_than: int) -> tuple[Path, dict] | None:
+    """Download the newest checkpoint the remote manifest lists, newer than step `newer_than`, that passes its
+    sha256 check, to a hidden temp file in `folder`; return it with its entry. Nothing is installed: the caller
+    checks the checkpoint against the recipe and data first (`install_staged`). A corrupt or vanished object
+    is reported and the previous one tried."""
     folder.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(remote.get("checkpoints", [remote]), key=lambda e: e["step"], reverse=True):
+    for entry in sorted(manifest["checkpoints"], key=lambda e: e["step"], reverse=True):
         if entry["step"] <= newer_than:
-            return False
+            return None
         tmp = folder / f".{entry['file']}.tmp-{os.getpid()}"
-        store.download_file(f"checkpoints/{entry['file']}", tmp)
+        try:
+            store.download_file(f"checkpoints/{entry['file']}", tmp)
+        except store.client.exceptions.ClientError as e:
+            if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
+                raise
+            log.warning("remote checkpoint %s/checkpoints/%s is listed but gone; trying the previous one",
+                        store.remote, entry["file"])
+            continue
         problem = ckpt.verify(tmp, entry)
         if problem:
             log.warning("remote checkpoint %s/checkpoints/%s is %s; trying the previous one", store.remote,
                         entry["file"], problem)
             tmp.unlink()
             continue
-        os.replace(tmp, folder / entry["file"])
-        best = remote.get("best") if (remote.get("best") or {}).get("file") == entry["file"] else None
-        ckpt.commit(folder, {k: entry[k] for k in ("file", "step", "epoch", "sha256", "size")}, best, keep_last)
-        log.info("fetched %s/checkpoints/%s (step %d)", store.remote, entry["file"], entry["step"])
-        return True
-    return False
+        return tmp, entry
+    return None
+
+
+def install_staged(store: S3Store, folder: Path, staged: tuple[Path, dict], manifest: dict, keep_last: int) -> None:
+    """Put a staged download in place and record it, in the remote's lineage, in the local manifest."""
+    tmp, entry = staged
+    os.replace(tmp, folder / entry["file"])
+    best = manifest.get("best") if (manifest.get("best") or {}).get("file") == entry["file"] else None
+    ckpt.commit(folder, {k: entry[k] for k in ("file", "step", "epoch", "sha256", "size")}, best, keep_last,
+                lineage=ckpt.lineage_of(manifest))
+    log.info("fetched %s/checkpoints/%s (step %d)", store.remote, entry["file"], entry["step"])
+
+
+def fetch_latest(store: S3Store, folder: Path, newer_than: int, keep_last: int) -> bool:
+    """Download the newest remote checkpoint newer than step `newer_than` that passes its sha256 check into
+    the local `folder` and record it in the local manifest. Returns whether one was fetched."""
+    manifest, _ = store.manifest()
+    staged = stage_remote(store, folder, manifest, newer_than) if manifest is not None else None
+    if staged is None:
+        return False
+    install_staged(store, folder, staged, manifest, keep_last)
+    return True
 
 
 def pull_files(store: S3Store, run_dir: Path) -> None:
@@ -328,8 +465,8 @@ def list_runs(store: S3Store) -> list[dict]:
         sub = store.child(run)
         manifest, _ = sub.get_json(f"checkpoints/{ckpt.MANIFEST}")
         summary, _ = sub.get_json("summary.json")
-        runs.append({"run": sub.remote, "epoch": manifest["epoch"],
-                     "step": manifest["step"], "top1": (summary or {}).get("top1"),
+        runs.append({"run": sub.remote, "epoch": manifest.get("epoch", 0),
+                     "step": manifest.get("step", 0), "top1": (summary or {}).get("top1"),
                      "best_top1": (summary or {}).get("best_top1"), "stopped": (summary or {}).get("stopped")})
     return runs
 

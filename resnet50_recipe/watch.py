@@ -89,7 +89,7 @@ def snapshot(run: dict, now: float | None = None) -> dict:
         snap.update(top1=e["top1"], ema_top1=e.get("ema_top1"), eval_epoch=e["epoch"] + 1)
     snap["eta_s"] = _eta(total, global_step, plan, steps, epochs) if status == "running" else None
     manifest = run["manifest"]
-    if manifest:
+    if manifest and manifest.get("file"):  # a new lineage lists no checkpoint until its first one
         snap["checkpoint"] = {"file": manifest["file"], "step": manifest["step"], "epoch": manifest["epoch"],
                               "age_s": now - run["manifest_time"] if run["manifest_time"] else None}
     costed = [r for r in records if r.get("cost_usd") is not None]

@@ -108,7 +108,7 @@ def test_the_spot_options_are_what_run_instances_is_given(cloud, tmp_path):
         "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}}
     user_data = base64.b64decode(sent[0]["UserData"]).decode()  # botocore encodes it in place, after this hook
     assert "RUN=r1\n" in user_data and f"REMOTE=s3://{cloud['bucket']}/runs/r1\n" in user_data
-    assert "--resume auto" in user_data and "RestartForceExitStatus=75" in user_data
+    assert "--resume auto" in user_data and "RestartForceExitStatus=74 75" in user_data
     assert f"PACKAGE=s3://{cloud['bucket']}/{key}\n" in user_data
 
 

@@ -7,7 +7,7 @@ from resnet50_recipe import evaluate_checkpoint, load_recipe, train
 from resnet50_recipe.checkpoint import load_state, read_manifest
 from resnet50_recipe.cli import main
 from resnet50_recipe.recipe import shipped_recipes
-from resnet50_recipe.runlog import read_metrics
+from resnet50_recipe.runlog import RunLog, read_metrics
 from resnet50_recipe.spot import StopControl
 from resnet50_recipe.synthetic import generate
 
@@ -140,9 +140,15 @@ def test_an_existing_run_is_resumed_never_overwritten_silently(tiny_data, tmp_pa
     assert train(recipe, tmp_path / "run", quiet=True, resume="never", force=True)["global_step"] == 2
 
 
-def test_stop_request_ends_at_a_step_boundary_with_a_checkpoint(tiny_data, tmp_path):
+def test_stop_request_ends_at_a_step_boundary_with_a_checkpoint(tiny_data, tmp_path, monkeypatch):
     control = StopControl()
-    control.request_stop("test")  # as if SIGTERM arrived during the first step
+    log = RunLog.log
+
+    def log_then_stop(self, record):  # as if SIGTERM arrived during the first step
+        log(self, record)
+        if record["kind"] == "step":
+            control.request_stop("test")
+    monkeypatch.setattr(RunLog, "log", log_then_stop)
     summary = train(load_recipe("smoke", tiny_overlay(tiny_data)), tmp_path / "run", quiet=True, control=control)
     assert summary["stopped"] and summary["global_step"] == 1
     folder = tmp_path / "run" / "checkpoints"
