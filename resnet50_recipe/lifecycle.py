@@ -147,12 +147,32 @@ class RunLocked(FileExistsError):
     """Another live trainer holds the run directory."""
 
 
+# Descriptors of the run locks this process holds. A forked child (a DataLoader worker) would share the lock
+# through its copy of the descriptor and keep it alive after the trainer itself was killed, so that the restart
+# found the run "in use" until the orphaned workers noticed: each child closes its copies at once. Closing a
+# copy never releases the parent's lock; only LOCK_UN or the last copy's close does.
+_held_lock_fds: set[int] = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in _held_lock_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_lock_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+
+
 class RunLock:
     """An OS lock (flock) on `<run dir>/.lock`, held for the whole run by the process that writes the directory.
 
-    The kernel drops the lock when its holder dies, however it dies, so a lock file left by a killed process is
-    stale and simply taken over. The file names its holder (pid, host, start time) for the refusal message,
-    and it is removed on release, so a refused or failed start leaves the directory's files as they were.
+    The kernel drops the lock when its holder dies, however it dies (forked children keep no copy of it), so a
+    lock file left by a killed process is stale and simply taken over. The file names its holder (pid, host,
+    start time) for the refusal message, and it is removed on release, so a refused or failed start leaves the
+    directory's files as they were.
     """
 
     def __init__(self, out: Path):
@@ -187,13 +207,14 @@ class RunLock:
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
         self.fd = fd
+        _held_lock_fds.add(fd)
         return self
 
     def release(self) -> None:
         if self.fd is None:
             return
         self.path.unlink(missing_ok=True)
-        # LOCK_UN releases it even while forked loader workers still hold copies of the descriptor.
+        _held_lock_fds.discard(self.fd)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None

@@ -65,6 +65,33 @@ def test_a_second_holder_of_the_run_directory_is_refused_and_a_stale_lock_taken_
     taken.release()
 
 
+LOCK_THEN_FORK = """
+import os, sys, time
+from pathlib import Path
+from resnet50_recipe.lifecycle import RunLock
+RunLock(Path(sys.argv[1])).acquire()
+if os.fork() == 0:  # a child that outlives its parent, as loader workers do for a while after a SIGKILL
+    time.sleep(60)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_THEN_FORK, str(tmp_path / "run")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLocked, match=f"pid {holder.pid} "):
+            RunLock(tmp_path / "run").acquire()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        RunLock(tmp_path / "run").acquire().release()  # while the orphaned child still sleeps
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "run")], check=False)
+
+
 def test_a_second_trainer_on_the_same_directory_fails_at_once(tiny_data, tmp_path):
     holder = RunLock(tmp_path / "run").acquire()  # as a running trainer holds it
     try:
@@ -364,26 +391,37 @@ def test_with_s3_down_a_stop_ends_by_its_deadline(tiny_data, s3_endpoint, tmp_pa
     assert find_latest(tmp_path / "run" / "checkpoints")[1]["global_step"] == summary["global_step"]
 
 
-def test_a_failed_push_leaves_the_run_complete_and_synced_with_status_3(tiny_data, bucket, s3_endpoint, tmp_path,
-                                                                       monkeypatch, caplog):
+@pytest.mark.parametrize("failing", ["push", "export"])
+def test_a_failed_publish_leaves_the_run_complete_and_synced_with_status_3(failing, tiny_data, bucket, s3_endpoint,
+                                                                           tmp_path, monkeypatch, caplog):
     import huggingface_hub
+
+    from resnet50_recipe import hub
 
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
 
-    def refuse(self, *args, **kwargs):
-        raise OSError("503 Service Unavailable")  # the Hub down
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    def refuse(*args, **kwargs):
+        raise OSError("503 Service Unavailable" if failing == "push" else "[Errno 28] No space left on device")
+    if failing == "push":
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)  # the Hub down
+    else:
+        monkeypatch.setattr(hub, "export", refuse)  # the disk full by the time the export is written
     recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "p"),
                                                **{"export.repo_id": "someone/tiny"}))
     summary = train(recipe, tmp_path / "run", quiet=True)
-    assert summary["exit_status"] == EXIT_PUBLISH_FAILED and "503" in summary["push_error"]
-    assert "resnet50-recipe push" in caplog.text and "--repo-id someone/tiny" in caplog.text
+    error = summary[f"{failing}_error"]
+    assert summary["exit_status"] == EXIT_PUBLISH_FAILED and ("503" if failing == "push" else "Errno 28") in error
+    retry = "resnet50-recipe push" if failing == "push" else f"resnet50-recipe export {tmp_path / 'run'}"
+    assert retry in caplog.text and ("--repo-id someone/tiny" in caplog.text or failing == "export")
     store = S3Store(f"s3://{bucket}/runs/p", s3_endpoint)
     remote_summary, _ = store.get_json("summary.json")
-    assert remote_summary["push_error"] == summary["push_error"] and remote_summary["global_step"] == 2
+    assert remote_summary[f"{failing}_error"] == error and remote_summary["global_step"] == 2
+    assert remote_summary["exit_status"] == EXIT_PUBLISH_FAILED
     assert store.manifest()[0]["step"] == 2
     names = set(store.list())
-    assert {"metrics.jsonl", "export/model.safetensors", "export/config.json"} <= names
+    assert {"metrics.jsonl", "checkpoints/latest.json", "curves.png"} <= names
+    if failing == "push":  # what was exported is synced too
+        assert {"export/model.safetensors", "export/config.json"} <= names
     assert "hf_not_a_real_token" not in (tmp_path / "run" / "summary.json").read_text()
 
 

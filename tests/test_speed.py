@@ -118,7 +118,8 @@ def test_bench_step_reports_both_sides_and_their_ratio(capsys):
                  "2", "--warmup", "1", "--trials", "2", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["trainer_img_per_s"] > 0 and result["bare_img_per_s"] > 0
-    assert result["ratio"] == pytest.approx(result["trainer_img_per_s"] / result["bare_img_per_s"], abs=1e-3)
+    # The img/s figures are rounded to 0.1, which at a few img/s on a busy machine moves their quotient by ~1 %.
+    assert result["ratio"] == pytest.approx(result["trainer_img_per_s"] / result["bare_img_per_s"], rel=0.02)
     assert result["device"] == "cpu" and result["trainer_peak_mem_gb"] is None
 
 
