@@ -191,8 +191,9 @@ def hub_download(repo: str, dest: Path, quiet: bool = False) -> Path:
         raise ValueError(f"hf:{repo}: the dataset is gated: accept its terms at {url}, then log in with "
                          "`hf auth login` or set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise ValueError(f"hf:{repo}: not found, or private and no valid token was sent ({url}); log in with "
-                         "`hf auth login` or set HF_TOKEN") from None
+        # the Hub also answers 401 for a gated or private repository when no token was sent
+        raise ValueError(f"hf:{repo}: not found, or gated or private and no valid token was sent ({url}); log in "
+                         "with `hf auth login` or set HF_TOKEN, and accept the terms of a gated dataset there") from None
     except HfHubHTTPError as e:
         raise ValueError(f"hf:{repo}: the Hub answered {e.response.status_code} ({url}); rerun to resume") from None
     return dest
