@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--short-side", type=int, help="write each image resized to this short side in pixels (e.g. "
                    "256) instead of its original bytes; smaller images keep theirs")
     q.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images (default 90)")
-    q.add_argument("--workers", type=int, help="writing processes (default: one per core but one)")
+    q.add_argument("--workers", type=int, help="writing processes (default: one per core with --short-side, "
+                   "else one)")
     q.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
     q.add_argument("--verify-md5", action="store_true",
                    help="check the archives against the official MD5s first (reads all ~155 GB once more)")

@@ -289,10 +289,10 @@ def prepare_imagenet_from(out: Path, source: str, partial: bool = False, short_s
 
     out = Path(out)
     repo = sources.hub_repo(source)
+    if (out / "train").is_dir() and (out / "val").is_dir():
+        log.info("%s already holds train/ and val/; nothing to do", out)
+        return count_images(out)
     if repo is not None:
-        if (out / "train").is_dir() and (out / "val").is_dir():
-            log.info("%s already holds train/ and val/; nothing to do", out)
-            return count_images(out)
         folder = sources.hub_download(repo, Path(archive_dir or out.parent / repo.replace("/", "--")), quiet)
     else:
         folder = Path(source)
@@ -319,17 +319,21 @@ def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: in
     renamed, so an interrupted run (a signal, a dropped archive) leaves nothing that could be taken for
     complete, and a rerun skips the files already there. `short_side` writes each image resized (images.
     write_image) instead of its bytes, on `workers` processes."""
+    from .data import usable_cores
     from .images import verify, write_images
 
     if short_side is not None and short_side < 16:
         raise ValueError(f"--short-side {short_side}: expected at least 16 pixels")
+    # Decoding and resizing want every core (the main process only reads the archive); a plain copy is
+    # bound by the disk, and one process does it fastest (BENCHMARKS.md).
+    writers = workers if workers is not None else (usable_cores() if short_side else 1)
     out.mkdir(parents=True, exist_ok=True)
     for split in ("val", "train"):
         if (out / split).is_dir():
             continue
-        jobs = _jobs(streams[split](), out / f".{split}.partial", short_side, quality)
+        jobs = folder_jobs(streams[split](), out / f".{split}.partial", short_side, quality)
         try:
-            results = write_images(jobs, workers, IMAGENET_COUNTS[split], split, quiet)
+            results = write_images(jobs, writers, IMAGENET_COUNTS[split], split, quiet)
         except (tarfile.TarError, EOFError, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
@@ -340,7 +344,7 @@ def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: in
             raise ValueError(f"{out}: {len(failed)} images could not be decoded for resizing, e.g. {failed[0]}; "
                              "the rest is kept, and a rerun without --short-side writes them as they are")
     counts = _check_counts(out, partial)
-    report = verify(out, workers=workers, quiet=quiet)
+    report = verify(out, workers=workers or usable_cores(), quiet=quiet)
     if report["problems"]:
         log.warning("%s: %d images need attention (%s), listed in %s; `resnet50-recipe data verify %s --fix` "
                     "re-encodes the fixable ones", out, len(report["problems"]),
@@ -348,7 +352,8 @@ def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: in
     return counts
 
 
-def _jobs(items, folder: Path, short_side: int | None, quality: int):
+def folder_jobs(items, folder: Path, short_side: int | None, quality: int):
+    """images.write_image jobs writing (wnid, file name, data) items into folder/<wnid>/<file name>."""
     made = set()
     for wnid, name, data in items:
         if wnid not in made:
