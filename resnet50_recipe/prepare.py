@@ -369,7 +369,8 @@ def folder_jobs(items, folder: Path, short_side: int | None, quality: int):
 def _check_counts(out: Path, partial: bool) -> dict:
     """Rename out/.<split>.partial to out/<split> once the counts are ImageNet-1k's (or `partial` accepts
     others) and train and val have the same classes."""
-    folders = {split: out / split if (out / split).is_dir() else out / f".{split}.partial" for split in ("train", "val")}
+    folders = {split: out / split if (out / split).is_dir() else out / f".{split}.partial"
+               for split in ("train", "val")}
     counts = {split: _count(folder) for split, folder in folders.items()}
     expected = {"train": (IMAGENET_COUNTS["classes"], IMAGENET_COUNTS["train"]),
                 "val": (IMAGENET_COUNTS["classes"], IMAGENET_COUNTS["val"])}

@@ -173,7 +173,7 @@ def hub_download(repo: str, dest: Path, quiet: bool = False) -> Path:
     """Download the ImageNet files of Hub dataset `repo` into `dest` with huggingface_hub, which resumes
     partial files and takes the token from HF_TOKEN or `hf auth login`. Returns `dest`."""
     from huggingface_hub import constants, list_repo_files, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     from huggingface_hub.utils import disable_progress_bars
 
     url = f"{constants.ENDPOINT}/datasets/{repo}"
@@ -192,10 +192,12 @@ def hub_download(repo: str, dest: Path, quiet: bool = False) -> Path:
                          "`hf auth login` or set HF_TOKEN") from None
     except RepositoryNotFoundError:
         # the Hub also answers 401 for a gated or private repository when no token was sent
-        raise ValueError(f"hf:{repo}: not found, or gated or private and no valid token was sent ({url}); log in "
-                         "with `hf auth login` or set HF_TOKEN, and accept the terms of a gated dataset there") from None
+        raise ValueError(f"hf:{repo}: not found, or gated or private and no valid token was sent ({url}); log "
+                         "in with `hf auth login` or set HF_TOKEN, and accept a gated dataset's terms there") from None
     except HfHubHTTPError as e:
         raise ValueError(f"hf:{repo}: the Hub answered {e.response.status_code} ({url}); rerun to resume") from None
+    except LocalEntryNotFoundError:  # snapshot_download's word for a Hub it cannot reach
+        raise ValueError(f"hf:{repo}: cannot reach {constants.ENDPOINT}; rerun to resume the download") from None
     return dest
 
 
