@@ -124,8 +124,7 @@ def prepare_imagenette(out: Path, size: str = "160", url: str | None = None, exp
     if size not in IMAGENETTE:
         raise ValueError(f"imagenette size {size!r}: expected one of {', '.join(IMAGENETTE)}")
     out = Path(out)
-    if (out / "train").is_dir() and (out / "val").is_dir():
-        log.info("%s already holds train/ and val/; nothing to do", out)
+    if _finished(out):
         return count_images(out)
     official_url, official_md5 = IMAGENETTE[size]
     url = url or official_url
@@ -157,6 +156,13 @@ def _safe() -> dict:
     # tarfile's "data" filter refuses absolute paths, links out of the tree and device files (Python >= 3.12
     # and the 3.10/3.11 security releases); older Pythons get the historical behaviour.
     return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+def _finished(out: Path) -> bool:
+    if (out / "train").is_dir() and (out / "val").is_dir():
+        log.info("%s already holds train/ and val/; nothing to do", out)
+        return True
+    return False
 
 
 def count_images(root: Path) -> dict:
@@ -270,8 +276,7 @@ def prepare_imagenet(out: Path, train_tar: str, val_tar: str, devkit: str, verif
             got = _md5_of(source, quiet)
             if got != want:
                 raise ValueError(f"{source}: md5 {got} is not the official {name}'s {want}")
-    if (out / "train").is_dir() and (out / "val").is_dir():
-        log.info("%s already holds train/ and val/; nothing to do", out)
+    if _finished(out):
         return count_images(out)
     id_to_wnid, truth = parse_devkit(sources["devkit"])
     streams = {"val": lambda: _val_items(sources["val"], id_to_wnid, truth),
@@ -289,10 +294,9 @@ def prepare_imagenet_from(out: Path, source: str, partial: bool = False, short_s
 
     out = Path(out)
     repo = sources.hub_repo(source)
-    if (out / "train").is_dir() and (out / "val").is_dir():
-        log.info("%s already holds train/ and val/; nothing to do", out)
-        return count_images(out)
     if repo is not None:
+        if _finished(out):
+            return count_images(out)
         folder = sources.hub_download(repo, Path(archive_dir or out.parent / repo.replace("/", "--")), quiet)
     else:
         folder = Path(source)
@@ -305,6 +309,8 @@ def prepare_imagenet_from(out: Path, source: str, partial: bool = False, short_s
                                 workers=workers, quiet=quiet)
     if verify_md5:
         raise ValueError(f"--verify-md5 checks the official ILSVRC2012 archives; {folder} holds the {layout} layout")
+    if _finished(out):
+        return count_images(out)
     log.info("%s: %s layout", folder, layout)
     streams = {split: (lambda split=split: sources.split_items(folder, layout, split)) for split in ("val", "train")}
     return write_imagenet(out, streams, short_side, quality, workers, partial, quiet)
