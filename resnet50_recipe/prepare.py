@@ -351,7 +351,9 @@ def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: in
                              "the rest is kept, and a rerun without --short-side writes them as they are")
     counts = _check_counts(out, partial)
     report = verify(out, workers=workers or usable_cores(), quiet=quiet)
-    if report["problems"]:
+    if not report["problems"]:
+        log.info("%s: every image decodes (report: %s)", out, out / "verify.json")
+    else:
         log.warning("%s: %d images need attention (%s), listed in %s; `resnet50-recipe data verify %s --fix` "
                     "re-encodes the fixable ones", out, len(report["problems"]),
                     ", ".join(f"{n} {k}" for k, n in report["counts"].items() if n), out / "verify.json", out)

@@ -151,7 +151,7 @@ def shard_items(shards: list[Path]) -> Iterator[tuple[str, str, bytes]]:
 
 
 def _sample(shard: Path, key: str, sample: dict[str, bytes], wnids: list[str]) -> tuple[str, str, bytes]:
-    image = next((ext for ext in ("jpg", "jpeg", "png", "webp") if ext in sample), None)
+    image = next((suffix[1:] for suffix in IMAGE_SUFFIXES if suffix[1:] in sample), None)
     if image is None:
         raise ValueError(f"{shard}: sample {key} has no image (found {', '.join(sorted(sample))})")
     meta = json.loads(sample["json"]) if "json" in sample else {}

@@ -185,7 +185,7 @@ def test_sigterm_mid_unpack_then_rerun_finishes_with_the_right_counts(tmp_path):
     per_class = {wnid: 60 for wnid in WNIDS}
     source = make_kaggle(tmp_path / "kaggle", size=(640, 480), per_class=per_class)
     out = tmp_path / "imagenet"
-    args = ["data", "imagenet", str(out), "--from", str(source), "--short-side", "64", "--partial", "--workers", "2",
+    args = ["data", "imagenet", str(out), "--from", str(source), "--short-side", "256", "--partial", "--workers", "2",
             "--quiet"]
     proc = run_cli(*args)
     partial = out / ".train.partial"
