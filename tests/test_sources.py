@@ -2,7 +2,6 @@
 ILSVRC/imagenet-1k archives and timm/imagenet-1k-wds shards, in a folder or served by a local stand-in for
 the Hub (HF_ENDPOINT); resized while unpacking; interrupted by SIGTERM and rerun."""
 import csv
-import io
 import json
 import os
 import signal
