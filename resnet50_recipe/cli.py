@@ -116,17 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-checksum", action="store_true", help="skip the checksum (a mirror of another file)")
     q.add_argument("--archive-dir", help="where the archive is downloaded and kept (default: OUT's parent)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q = data_sub.add_parser("imagenet", help="build ImageNet-1k's OUT/train and OUT/val from the official archives",
-                            description="Unpack ILSVRC2012_img_train.tar (its class tars streamed, not copied), "
-                            "ILSVRC2012_img_val.tar (into class folders by the devkit's ground truth) and check the "
-                            "counts. Restartable: a rerun continues where an interrupted run stopped.")
+    q = data_sub.add_parser("imagenet", help="build ImageNet-1k's OUT/train and OUT/val from the official archives, "
+                            "Kaggle or the Hugging Face Hub",
+                            description="Unpack ImageNet-1k into OUT/train/<wnid> and OUT/val/<wnid> from the official "
+                            "ILSVRC2012 archives (val sorted by the devkit's ground truth), Kaggle's ImageNet Object "
+                            "Localization Challenge, the Hub's ILSVRC/imagenet-1k archives or timm/imagenet-1k-wds "
+                            "shards, optionally resized as it goes; check the counts and verify every image "
+                            "(OUT/verify.json). Restartable: a rerun continues where an interrupted run stopped.")
     q.add_argument("out")
     q.add_argument("--train-tar", help="ILSVRC2012_img_train.tar: a path or s3://bucket/key")
     q.add_argument("--val-tar", help="ILSVRC2012_img_val.tar: a path or s3://bucket/key")
     q.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz: a path or s3://bucket/key")
-    q.add_argument("--from", dest="source", metavar="DIR_OR_S3_PREFIX",
-                   help="folder or s3://bucket/prefix holding the three archives under their official names "
-                        "(S3 objects are streamed, never copied to disk)")
+    q.add_argument("--from", dest="source", metavar="DIR|S3_PREFIX|hf:REPO",
+                   help="a folder holding the three official archives, Kaggle's download (ILSVRC/ and "
+                        "LOC_val_solution.csv), the Hub's train_images_*.tar.gz + val_images.tar.gz or webdataset "
+                        "shards; s3://bucket/prefix holding the official archives (streamed, never copied to disk); "
+                        "or hf:ILSVRC/imagenet-1k or hf:timm/imagenet-1k-wds, downloaded first")
+    q.add_argument("--archive-dir", help="where an hf: source is downloaded and kept (default: OUT's parent/"
+                   "owner--name)")
+    q.add_argument("--short-side", type=int, help="write each image resized to this short side in pixels (e.g. "
+                   "256) instead of its original bytes; smaller images keep theirs")
+    q.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images (default 90)")
+    q.add_argument("--workers", type=int, help="writing processes (default: one per core with --short-side, "
+                   "else one)")
     q.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
     q.add_argument("--verify-md5", action="store_true",
                    help="check the archives against the official MD5s first (reads all ~155 GB once more)")
@@ -439,16 +451,25 @@ def cmd_data(args) -> int:
                                             verify=not args.no_checksum, archive_dir=args.archive_dir,
                                             quiet=args.quiet)
     else:
-        archives = {}
-        for kind, flag in (("train", "train_tar"), ("val", "val_tar"), ("devkit", "devkit")):
-            given = getattr(args, flag)
-            if not given and not args.source:
-                raise ValueError(f"data imagenet: say where {prepare.IMAGENET_ARCHIVES[kind][0]} is "
-                                 f"(--{flag.replace('_', '-')} or --from)")
-            archives[kind] = given or f"{args.source.rstrip('/')}/{prepare.IMAGENET_ARCHIVES[kind][0]}"
-        counts = prepare.prepare_imagenet(Path(args.out), archives["train"], archives["val"], archives["devkit"],
-                                          verify_md5=args.verify_md5, partial=args.partial,
-                                          endpoint_url=args.endpoint_url, quiet=args.quiet)
+        # A SIGTERM (a spot reclaim, `kill`) stops the writers like Ctrl-C: every file is whole or absent, and
+        # a rerun of the same command continues.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        written = dict(short_side=args.short_side, quality=args.quality, workers=args.workers, quiet=args.quiet)
+        if args.source and not args.source.startswith("s3://") and not (args.train_tar or args.val_tar or args.devkit):
+            counts = prepare.prepare_imagenet_from(Path(args.out), args.source, partial=args.partial,
+                                                   archive_dir=args.archive_dir, verify_md5=args.verify_md5,
+                                                   **written)
+        else:
+            archives = {}
+            for kind, flag in (("train", "train_tar"), ("val", "val_tar"), ("devkit", "devkit")):
+                given = getattr(args, flag)
+                if not given and not args.source:
+                    raise ValueError(f"data imagenet: say where {prepare.IMAGENET_ARCHIVES[kind][0]} is "
+                                     f"(--{flag.replace('_', '-')} or --from)")
+                archives[kind] = given or f"{args.source.rstrip('/')}/{prepare.IMAGENET_ARCHIVES[kind][0]}"
+            counts = prepare.prepare_imagenet(Path(args.out), archives["train"], archives["val"], archives["devkit"],
+                                              verify_md5=args.verify_md5, partial=args.partial,
+                                              endpoint_url=args.endpoint_url, **written)
     print(f"wrote {args.out}: " + "; ".join(f"{split}: {c['classes']} classes, {c['images']} images"
                                            for split, c in counts.items()))
     return 0

@@ -2,9 +2,13 @@
 re-encode them) and resize (a smaller copy that decodes faster)."""
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import shutil
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -124,17 +128,23 @@ def verify(root: Path, fix: bool = False, workers: int | None = None, report: Pa
 # Resize
 
 
-def _resize_one(job: tuple[Path, Path, int, int]) -> str:
+def write_image(job: tuple) -> str:
+    """Write one image to `dest` atomically (a temporary name, then a rename), so an interrupted run never
+    leaves a file that a rerun would take as done. `job` is (source, dest, short_side, quality): source is a
+    path or the file's bytes (from an archive); short_side None writes the bytes unchanged (a hard link for a
+    file on the same disk); otherwise the image is scaled down to that short side, and one already as small
+    keeps its bytes."""
     src, dest, short_side, quality = job
     if dest.exists():
         return "skipped"
+    tmp = dest.with_name(f".{dest.name}.tmp")
     try:
-        with Image.open(src) as img:
+        if short_side is None:
+            return _copy(src, dest, tmp)
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as img:
             w, h = img.size
             if min(w, h) <= short_side and img.format == "JPEG":
-                shutil.copyfile(src, dest.with_name(f".{dest.name}.tmp"))  # already small: keep its bytes
-                os.replace(dest.with_name(f".{dest.name}.tmp"), dest)
-                return "copied"
+                return _copy(src, dest, tmp)
             scale = short_side / min(w, h)
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             img.draft("RGB", size)  # JPEG: decode at the largest 1/2^k scale still >= size, then filter down
@@ -142,9 +152,65 @@ def _resize_one(job: tuple[Path, Path, int, int]) -> str:
         if scale < 1:
             rgb = rgb.resize(size, Image.Resampling.LANCZOS)
         _save_atomic(rgb, dest, quality)
-    except (OSError, ValueError, SyntaxError) as e:
-        return f"failed: {src}: {e}"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return f"failed: {src if isinstance(src, Path) else dest.name}: {e}"
     return "resized"
+
+
+def _copy(src: Path | bytes, dest: Path, tmp: Path) -> str:
+    if isinstance(src, bytes):
+        tmp.write_bytes(src)
+    else:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)  # same file system: no second copy of the bytes
+        except OSError:
+            shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+    return "copied"
+
+
+def _write_batch(jobs: list[tuple]) -> list[str]:
+    return [write_image(job) for job in jobs]
+
+
+def write_images(jobs: Iterable[tuple], workers: int | None = None, total: int | None = None, desc: str = "write",
+                 quiet: bool = False, batch: int = 32) -> list[str]:
+    """Run write_image over `jobs`, a stream that may hold each image's bytes, on `workers` processes: at most
+    a few batches are in flight, so memory stays flat however long the stream; the bar shows images/s and an
+    ETA against `total`. Returns the results in the jobs' order."""
+    workers = default_workers() if workers is None else workers
+    results: list[str] = []
+    with tqdm(total=total, desc=desc, unit="img", disable=quiet, smoothing=0.05) as bar:
+        if workers <= 1:
+            for job in jobs:
+                results.append(write_image(job))
+                bar.update()
+            return results
+        pool = ProcessPoolExecutor(workers)
+        pending: deque = deque()
+        try:
+            for chunk in _batches(jobs, batch):
+                pending.append(pool.submit(_write_batch, chunk))
+                while len(pending) > 2 * workers or (pending and pending[0].done()):
+                    done = pending.popleft().result()
+                    results += done
+                    bar.update(len(done))
+            while pending:
+                done = pending.popleft().result()
+                results += done
+                bar.update(len(done))
+        finally:
+            # On an interrupt, batches not started are dropped (their files were never written) and the
+            # workers finish only the one in hand, each file of which is complete or absent.
+            pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def resize(root: Path, out: Path, short_side: int = 256, quality: int = 90, workers: int | None = None,
@@ -168,7 +234,7 @@ def resize(root: Path, out: Path, short_side: int = 256, quality: int = 90, work
         for name, images in classes.items():
             (partial / name).mkdir(parents=True, exist_ok=True)
             jobs += [(f, partial / name / f.name, short_side, quality) for f in images]
-        results = _parallel(_resize_one, jobs, workers, f"resize {split}", quiet)
+        results = write_images(jobs, workers, len(jobs), f"resize {split}", quiet)
         failed = [r[len("failed: "):] for r in results if r.startswith("failed: ")]
         if failed:
             raise ValueError(f"{root / split}: {len(failed)} images could not be read, e.g. {failed[0]}; run "

@@ -1,4 +1,5 @@
-"""Dataset preparation: Imagenette from fast.ai's archives, ImageNet-1k from the official ILSVRC2012 archives.
+"""Dataset preparation: Imagenette from fast.ai's archives; ImageNet-1k from the official ILSVRC2012 archives
+or any layout sources.py reads (Kaggle, the Hugging Face Hub), optionally resized as it is written.
 
 Both write an ImageFolder, OUT/train/<wnid>/*.JPEG and OUT/val/<wnid>/*.JPEG, and never leave one that could
 be taken for complete: a split is built in a hidden OUT/.<split>.partial folder and renamed to OUT/<split>
@@ -123,8 +124,7 @@ def prepare_imagenette(out: Path, size: str = "160", url: str | None = None, exp
     if size not in IMAGENETTE:
         raise ValueError(f"imagenette size {size!r}: expected one of {', '.join(IMAGENETTE)}")
     out = Path(out)
-    if (out / "train").is_dir() and (out / "val").is_dir():
-        log.info("%s already holds train/ and val/; nothing to do", out)
+    if _finished(out):
         return count_images(out)
     official_url, official_md5 = IMAGENETTE[size]
     url = url or official_url
@@ -156,6 +156,13 @@ def _safe() -> dict:
     # tarfile's "data" filter refuses absolute paths, links out of the tree and device files (Python >= 3.12
     # and the 3.10/3.11 security releases); older Pythons get the historical behaviour.
     return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+def _finished(out: Path) -> bool:
+    if (out / "train").is_dir() and (out / "val").is_dir():
+        log.info("%s already holds train/ and val/; nothing to do", out)
+        return True
+    return False
 
 
 def count_images(root: Path) -> dict:
@@ -252,15 +259,13 @@ def _md5_of(source: _Source, quiet: bool) -> str:
 
 
 def prepare_imagenet(out: Path, train_tar: str, val_tar: str, devkit: str, verify_md5: bool = False,
-                     partial: bool = False, endpoint_url: str | None = None, quiet: bool = False) -> dict:
+                     partial: bool = False, endpoint_url: str | None = None, short_side: int | None = None,
+                     quality: int = 90, workers: int | None = None, quiet: bool = False) -> dict:
     """Turn the three official archives (local paths or s3:// objects) into out/train and out/val.
 
-    - train: each class tar inside the train tar is unpacked as a stream into a hidden folder and renamed
-      to its wnid once whole; a rerun skips the classes already there.
-    - val: images go to class folders by the devkit's ground truth; each file is written under a temporary
-      name and renamed, and a rerun skips the files already there.
-    - the counts are checked (1000 classes, 1,281,167 + 50,000 images) before train/ and val/ appear;
-      `partial` accepts other counts, for subsets and test archives.
+    - train: the class tars inside the train tar are read as streams, each image written to its wnid folder;
+    - val: images go to class folders by the devkit's ground truth;
+    then as `write_imagenet` (resumable per file, resized with `short_side`, counts checked, verified).
     """
     out = Path(out)
     sources = {"train": _Source(train_tar, endpoint_url), "val": _Source(val_tar, endpoint_url),
@@ -271,31 +276,115 @@ def prepare_imagenet(out: Path, train_tar: str, val_tar: str, devkit: str, verif
             got = _md5_of(source, quiet)
             if got != want:
                 raise ValueError(f"{source}: md5 {got} is not the official {name}'s {want}")
-    if (out / "train").is_dir() and (out / "val").is_dir():
-        log.info("%s already holds train/ and val/; nothing to do", out)
+    if _finished(out):
         return count_images(out)
+    id_to_wnid, truth = parse_devkit(sources["devkit"])
+    streams = {"val": lambda: _val_items(sources["val"], id_to_wnid, truth),
+               "train": lambda: _train_items(sources["train"])}
+    return write_imagenet(out, streams, short_side, quality, workers, partial, quiet)
+
+
+def prepare_imagenet_from(out: Path, source: str, partial: bool = False, short_side: int | None = None,
+                          quality: int = 90, workers: int | None = None, archive_dir: Path | None = None,
+                          verify_md5: bool = False, quiet: bool = False) -> dict:
+    """ImageNet from a folder holding the official archives, Kaggle's tree, the Hub's archives or webdataset
+    shards (sources.detect), or from `hf:owner/name`, downloaded first into archive_dir (default: OUT's parent
+    / owner--name) and kept there."""
+    from . import sources
+
+    out = Path(out)
+    repo = sources.hub_repo(source)
+    if repo is not None:
+        if _finished(out):
+            return count_images(out)
+        folder = sources.hub_download(repo, Path(archive_dir or out.parent / repo.replace("/", "--")), quiet)
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--from {source}: no such folder")
+    layout = sources.detect(folder)
+    if layout == "ilsvrc":
+        return prepare_imagenet(out, *(str(folder / IMAGENET_ARCHIVES[kind][0]) for kind in ("train", "val", "devkit")),
+                                verify_md5=verify_md5, partial=partial, short_side=short_side, quality=quality,
+                                workers=workers, quiet=quiet)
+    if verify_md5:
+        raise ValueError(f"--verify-md5 checks the official ILSVRC2012 archives; {folder} holds the {layout} layout")
+    if _finished(out):
+        return count_images(out)
+    log.info("%s: %s layout", folder, layout)
+    streams = {split: (lambda split=split: sources.split_items(folder, layout, split)) for split in ("val", "train")}
+    return write_imagenet(out, streams, short_side, quality, workers, partial, quiet)
+
+
+def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: int, workers: int | None,
+                   partial: bool, quiet: bool) -> dict:
+    """Write each split's stream of (wnid, file name, path | bytes | LazyMember) into out/<split>/<wnid>/, then
+    check the counts and verify every image (report: out/verify.json).
+
+    A split is built in a hidden out/.<split>.partial folder, each file written under a temporary name and
+    renamed, so an interrupted run (a signal, a dropped archive) leaves nothing that could be taken for
+    complete, and a rerun skips the files already there. `short_side` writes each image resized (images.
+    write_image) instead of its bytes, on `workers` processes."""
+    from .data import usable_cores
+    from .images import verify, write_images
+
+    if short_side is not None and short_side < 16:
+        raise ValueError(f"--short-side {short_side}: expected at least 16 pixels")
+    # Decoding and resizing want every core (the main process only reads the archive); a plain copy is
+    # bound by the disk, and one process does it fastest (BENCHMARKS.md).
+    writers = workers if workers is not None else (usable_cores() if short_side else 1)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        id_to_wnid, truth = parse_devkit(sources["devkit"])
-        if not (out / "val").is_dir():
-            _unpack_val(sources["val"], out / ".val.partial", id_to_wnid, truth, quiet)
-        if not (out / "train").is_dir():
-            _unpack_train(sources["train"], out / ".train.partial", quiet)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise ValueError(f"{out}: an archive ended early or is damaged ({e}); what was unpacked is kept, and a "
-                         "rerun with the complete archives finishes the job") from None
-    counts = {}
-    for split in ("train", "val"):
-        folder = out / split if (out / split).is_dir() else out / f".{split}.partial"
-        counts[split] = _count(folder)
+    for split in ("val", "train"):
+        if (out / split).is_dir():
+            continue
+        jobs = folder_jobs(streams[split](), out / f".{split}.partial", short_side, quality)
+        try:
+            results = write_images(jobs, writers, IMAGENET_COUNTS[split], split, quiet)
+        except (tarfile.TarError, EOFError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(f"{out}: an archive ended early or is damaged ({e}); what was written is kept, and a "
+                             "rerun with the complete archives finishes the job") from None
+        failed = [r[len("failed: "):] for r in results if r.startswith("failed: ")]
+        if failed:
+            raise ValueError(f"{out}: {len(failed)} images could not be decoded for resizing, e.g. {failed[0]}; "
+                             "the rest is kept, and a rerun without --short-side writes them as they are")
+    counts = _check_counts(out, partial)
+    report = verify(out, workers=workers or usable_cores(), quiet=quiet)
+    if not report["problems"]:
+        log.info("%s: every image decodes (report: %s)", out, out / "verify.json")
+    else:
+        log.warning("%s: %d images need attention (%s), listed in %s; `resnet50-recipe data verify %s --fix` "
+                    "re-encodes the fixable ones", out, len(report["problems"]),
+                    ", ".join(f"{n} {k}" for k, n in report["counts"].items() if n), out / "verify.json", out)
+    return counts
+
+
+def folder_jobs(items, folder: Path, short_side: int | None, quality: int):
+    """images.write_image jobs writing (wnid, file name, data) items into folder/<wnid>/<file name>."""
+    made = set()
+    for wnid, name, data in items:
+        if wnid not in made:
+            (folder / wnid).mkdir(parents=True, exist_ok=True)
+            made.add(wnid)
+        dest = folder / wnid / name
+        if dest.exists():  # done by an earlier run: write_image skips it, and its bytes are never read
+            yield None, dest, short_side, quality
+        else:
+            yield (data.read() if isinstance(data, LazyMember) else data), dest, short_side, quality
+
+
+def _check_counts(out: Path, partial: bool) -> dict:
+    """Rename out/.<split>.partial to out/<split> once the counts are ImageNet-1k's (or `partial` accepts
+    others) and train and val have the same classes."""
+    folders = {split: out / split if (out / split).is_dir() else out / f".{split}.partial"
+               for split in ("train", "val")}
+    counts = {split: _count(folder) for split, folder in folders.items()}
     expected = {"train": (IMAGENET_COUNTS["classes"], IMAGENET_COUNTS["train"]),
                 "val": (IMAGENET_COUNTS["classes"], IMAGENET_COUNTS["val"])}
     wrong = [f"{split}: {c['classes']} classes and {c['images']} images, expected {expected[split][0]} and "
              f"{expected[split][1]}" for split, c in counts.items()
              if (c["classes"], c["images"]) != expected[split]]
-    folders = {split: out / split if (out / split).is_dir() else out / f".{split}.partial" for split in counts}
     classes = {split: {d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")}
                for split, folder in folders.items()}
     if classes["train"] != classes["val"]:
@@ -303,7 +392,7 @@ def prepare_imagenet(out: Path, train_tar: str, val_tar: str, devkit: str, verif
         wrong.append(f"train and val have different classes (only in train: {only_train[:5]}, only in val: "
                      f"{only_val[:5]}), which training refuses")
     if wrong and not partial:
-        raise ValueError(f"{out}: the archives gave the wrong counts ({'; '.join(wrong)}); the split folders stay "
+        raise ValueError(f"{out}: the source gave the wrong counts ({'; '.join(wrong)}); the split folders stay "
                          "hidden as .train.partial and .val.partial. Pass --partial to accept a subset")
     for problem in wrong:
         log.warning("%s: %s (accepted: --partial)", out, problem)
@@ -314,23 +403,24 @@ def prepare_imagenet(out: Path, train_tar: str, val_tar: str, devkit: str, verif
 
 
 def _count(folder: Path) -> dict:
-    classes = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    classes = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")] if folder.is_dir() else []
     return {"classes": len(classes),
             "images": sum(1 for d in classes for f in d.iterdir() if not f.name.startswith("."))}
 
 
-def _write_atomic(data, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with open(tmp, "wb") as f:
-        shutil.copyfileobj(data, f, _CHUNK)
-    tmp.rename(dest)
+class LazyMember:
+    """An archive member's bytes, read only if asked for before the stream moves on, so a rerun passes over
+    finished files without reading them out."""
+
+    def __init__(self, tar: tarfile.TarFile, member: tarfile.TarInfo):
+        self.tar, self.member = tar, member
+
+    def read(self) -> bytes:
+        return self.tar.extractfile(self.member).read()
 
 
-def _unpack_val(source: _Source, folder: Path, id_to_wnid: dict[int, str], truth: list[int], quiet: bool) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for wnid in set(id_to_wnid.values()):
-        (folder / wnid).mkdir(exist_ok=True)
-    with _open_tar(source) as tar, tqdm(total=len(truth), desc="val", unit="img", disable=quiet) as bar:
+def _val_items(source: _Source, id_to_wnid: dict[int, str], truth: list[int]):
+    with _open_tar(source) as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -341,33 +431,18 @@ def _unpack_val(source: _Source, folder: Path, id_to_wnid: dict[int, str], truth
             except (IndexError, ValueError):
                 raise ValueError(f"{source}: {member.name} is not an ILSVRC2012_val_NNNNNNNN.JPEG named in the "
                                  f"ground truth ({len(truth)} lines)") from None
-            dest = folder / wnid / name
-            if not dest.exists():
-                _write_atomic(tar.extractfile(member), dest)
-            bar.update()
-    for empty in (d for d in folder.iterdir() if d.is_dir() and not any(d.iterdir())):
-        empty.rmdir()  # partial val tars: a class with no images is no class
+            yield wnid, name, LazyMember(tar, member)
 
 
-def _unpack_train(source: _Source, folder: Path, quiet: bool) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.partial"):  # a class that an interrupted run was unpacking
-        shutil.rmtree(stale)
-    with _open_tar(source) as outer, tqdm(total=IMAGENET_COUNTS["classes"], desc="train", unit="class",
-                                          disable=quiet) as bar:
+def _train_items(source: _Source):
+    with _open_tar(source) as outer:
         for member in outer:
             if not (member.isfile() and member.name.endswith(".tar")):
                 continue
             wnid = Path(member.name).name[:-len(".tar")]
-            if (folder / wnid).is_dir():
-                bar.update()
-                continue
-            scratch = folder / f".{wnid}.partial"
-            scratch.mkdir()
-            with tarfile.open(fileobj=outer.extractfile(member), mode="r|") as inner:
+            # seekable when the outer tar is a local file: passing over a finished class reads only headers
+            mode = "r|" if source.is_s3 else "r:"
+            with tarfile.open(fileobj=outer.extractfile(member), mode=mode) as inner:
                 for image in inner:
                     if image.isfile():
-                        with open(scratch / Path(image.name).name, "wb") as f:
-                            shutil.copyfileobj(inner.extractfile(image), f, _CHUNK)
-            scratch.rename(folder / wnid)
-            bar.update()
+                        yield wnid, Path(image.name).name, LazyMember(inner, image)

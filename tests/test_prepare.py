@@ -163,7 +163,7 @@ def check_imagenet(out: Path, ilsvrc: Path) -> None:
     for i, idx in enumerate(VAL_TRUTH):
         name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
         assert (out / "val" / wnid_of[idx] / name).read_bytes() == jpeg_bytes(1000 + i)
-    assert sorted(p.name for p in out.iterdir()) == ["train", "val"]
+    assert sorted(p.name for p in out.iterdir()) == ["train", "val", "verify.json"]  # verified at the end
     assert label_names(class_names(out))[0] == "tench, Tinca tinca"  # n01440764 sorts first
 
 
@@ -185,16 +185,18 @@ def test_imagenet_interrupted_then_rerun_finishes_and_keeps_finished_work(ilsvrc
     full = (ilsvrc / "ILSVRC2012_img_train.tar").read_bytes()
     cut = tmp_path / "cut"
     cut.mkdir()
-    (cut / "ILSVRC2012_img_train.tar").write_bytes(full[: len(full) * 3 // 4])  # dies inside the last class
+    with tarfile.open(ilsvrc / "ILSVRC2012_img_train.tar") as tar:
+        last = tar.getmembers()[-1]
+    (cut / "ILSVRC2012_img_train.tar").write_bytes(full[: last.offset_data + last.size // 2])  # dies in the last class
     for name in ("ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"):
         (cut / name).symlink_to(ilsvrc / name)
     out = tmp_path / "imagenet"
     assert main(["data", "imagenet", str(out), "--from", str(cut), "--partial", "--quiet"]) == 2
     assert "ended early or is damaged" in capsys.readouterr().err
     partial = out / ".train.partial"
-    finished = [d for d in partial.iterdir() if not d.name.startswith(".")]
-    assert 1 <= len(finished) < len(TRAIN) and not (out / "train").exists()
-    stamp = {d.name: d.stat().st_ino for d in finished}
+    finished = [f for f in partial.glob("*/*") if not f.name.startswith(".")]
+    assert 1 <= len(finished) < sum(TRAIN.values()) and not (out / "train").exists()
+    stamp = {f.relative_to(partial): f.stat().st_ino for f in finished}
     assert main(["data", "imagenet", str(out), "--from", str(ilsvrc), "--partial", "--quiet"]) == 0
     check_imagenet(out, ilsvrc)
     assert all((out / "train" / name).stat().st_ino == ino for name, ino in stamp.items())  # not redone
@@ -227,7 +229,10 @@ def test_imagenet_names_a_missing_archive(tmp_path, capsys):
     assert main(["data", "imagenet", str(tmp_path / "o"), "--train-tar", str(tmp_path / "x.tar")]) == 2
     assert "ILSVRC2012_img_val.tar" in capsys.readouterr().err
     assert main(["data", "imagenet", str(tmp_path / "o"), "--from", str(tmp_path)]) == 2
-    assert "ILSVRC2012_img_train.tar: archive not found" in capsys.readouterr().err
+    assert "no ImageNet layout recognised; expected the three ILSVRC2012 archives" in capsys.readouterr().err
+    (tmp_path / "ILSVRC2012_img_val.tar").write_bytes(b"")
+    assert main(["data", "imagenet", str(tmp_path / "o"), "--from", str(tmp_path)]) == 2
+    assert "ILSVRC2012_img_train.tar: archive not found, next to the other" in capsys.readouterr().err
 
 
 def test_imagenet_wnids_map_to_timm_class_names():
