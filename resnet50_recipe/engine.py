@@ -488,7 +488,9 @@ class Checkpointer:
             timed = step % self.loop.recipe.train.stop_sync_every == 0 and rt.all_reduce(
                 torch.tensor(float(timed), device=rt.device), op="max").item() > 0
         due = (cc.every_steps and step % cc.every_steps == 0) or timed
-        if due and batches_done < self.loop.inputs.num_batches and not self.control.stop.is_set():
+        # A single process skips a save that its stop's own save follows at once; under DDP the stop is not agreed
+        # yet at this point, and every rank must join the same saves.
+        if due and batches_done < self.loop.inputs.num_batches and (rt.distributed or not self.control.stop.is_set()):
             self.control.checkpoint_now.clear()
             self.save(epoch, batches_done)
 
@@ -550,7 +552,8 @@ def train_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch:
                                     lambda done: checkpointer.after_step(epoch, done))
         except UnreadableImage as e:  # bad input met mid-run: keep the work done so far, then say what is wrong
             done = getattr(e, "batches_done", None)
-            if done is not None and done > first_batch and done % tc.accum_steps == 0:
+            # Under DDP only this rank met the image, and a save is a collective that needs every rank.
+            if done is not None and done > first_batch and done % tc.accum_steps == 0 and not rt.distributed:
                 left = checkpointer.save_and_wait(epoch, done)
                 log.error("checkpoint at step %d %s before stopping on an unreadable image", t.global_step,
                           "written" if not left else f"not complete ({', '.join(left)})")
