@@ -93,21 +93,26 @@ def worker_pids(root: int) -> dict[int, int]:
     return found
 
 
+def sigterm_rank_1_after(process, out, steps: int, timeout: float = 120) -> None:
+    """Once the run has logged `steps` step records, SIGTERM rank 1 only: rank 0 hears of it by the agreement."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= steps:
+            break
+        time.sleep(0.02)
+    ranks = worker_pids(process.pid)
+    assert set(ranks) == {0, 1}, ranks
+    subprocess.run(["kill", "-TERM", str(ranks[1])], check=True)
+
+
 def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_then_one_process_resumes(data, tmp_path):
     reference = run(args_for(data, tmp_path / "reference", 1), 1)
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
 
     out = tmp_path / "run"
     process = run(args_for(data, out, 2), 2)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 13:
-            break
-        time.sleep(0.02)
-    ranks = worker_pids(process.pid)
-    assert set(ranks) == {0, 1}, ranks
-    subprocess.run(["kill", "-TERM", str(ranks[1])], check=True)  # only rank 1 hears of it
+    sigterm_rank_1_after(process, out, steps=13)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == EXIT_PREEMPTED, output
     folder = out / "checkpoints"
@@ -239,17 +244,9 @@ def test_sigterm_mid_epoch_then_resume_on_two_processes_is_bitwise_the_uninterru
                                                                                          tmp_path):
     out = tmp_path / "run"
     process = probed(data, out, tmp_path)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        metrics = out / "metrics.jsonl"
-        # Step 14 logged: the signal lands in step 15, a mid-epoch save's step, on rank 1 only, so that the save
-        # (a collective) must be joined by both ranks before the stop is agreed.
-        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 14:
-            break
-        time.sleep(0.02)
-    ranks = worker_pids(process.pid)
-    assert set(ranks) == {0, 1}, ranks
-    subprocess.run(["kill", "-TERM", str(ranks[1])], check=True)
+    # Step 14 logged: the signal lands in step 15, a mid-epoch save's step, on rank 1 only, so that the save (a
+    # collective) must be joined by both ranks before the stop is agreed.
+    sigterm_rank_1_after(process, out, steps=14, timeout=300)
     output = output_of(process, 120)
     assert json.loads((out / "summary.json").read_text())["exit_status"] == EXIT_PREEMPTED, output
     stopped = weights(out)

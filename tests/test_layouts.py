@@ -1,7 +1,10 @@
 """Correct results whatever the machine a run resumes on: its CUDA devices, its precision, its train set, its
 recipe; and the EMA's warmup at any update interval. (The multi-process layouts are in test_ddp.py.)"""
 import logging
+import random
 import shutil
+
+import numpy as np
 
 import pytest
 import torch
@@ -46,7 +49,7 @@ def test_each_rank_restores_its_own_rng_state_and_a_new_process_count_is_derived
     draws = []
     for state in (third, third):
         ckpt.set_rng_state(state)
-        draws.append((torch.rand(3), __import__("random").random(), __import__("numpy").random.rand()))
+        draws.append((torch.rand(3), random.random(), np.random.rand()))
     assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]
     legacy = ckpt.rank_rng_state(saved[0], 0, 1, seed=0, step=7)  # a checkpoint from before per-rank states
     assert legacy[1] is None and torch.equal(legacy[0]["torch"], saved[0]["torch"])
