@@ -768,9 +768,12 @@ def restore(t: Trainer, state: dict, scheduler: bool = True) -> None:
         t.scheduler.load_state_dict(state["scheduler"])
     if t.scaler.is_enabled() and state["scaler"]:
         t.scaler.load_state_dict(state["scaler"])
-    elif t.scaler.is_enabled() or state["scaler"]:  # fp16 on one machine, bf16 or fp32 on the other
-        log.warning("the GradScaler starts fresh: the checkpoint was saved %s one and this run %s",
-                    "with" if state["scaler"] else "without", "uses one" if t.scaler.is_enabled() else "does not")
+    elif t.scaler.is_enabled():  # fp16 here, bf16 or fp32 on the machine that saved it (a T4 after an A10G, say)
+        log.warning("GradScaler: the checkpoint was saved without one (bf16 or fp32) and this run uses one (fp16): "
+                    "it starts fresh")
+    elif state["scaler"]:
+        log.warning("GradScaler: the checkpoint was saved with one (fp16) and this run uses none (bf16 or fp32): "
+                    "its state is not used")
     own = state.get("norm_buffers")
     if own is not None and len(own) == t.rt.world_size:  # this rank's own BN statistics, as it left them
         for module, buffers in zip([t.model] + ([t.ema.module] if t.ema is not None else []), own[t.rt.rank]):

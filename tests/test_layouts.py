@@ -96,11 +96,12 @@ def test_the_gradscaler_state_is_restored_only_when_both_runs_use_one(tiny_data,
         restored = trainer(recipe, classes, torch.float16)
         restore(restored, saved32)  # a CPU or bf16 checkpoint resumed on a T4
     assert restored.scaler.get_scale() == 65536.0  # fresh
-    assert "the GradScaler starts fresh: the checkpoint was saved without one and this run uses one" in caplog.text
+    assert "GradScaler: the checkpoint was saved without one (bf16 or fp32) and this run uses one (fp16): it starts " \
+           "fresh" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         restore(trainer(recipe, classes, None), saved16)
-    assert "saved with one and this run does not" in caplog.text
+    assert "saved with one (fp16) and this run uses none (bf16 or fp32): its state is not used" in caplog.text
     both = trainer(recipe, classes, torch.float16)
     restore(both, saved16)
     assert both.scaler.get_scale() == 1024.0
