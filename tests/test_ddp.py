@@ -125,6 +125,7 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_then_one_process_res
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resuming from" in output
+    assert "the checkpoint holds the RNG states of 2 process(es) and this run has 1" in output
     final = weights(out)
     assert final["global_step"] == 20
     assert_close(weights(tmp_path / "reference"), final)

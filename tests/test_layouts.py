@@ -32,6 +32,16 @@ def test_cuda_rng_states_go_to_the_devices_this_process_uses():
     assert ckpt.rng_state()["cuda"] == [] or len(ckpt.rng_state()["cuda"]) == 1  # only the device in use is saved
 
 
+@pytest.mark.gpu
+def test_the_cuda_generator_of_the_device_in_use_round_trips():
+    torch.cuda.init()
+    state = ckpt.rng_state()
+    assert len(state["cuda"]) == 1  # this process's device only, however many the machine has
+    drawn = torch.rand(4, device="cuda")
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.rand(4, device="cuda"), drawn)
+
+
 def test_each_rank_restores_its_own_rng_state_and_a_new_process_count_is_derived_and_said():
     saved = []
     for rank in range(2):
