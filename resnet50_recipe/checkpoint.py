@@ -108,8 +108,9 @@ def rank_rng_state(saved, rank: int, world_size: int, seed: int, step: int) -> t
 
 
 def norm_buffers(module: torch.nn.Module) -> dict:
-    """Copies of the BatchNorm running statistics that timm's `distribute_bn` averages over processes."""
-    return {name: buffer.detach().clone() for name, buffer in module.named_buffers()
+    """CPU copies of the BatchNorm running statistics that timm's `distribute_bn` averages over processes (on
+    the CPU, so that they pickle to another rank without touching its GPU)."""
+    return {name: cpu_copy(buffer) for name, buffer in module.named_buffers()
             if "running_mean" in name or "running_var" in name}
 
 
