@@ -100,9 +100,25 @@ def build_loss(cfg: LossConfig, mixup_active: bool) -> torch.nn.Module:
 
 
 def build_ema(cfg: EmaConfig, model: torch.nn.Module) -> ModelEmaV3 | None:
-    """timm's ModelEmaV3. With `every: k` the decay is raised to the k-th power, so the EMA's time constant in
-    optimizer steps stays the same while the update costs 1/k as much (torchvision's V2 recipe does this)."""
+    """timm's ModelEmaV3, updated every `ema.every` optimizer steps (see StridedEma)."""
     if not cfg.enabled:
         return None
-    return ModelEmaV3(model, decay=cfg.decay ** cfg.every, use_warmup=cfg.warmup)
+    return StridedEma(model, decay=cfg.decay, use_warmup=cfg.warmup, every=cfg.every)
 
+
+class StridedEma(ModelEmaV3):
+    """ModelEmaV3 updated once every `every` optimizer steps, standing for the `every` per-step updates it
+    replaces (torchvision's V2 recipe does this to cost 1/k as much).
+
+    `update(model, step)` takes the optimizer step, as in timm, and the decay timm gives that step, its warmup
+    included, is raised to the power `every`. The time constant and the warmup, in optimizer steps, are then
+    those of a plain ModelEmaV3 with the recipe's decay; counting in updates, or raising only the final decay,
+    would make the warmup `every` times slower than the recipe says.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, use_warmup: bool, every: int):
+        super().__init__(model, decay=decay, use_warmup=use_warmup)
+        self.every = every
+
+    def get_decay(self, step: int | None = None) -> float:
+        return super().get_decay(step) ** self.every

@@ -43,14 +43,20 @@ def cpu_copy(tree: Any) -> Any:
 
 
 def rng_state() -> dict:
-    """Every process-level RNG stream as tensors and lists (numpy's tuple state would need pickle)."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    """Every RNG stream of this process as tensors and lists (numpy's tuple state would need pickle). On CUDA,
+    only the generator of the device this process uses: a machine with another GPU count can restore it."""
+    cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return _plain(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+
+
+def _plain(py_state, np_state, torch_state, cuda: list) -> dict:
+    version, mt, gauss = py_state
+    name, keys, pos, has_gauss, cached = np_state
     return {
         "python": [version, list(mt), gauss],
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "torch": torch_state,
+        "cuda": cuda,
     }
 
 
@@ -60,8 +66,59 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        for device, cuda_state in cuda_states_to_apply(state["cuda"], [torch.cuda.current_device()]).items():
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+def cuda_states_to_apply(saved: list, devices: list[int]) -> dict:
+    """device index -> saved CUDA generator state, for the devices this process uses.
+
+    A checkpoint holds the states of the devices its process used, in order (checkpoints before this rule held
+    every visible device's, the process's own first, since rank 0 uses device 0). They go to this process's
+    devices in the same order, whatever the device count of either machine: a state with no device here is
+    dropped, and a device with no saved state (a CPU checkpoint) keeps the seed it started with.
+    """
+    return dict(zip(devices, saved))
+
+
+def rank_rng_state(saved, rank: int, world_size: int, seed: int, step: int) -> tuple[dict, str | None]:
+    """The RNG state rank `rank` restores from a checkpoint's per-rank list, and a note when the process count
+    changed (None when it did not).
+
+    Each rank restores the state it saved. With another process count, rank r takes the state rank r saved
+    when there is one, and a rank the checkpoint has no state for starts from streams seeded by
+    (seed, global step, rank): deterministic, and different on every rank. `saved` is a single dict in
+    checkpoints written before every rank's state was kept (rank 0's).
+    """
+    states = saved if isinstance(saved, list) else [saved]
+    if rank < len(states):
+        state = states[rank]
+    else:
+        from .data import mix_seed
+
+        generator = mix_seed(seed, step, rank)
+        state = _plain(random.Random(generator).getstate(), np.random.RandomState(generator).get_state(),
+                       torch.Generator().manual_seed(generator).get_state(), [])
+    if len(states) == world_size:
+        return state, None
+    return state, (f"the checkpoint holds the RNG states of {len(states)} process(es) and this run has {world_size}: "
+                   f"rank r restores rank r's saved state, and ranks {len(states)} and up start from streams seeded "
+                   "by (seed, step, rank); the run is reproducible, but not bitwise the run it continues")
+
+
+def norm_buffers(module: torch.nn.Module) -> dict:
+    """CPU copies of the BatchNorm running statistics that timm's `distribute_bn` averages over processes (on
+    the CPU, so that they pickle to another rank without touching its GPU)."""
+    return {name: cpu_copy(buffer) for name, buffer in module.named_buffers()
+            if "running_mean" in name or "running_var" in name}
+
+
+def load_norm_buffers(module: torch.nn.Module, buffers: dict) -> None:
+    own = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in buffers.items():
+            own[name].copy_(value)
 
 
 def new_lineage(parent: dict | None = None) -> dict:

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start fresh; refuses to replace checkpoints unless --force")
     p.add_argument("--force", action="store_true", help="with --no-resume: delete the earlier run's checkpoints")
     p.add_argument("--allow-recipe-change", action="store_true",
-                   help="resume even though the recipe differs from the checkpoint's in result-changing keys")
+                   help="resume even though the recipe (or the train set) differs from the checkpoint's in "
+                   "result-changing keys; the model architecture and the classes cannot change even then")
     p.add_argument("--data", help="dataset folder with train/ and val/ (data.path)")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--batch-size", type=int, help="per-process batch size (train.batch_size)")

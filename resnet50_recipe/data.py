@@ -1,14 +1,15 @@
 """Datasets, sampler, transforms and loaders.
 
-Randomness here is a pure function of (seed, epoch, index) -- see docs/DESIGN.md:
+Randomness here is a pure function of (seed, epoch, index, repeat) -- see docs/DESIGN.md:
 - the sampler's order for an epoch depends only on (seed, epoch), and it can start at any sample offset;
-- each sample's augmentation draws from RNGs seeded by (seed, epoch, index) inside `__getitem__`, so the
-  worker count, prefetching and a resume point cannot change its pixels.
+- each sample's augmentation draws from RNGs seeded by (seed, epoch, index, repeat) inside `__getitem__`, so
+  the worker count, the process count, prefetching and a resume point cannot change its pixels.
 Batches leave the loader as uint8 NCHW tensors; normalisation happens on the device (a quarter of the bytes).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import warnings
@@ -96,7 +97,8 @@ class Sample:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """`root/<class>/<image>` read with PIL; keys are (epoch, index) so augmentation is seeded per sample.
+    """`root/<class>/<image>` read with PIL; keys are (epoch, index) or (epoch, index, repeat), so augmentation
+    is seeded per sample, and each copy of an image under repeated augmentation gets its own draw.
 
     An unreadable image either raises (naming the file) or, with `bad_images: skip`, is replaced by the
     next readable image and reported through `Sample.bad`, so the run can count what it skipped.
@@ -127,14 +129,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise unreadable(path, e) from e
 
-    def __getitem__(self, key: tuple[int, int]) -> Sample:
-        epoch, index = key
+    def fingerprint(self) -> dict:
+        """The image count and a sha256 of the sorted file list (paths relative to the split folder): what a
+        checkpoint records, so that a resume on a changed train set is noticed (lifecycle.check_resumable)."""
+        if getattr(self, "_fingerprint", None) is None:
+            names = sorted(os.path.relpath(path, self.root).replace(os.sep, "/") for path, _ in self.samples)
+            digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+            self._fingerprint = {"images": len(names), "sha256": digest}
+        return self._fingerprint
+
+    def __getitem__(self, key: tuple[int, ...]) -> Sample:
+        epoch, index, repeat = (*key, 0)[:3]
+        # Repeat 0 keeps the three-part seed, so runs without repeated augmentation (and their checkpoints) see
+        # the pixels they always did; every further copy of the image draws its own augmentation.
+        seed = mix_seed(self.seed, epoch, index, repeat) if repeat else mix_seed(self.seed, epoch, index)
         bad = None
         for attempt in range(len(self.samples)):
             source = (index + attempt) % len(self.samples)
             try:
                 # Decoding draws no random numbers, so it may sit inside the seeded block with the transform.
-                with seeded(mix_seed(self.seed, epoch, index)):
+                with seeded(seed):
                     image = self.transform(self._load(source))
                 break
             except UnreadableImage:
@@ -175,10 +189,12 @@ def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields (epoch, index) keys; the order is a pure function of (seed, epoch).
+    """Yields (epoch, index, repeat) keys; the order is a pure function of (seed, epoch).
 
     - `aug_repeats > 1` repeats each index inside the permutation before sharding, as timm's RepeatAugSampler
-      does, so the copies land on different ranks; the epoch length stays `len(dataset)`.
+      does, so the copies land on different ranks; the epoch length stays `len(dataset)`. `repeat` numbers the
+      copies (0 to aug_repeats - 1); it is part of the sample's seed, so each copy is augmented differently.
+      It follows from the position in the global order, so it does not depend on the process count.
     - A rank takes every `world_size`-th key of the global order, starting at `rank`.
     - `set_epoch(epoch, start)` starts at global sample offset `start`: by index, with no decoding of the
       skipped samples. The offset counts samples of the global order, so it survives a change of world size.
@@ -202,10 +218,11 @@ class EpochSampler(torch.utils.data.Sampler):
             order = order.repeat_interleave(self.aug_repeats)[: self.size]
         return order
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.global_order()[self.start:]
-        for index in order[self.rank::self.world_size].tolist():
-            yield self.epoch, index
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        order = self.global_order()
+        positions = range(self.start + self.rank, len(order), self.world_size)
+        for position, index in zip(positions, order[positions.start::self.world_size].tolist()):
+            yield self.epoch, index, position % self.aug_repeats
 
     def __len__(self) -> int:
         remaining = self.size - self.start

@@ -8,8 +8,8 @@ Rules the step keeps (docs/DESIGN.md):
   `log.every_steps` steps;
 - batches arrive as uint8 and are normalised on the device; on CUDA the next batch is copied (pinned,
   non_blocking) and normalised on a side stream while the current step computes;
-- per-batch randomness (random erasing positions, Mixup/CutMix) is seeded by (seed, epoch, step), and the
-  stop event is looked at only between steps.
+- per-batch randomness (random erasing positions, Mixup/CutMix) is seeded by (seed, epoch, step, rank), and
+  the stop event is looked at only between steps.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from timm.data.random_erasing import RandomErasing
-from timm.utils import dispatch_clip_grad
+from timm.utils import dispatch_clip_grad, distribute_bn
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
@@ -32,7 +32,7 @@ from .build import build_ema, build_loss, build_mixup, build_model, build_optimi
 from .data import (EpochSampler, ImageFolderDataset, UnreadableImage, class_names, eval_transform, make_loader,
                    mix_seed, resolve_data_dir, seeded, train_size_at, train_transform)
 from .lifecycle import (EXIT_PREEMPTED, Inputs, Run, Services, SetupStopped, check_inputs, exit_status,
-                        open_run)
+                        open_run, train_set_change)
 from .recipe import Recipe, RecipeError, load_recipe, scaled_lr, to_dict
 from .runlog import RunLog
 from .runtime import Runtime, setup, versions, write_json
@@ -174,7 +174,8 @@ def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int,
             t.bad_images += bad
         input_size = images.shape[-1]
         if t.eraser is not None or t.mixup is not None:
-            with seeded(mix_seed(seed, epoch, batch_idx, 1)):
+            # Per rank, as timm's train.py seeds it: each rank's batch gets its own lambda and erased boxes.
+            with seeded(mix_seed(seed, epoch, batch_idx, 1, t.rt.rank)):
                 if t.eraser is not None:
                     images = t.eraser(images)
                 if t.mixup is not None:
@@ -233,7 +234,7 @@ def optimizer_step(t: Trainer) -> None:
     t.scaler.update()
     t.global_step += 1
     if t.ema is not None and t.global_step % t.recipe.ema.every == 0:
-        t.ema.update(t.model, step=t.global_step // t.recipe.ema.every)
+        t.ema.update(t.model, step=t.global_step)  # in optimizer steps: StridedEma raises its decay to `every`
     t.scheduler.step_update(num_updates=t.global_step)
     t.window_steps += 1
 
@@ -410,6 +411,10 @@ def build(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet: boo
         p.history, p.best, p.best_checkpoint = state["metrics"], state["best"], state["best_checkpoint"]
         p.pending_eval, p.elapsed_before = state.get("pending_eval"), state["elapsed_s"]
         loop.start_epoch, loop.start_batch = state["epoch"], state["step_in_epoch"] // n
+        if loop.start_batch and train_set_change(state, inputs):  # allowed: the rest of the old order means nothing
+            loop.start_epoch, loop.start_batch = loop.start_epoch + 1, 0
+            say(f"the train set changed ({train_set_change(state, inputs)}): epoch {loop.start_epoch} ends here; "
+                f"training goes on from the first batch of epoch {loop.start_epoch + 1}")
         loop.runlog.resume(t.global_step, p.history)
         say(f"resuming from {run.resume_path}: epoch {loop.start_epoch + 1}, batch {loop.start_batch} of "
             f"{inputs.num_batches}, step {t.global_step}")
@@ -426,7 +431,10 @@ def build(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet: boo
         f"peak lr {scaled_lr(recipe.optim, inputs.global_batch):.4g} at global batch {inputs.global_batch}; "
         f"run dir {run.out}")
     if state is not None:
-        ckpt.set_rng_state(state["rng"])  # last, after everything that drew from the RNGs while being built
+        rng, note = ckpt.rank_rng_state(state["rng"], rt.rank, rt.world_size, recipe.seed, state["global_step"])
+        if note:
+            say(note)
+        ckpt.set_rng_state(rng)  # last, after everything that drew from the RNGs while being built
     return loop
 
 
@@ -446,24 +454,43 @@ class Checkpointer:
     def save(self, epoch: int, batches_done: int, pending_eval: dict | None = None, is_best: bool = False) -> None:
         """Snapshot the state into CPU memory now (the epoch to run next and the batches of it done); the writer
         thread puts it on disk. A best epoch's snapshot is never superseded in the writer's queue."""
-        loop, p = self.loop, self.loop.progress
+        loop, p, t, rt = self.loop, self.loop.progress, self.loop.t, self.loop.rt
         self.last_save = time.monotonic()
         if is_best:
-            p.best_checkpoint = {**p.best, "file": ckpt.checkpoint_name(loop.t.global_step)}
+            p.best_checkpoint = {**p.best, "file": ckpt.checkpoint_name(t.global_step)}
+        # Every rank takes part: its RNG state and its own BN statistics go into the checkpoint, and under DDP
+        # without SyncBN the saved statistics are the mean over ranks (timm's distribute_bn), while each rank's
+        # own are put back, so that a save leaves the run exactly as an unsaved one goes on.
+        modules = [t.model] + ([t.ema.module] if t.ema is not None else [])
+        reduce = rt.distributed and not loop.recipe.train.sync_bn
+        own = [ckpt.norm_buffers(m) for m in modules] if reduce else None
+        ranks = rt.gather({"rng": ckpt.rng_state(), "norm_buffers": own})
+        for module in modules if reduce else []:
+            distribute_bn(module, rt.world_size, reduce=True)
         if self.writer is not None:
-            state = snapshot(loop.t, epoch, batches_done * loop.inputs.samples_per_batch, p, loop.inputs.classes,
-                             loop.run.lineage, pending_eval)
+            state = snapshot(t, epoch, batches_done * loop.inputs.samples_per_batch, p, loop.inputs.classes,
+                             loop.run.lineage, pending_eval, ranks, loop.inputs.train_set.fingerprint())
             self.writer.submit({**state, "is_best": is_best})
+        for module, buffers in zip(modules, own or []):
+            ckpt.load_norm_buffers(module, buffers)
 
     def after_step(self, epoch: int, batches_done: int) -> None:
         """After every optimizer step: a failed write stops the run at once; a mid-epoch save when one is due."""
         if self.writer is not None and self.writer.error is not None:
             self.writer.raise_error()
         cc = self.loop.recipe.checkpoint
-        due = ((cc.every_steps and self.loop.t.global_step % cc.every_steps == 0)
-               or (cc.every_minutes and time.monotonic() - self.last_save >= cc.every_minutes * 60)
-               or self.control.checkpoint_now.is_set())
-        if due and batches_done < self.loop.inputs.num_batches and not self.control.stop.is_set():
+        timed = bool((cc.every_minutes and time.monotonic() - self.last_save >= cc.every_minutes * 60)
+                     or self.control.checkpoint_now.is_set())
+        rt, step = self.loop.rt, self.loop.t.global_step
+        if rt.distributed:
+            # A save is a collective (every rank's RNG state is gathered), so the clock's and the rebalance
+            # notice's saves are agreed at the stop-agreement cadence, when every rank is at the same step.
+            timed = step % self.loop.recipe.train.stop_sync_every == 0 and rt.all_reduce(
+                torch.tensor(float(timed), device=rt.device), op="max").item() > 0
+        due = (cc.every_steps and step % cc.every_steps == 0) or timed
+        # A single process skips a save that its stop's own save follows at once; under DDP the stop is not agreed
+        # yet at this point, and every rank must join the same saves.
+        if due and batches_done < self.loop.inputs.num_batches and (rt.distributed or not self.control.stop.is_set()):
             self.control.checkpoint_now.clear()
             self.save(epoch, batches_done)
 
@@ -525,7 +552,8 @@ def train_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch:
                                     lambda done: checkpointer.after_step(epoch, done))
         except UnreadableImage as e:  # bad input met mid-run: keep the work done so far, then say what is wrong
             done = getattr(e, "batches_done", None)
-            if done is not None and done > first_batch and done % tc.accum_steps == 0:
+            # Under DDP only this rank met the image, and a save is a collective that needs every rank.
+            if done is not None and done > first_batch and done % tc.accum_steps == 0 and not rt.distributed:
                 left = checkpointer.save_and_wait(epoch, done)
                 log.error("checkpoint at step %d %s before stopping on an unreadable image", t.global_step,
                           "written" if not left else f"not complete ({', '.join(left)})")
@@ -571,6 +599,12 @@ def end_epoch(loop: Loop, checkpointer: Checkpointer, record: dict, control: Sto
 def evaluate_epoch(loop: Loop, control: StopControl) -> dict | None:
     """Raw and EMA top-1/top-5 on val; None when a stop cut the evaluation short."""
     t, flip = loop.t, loop.recipe.augment.eval_flip
+    if loop.rt.distributed and not loop.recipe.train.sync_bn:
+        # Without SyncBN each rank's running statistics drift apart: average them (timm's --dist-bn reduce), so
+        # that every shard is evaluated with one model.
+        distribute_bn(t.model, loop.rt.world_size, reduce=True)
+        if t.ema is not None:
+            distribute_bn(t.ema.module, loop.rt.world_size, reduce=True)
     raw = evaluate(t.model, loop.val_loader, t.to_input, loop.rt, flip, control.stop, loop.val_batches)
     if raw is None:
         return None
@@ -692,13 +726,17 @@ def _epoch_line(r: dict, epochs: int) -> str:
 
 
 def snapshot(t: Trainer, epoch: int, step_in_epoch: int, progress: Progress, classes: list[str],
-             lineage: dict | None = None, pending_eval: dict | None = None) -> dict:
+             lineage: dict | None = None, pending_eval: dict | None = None, ranks: list[dict] | None = None,
+             train_set: dict | None = None) -> dict:
     """The whole training state (docs/DESIGN.md, section 3) as CPU copies, taken at a step boundary.
 
     `epoch` is the epoch to run next and `step_in_epoch` the samples of it already consumed, counted in the
     global sample order so that the position survives a change of process count. `pending_eval` is the record
-    of an epoch whose evaluation a stop cut short.
+    of an epoch whose evaluation a stop cut short. `ranks` holds what each rank keeps for itself, by rank: its
+    RNG state and, under DDP without SyncBN, its own BN statistics (default: this process's RNG state);
+    `train_set` the train set's image count and file-list hash.
     """
+    ranks = ranks or [{"rng": ckpt.rng_state(), "norm_buffers": None}]
     return {
         "format": ckpt.FORMAT,
         "model": ckpt.cpu_copy(t.model.state_dict()),
@@ -710,7 +748,9 @@ def snapshot(t: Trainer, epoch: int, step_in_epoch: int, progress: Progress, cla
         "global_batch": t.recipe.train.batch_size * t.rt.world_size * t.recipe.train.accum_steps,
         "loop": {"epoch_loss": ckpt.cpu_copy(t.epoch_loss), "window_loss": ckpt.cpu_copy(t.window_loss),
                  "window_steps": t.window_steps, "bad_images": list(t.bad_images)},
-        "rng": ckpt.rng_state(),
+        "rng": [r["rng"] for r in ranks],
+        "norm_buffers": [r["norm_buffers"] for r in ranks] if ranks[0]["norm_buffers"] is not None else None,
+        "train_set": train_set,
         "best": progress.best, "best_checkpoint": progress.best_checkpoint,
         "metrics": [dict(r) for r in progress.history], "pending_eval": pending_eval,
         "elapsed_s": progress.elapsed(), "recipe": to_dict(t.recipe), "versions": versions(), "class_names": classes,
@@ -726,7 +766,18 @@ def restore(t: Trainer, state: dict, scheduler: bool = True) -> None:
     t.optimizer.load_state_dict(state["optimizer"])
     if scheduler:
         t.scheduler.load_state_dict(state["scheduler"])
-    t.scaler.load_state_dict(state["scaler"])
+    if t.scaler.is_enabled() and state["scaler"]:
+        t.scaler.load_state_dict(state["scaler"])
+    elif t.scaler.is_enabled():  # fp16 here, bf16 or fp32 on the machine that saved it (a T4 after an A10G, say)
+        log.warning("GradScaler: the checkpoint was saved without one (bf16 or fp32) and this run uses one (fp16): "
+                    "it starts fresh")
+    elif state["scaler"]:
+        log.warning("GradScaler: the checkpoint was saved with one (fp16) and this run uses none (bf16 or fp32): "
+                    "its state is not used")
+    own = state.get("norm_buffers")
+    if own is not None and len(own) == t.rt.world_size:  # this rank's own BN statistics, as it left them
+        for module, buffers in zip([t.model] + ([t.ema.module] if t.ema is not None else []), own[t.rt.rank]):
+            ckpt.load_norm_buffers(module, buffers)
     t.global_step = state["global_step"]
     t.scheduler.step_update(num_updates=t.global_step)  # the lr for the step about to run
     loop = state["loop"]

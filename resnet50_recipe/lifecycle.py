@@ -349,24 +349,52 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
 
 
 def check_resumable(run: Run, recipe: Recipe, inputs: Inputs, allow_recipe_change: bool) -> None:
-    """The checkpoint must be of this recipe, these classes and this global batch (or the change allowed)."""
+    """The checkpoint must be of this model and these classes (always), and of this recipe, this train set and
+    this global batch (or the change allowed)."""
     state = run.state
     if state is None:
         return
+    then, now = state["recipe"]["model"], to_dict(recipe)["model"]
+    arch = [f"model.{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in ("name", "aa_layer")
+            if then.get(key) != now.get(key)]
+    if arch:
+        raise RecipeError(f"{run.resume_path}: {'; '.join(arch)}: the model architecture cannot change on resume, "
+                          "even with --allow-recipe-change (the saved weights fit only their own architecture); "
+                          "resume with the checkpoint's model, or start a new run with --output DIR")
+    if state["class_names"] != inputs.classes:
+        raise ValueError(f"{inputs.data_dir}: its {len(inputs.classes)} classes differ from the "
+                         f"{len(state['class_names'])} the checkpoint {run.resume_path} was trained on; the classes "
+                         "cannot change on resume, even with --allow-recipe-change (the classifier has one output "
+                         "per class): use the data it was trained on, or start a new run with --output DIR")
     run.diff = recipe_diff(state["recipe"], to_dict(recipe))
     if run.diff and not allow_recipe_change:
         raise RecipeError(f"{run.resume_path}: the recipe differs from the checkpoint's in keys that change the "
                           "result:\n  " + "\n  ".join(run.diff) + "\npass --allow-recipe-change to resume anyway, "
                           "or --output DIR for a new run")
-    if state["class_names"] != inputs.classes:
-        raise ValueError(f"{inputs.data_dir}: its classes differ from the {len(state['class_names'])} the "
-                         f"checkpoint {run.resume_path} was trained on")
+    changed = train_set_change(state, inputs)
+    if changed and not allow_recipe_change:
+        raise RecipeError(f"{inputs.data_dir / 'train'}: the train set differs from the one the checkpoint "
+                          f"{run.resume_path} was trained on ({changed}); the epoch's order and the schedule's "
+                          "length follow from it. Put the files back, or pass --allow-recipe-change to go on with "
+                          "this train set from the first batch of the next epoch")
+    if changed:
+        run.diff.append(f"train set: {changed}")  # the schedule is rebuilt for the new epoch length
     tc = recipe.train
     if state.get("global_batch", inputs.global_batch) != inputs.global_batch and not allow_recipe_change:
         raise RecipeError(f"{run.resume_path}: the global batch was {state['global_batch']} images per step and is "
                           f"now {inputs.global_batch} (batch_size {tc.batch_size} x "
                           f"{inputs.samples_per_batch // tc.batch_size} processes x accum_steps {tc.accum_steps}); "
                           "match it, or pass --allow-recipe-change")
+
+
+def train_set_change(state: dict, inputs: Inputs) -> str | None:
+    """How the train set differs from the checkpoint's (its image count and file-list hash); None when it does
+    not, or when the checkpoint predates the record."""
+    then, now = state.get("train_set"), inputs.train_set.fingerprint()
+    if then is None or then == now:
+        return None
+    return (f"{then['images']} images then, {now['images']} now" if then["images"] != now["images"] else
+            f"the same {now['images']} images in number, but other files")
 
 
 def prepare(run: Run, manifest: dict | None, damaged: bool, staged, remote: dict | None, resume: str, force: bool,

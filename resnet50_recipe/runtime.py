@@ -52,6 +52,16 @@ class Runtime:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj) -> list:
+        """Every rank's object, by rank, on every rank; [obj] in a single process. Small per-rank records (RNG
+        states, BN statistics) that pickle; never a model."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+        box = [None] * self.world_size
+        dist.all_gather_object(box, obj)
+        return box
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist

@@ -66,9 +66,9 @@ def test_sampler_order_is_a_pure_function_of_seed_and_epoch():
 
     assert order(0, 3) == order(0, 3)
     assert order(0, 3) != order(0, 4) and order(0, 3) != order(1, 3)
-    assert sorted(i for _, i in order(0, 3)) == list(range(100))
-    assert all(e == 3 for e, _ in order(0, 3))
-    assert [i for _, i in order(0, 0, shuffle=False)] == list(range(100))
+    assert sorted(i for _, i, _ in order(0, 3)) == list(range(100))
+    assert all(e == 3 and r == 0 for e, _, r in order(0, 3))
+    assert [i for _, i, _ in order(0, 0, shuffle=False)] == list(range(100))
 
 
 def test_sampler_resumes_at_a_sample_offset_and_shards_without_overlap():
@@ -91,12 +91,46 @@ def test_sampler_resumes_at_a_sample_offset_and_shards_without_overlap():
 def test_repeated_augmentation_repeats_indices_and_keeps_epoch_length():
     s = EpochSampler(90, seed=0, aug_repeats=3)
     s.set_epoch(0)
-    keys = [i for _, i in s]
-    assert len(keys) == 90 and len(set(keys)) == 30
-    assert keys[0] == keys[1] == keys[2]
-    two = EpochSampler(90, seed=0, aug_repeats=3, rank=0, world_size=3)
-    two.set_epoch(0)
-    assert [i for _, i in two][:2] == [keys[0], keys[3]]  # the copies of one image land on different ranks
+    keys = list(s)
+    assert len(keys) == 90 and len({i for _, i, _ in keys}) == 30
+    assert [k[1:] for k in keys[:3]] == [(keys[0][1], 0), (keys[0][1], 1), (keys[0][1], 2)]  # 3 numbered copies
+    three = EpochSampler(90, seed=0, aug_repeats=3, rank=1, world_size=3)
+    three.set_epoch(0)
+    assert list(three)[:2] == [keys[1], keys[4]]  # the copies of one image land on different ranks
+    tail = EpochSampler(90, seed=0, aug_repeats=3, rank=1, world_size=2)
+    tail.set_epoch(0, start=7)
+    assert list(tail) == keys[8::2]  # a resume point keeps each key's repeat number
+
+
+def repeat_pixels(root, workers, world_size, aug_repeats=3):
+    """key -> pixels, for every sample of epoch 0 loaded by `world_size` ranks, each with `workers` workers."""
+    classes = class_names(root)
+    aug = AugmentConfig(train_size=24, auto_augment="rand-m9-mstd0.5")
+    dataset = ImageFolderDataset(root / "train", classes, train_transform(aug), seed=11)
+    pixels = {}
+    for rank in range(world_size):
+        sampler = EpochSampler(len(dataset), seed=11, rank=rank, world_size=world_size, aug_repeats=aug_repeats)
+        sampler.set_epoch(0)
+        loader = make_loader(dataset, sampler, batch_size=4, workers=workers, drop_last=False, pin_memory=False,
+                             seed=0)
+        images = torch.cat([batch for batch, _, _ in loader])
+        pixels.update(zip(sampler, images))
+    return pixels
+
+
+def test_repeated_copies_are_augmented_differently_and_each_key_is_reproducible(tiny_data):
+    one = repeat_pixels(tiny_data, workers=0, world_size=1)
+    assert len(one) == 24
+    copies = {}
+    for (_, index, repeat), image in one.items():
+        copies.setdefault(index, {})[repeat] = image
+    complete = [c for c in copies.values() if len(c) == 3]
+    assert len(complete) == 8
+    for c in complete:  # three different augmentations of one image, not one augmentation three times
+        assert not torch.equal(c[0], c[1]) and not torch.equal(c[0], c[2]) and not torch.equal(c[1], c[2])
+    for other in (repeat_pixels(tiny_data, workers=2, world_size=1), repeat_pixels(tiny_data, workers=0, world_size=2)):
+        assert other.keys() == one.keys()
+        assert all(torch.equal(other[key], one[key]) for key in one)
 
 
 def batches(root, workers, start=0, epoch=0):

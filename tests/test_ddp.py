@@ -1,5 +1,8 @@
-"""DDP on CPU: gloo, 2 processes through torchrun, against 1 process with the same global batch."""
+"""DDP on CPU: gloo, 2 processes through torchrun, against 1 process with the same global batch and against an
+uninterrupted 2-process run."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +14,7 @@ import torch
 from resnet50_recipe.checkpoint import load_state, read_manifest
 from resnet50_recipe.spot import EXIT_PREEMPTED
 from resnet50_recipe.synthetic import generate
+from test_resume import assert_same_tree
 
 GLOBAL_BATCH = 8
 
@@ -89,21 +93,26 @@ def worker_pids(root: int) -> dict[int, int]:
     return found
 
 
+def sigterm_rank_1_after(process, out, steps: int, timeout: float = 120) -> None:
+    """Once the run has logged `steps` step records, SIGTERM rank 1 only: rank 0 hears of it by the agreement."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= steps:
+            break
+        time.sleep(0.02)
+    ranks = worker_pids(process.pid)
+    assert set(ranks) == {0, 1}, ranks
+    subprocess.run(["kill", "-TERM", str(ranks[1])], check=True)
+
+
 def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_then_one_process_resumes(data, tmp_path):
     reference = run(args_for(data, tmp_path / "reference", 1), 1)
     assert reference.wait(timeout=300) == 0, reference.stdout.read()
 
     out = tmp_path / "run"
     process = run(args_for(data, out, 2), 2)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 13:
-            break
-        time.sleep(0.02)
-    ranks = worker_pids(process.pid)
-    assert set(ranks) == {0, 1}, ranks
-    subprocess.run(["kill", "-TERM", str(ranks[1])], check=True)  # only rank 1 hears of it
+    sigterm_rank_1_after(process, out, steps=13)
     output = process.communicate(timeout=120)[0]
     assert process.returncode == EXIT_PREEMPTED, output
     folder = out / "checkpoints"
@@ -116,6 +125,7 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_then_one_process_res
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert "resuming from" in output
+    assert "the checkpoint holds the RNG states of 2 process(es) and this run has 1" in output
     final = weights(out)
     assert final["global_step"] == 20
     assert_close(weights(tmp_path / "reference"), final)
@@ -138,3 +148,117 @@ def test_sync_bn_on_cpu_processes_is_a_clear_error(data, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "train.sync_bn: torch's SyncBatchNorm runs on CUDA devices only" in done.stdout + done.stderr
+
+
+PROBE = """
+import json, os, sys
+from timm.data import Mixup
+import resnet50_recipe.engine as engine
+
+out, rank = sys.argv[1], os.environ["RANK"]
+
+
+def record(kind, **data):
+    with open(f"{out}/rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps({"kind": kind, **data}) + "\\n")
+
+
+params_per_batch = Mixup._params_per_batch
+
+
+def recorded_params(self):
+    lam, use_cutmix = params_per_batch(self)
+    record("mixup", lam=float(lam), cutmix=bool(use_cutmix))
+    return lam, use_cutmix
+
+
+evaluate = engine.evaluate
+
+
+def recorded_evaluate(model, *args, **kwargs):
+    record("eval", buffers={n: b.double().sum().item() for n, b in model.named_buffers() if "running_" in n})
+    return evaluate(model, *args, **kwargs)
+
+
+Mixup._params_per_batch, engine.evaluate = recorded_params, recorded_evaluate
+from resnet50_recipe.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def probed(data, out, probe_dir, **extra):
+    """2 processes through torchrun, running the trainer under a probe that records, per rank, every Mixup draw
+    and the BN buffers every evaluation starts with. A BN model with drop-path, Mixup/CutMix, erasing and EMA."""
+    script = probe_dir / "probe.py"
+    script.write_text(PROBE)
+    settings = {"model.name": "test_resnet", "model.drop_path": 0.1, "mixup.mixup_alpha": 0.2,
+                "mixup.cutmix_alpha": 1.0, "augment.re_prob": 0.25, "checkpoint.every_steps": 5,
+                "checkpoint.keep_last": 10, **extra}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(probe_dir), *args_for(data, out, 2, **settings)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def output_of(process, timeout):
+    """The run's output; a run that hangs is killed, with its processes, and fails the test."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"still running after {timeout} s:\n{process.communicate()[0][-4000:]}")
+
+
+def records(probe_dir, rank, kind):
+    lines = (probe_dir / f"rank{rank}.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def reference_2p(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference-2p")
+    process = probed(data, root / "run", root)
+    output = output_of(process, 600)
+    assert process.returncode == 0, output
+    return root
+
+
+def test_ranks_draw_their_own_mixup_and_evaluate_with_the_mean_bn_statistics(reference_2p):
+    lambdas = [[r["lam"] for r in records(reference_2p, rank, "mixup")] for rank in (0, 1)]
+    assert len(lambdas[0]) == len(lambdas[1]) == 20
+    assert all(a != b for a, b in zip(*lambdas))  # in every step, each rank mixes its batch its own way
+
+    evals = [records(reference_2p, rank, "eval") for rank in (0, 1)]
+    assert len(evals[0]) == len(evals[1]) == 4  # raw and EMA, after each of 2 epochs
+    assert all(a["buffers"] == b["buffers"] and a["buffers"] for a, b in zip(*evals))  # one model on every shard
+
+    mid_epoch = load_state(reference_2p / "run" / "checkpoints" / "ckpt-000000005.pt")
+    for saved, own in ((mid_epoch["model"], [r[0] for r in mid_epoch["norm_buffers"]]),
+                       (mid_epoch["ema"], [r[1] for r in mid_epoch["norm_buffers"]])):
+        names = [n for n in own[0] if n.endswith("running_mean")]
+        assert names and any(not torch.equal(own[0][n], own[1][n]) for n in names)  # the ranks' statistics drift
+        for name in own[0]:
+            assert torch.allclose(saved[name], (own[0][name] + own[1][name]) / 2, rtol=1e-6, atol=1e-7), name
+
+
+def test_sigterm_mid_epoch_then_resume_on_two_processes_is_bitwise_the_uninterrupted_run(data, reference_2p,
+                                                                                         tmp_path):
+    out = tmp_path / "run"
+    process = probed(data, out, tmp_path)
+    # Step 14 logged: the signal lands in step 15, a mid-epoch save's step, on rank 1 only, so that the save (a
+    # collective) must be joined by both ranks before the stop is agreed.
+    sigterm_rank_1_after(process, out, steps=14, timeout=300)
+    output = output_of(process, 120)
+    assert json.loads((out / "summary.json").read_text())["exit_status"] == EXIT_PREEMPTED, output
+    stopped = weights(out)
+    assert 10 < stopped["global_step"] < 20 and stopped["step_in_epoch"] > 0, output  # mid-epoch 2
+    assert len(stopped["rng"]) == 2 and not torch.equal(stopped["rng"][0]["torch"], stopped["rng"][1]["torch"])
+
+    resumed = probed(data, out, tmp_path)
+    output = output_of(resumed, 600)
+    assert resumed.returncode == 0, output
+    assert "resuming from" in output and "RNG states of" not in output
+    a, b = weights(reference_2p / "run"), weights(out)
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "loop", "rng", "norm_buffers", "best",
+                "global_step"):
+        assert_same_tree(a[key], b[key], key)
