@@ -409,7 +409,7 @@ class Services:
                                   self.uploader.submit if self.uploader else None, run.lineage)
         self.watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s)
         if self.watcher is not None:  # on EC2: every metrics line also says what the instance costs
-            from .aws import InstanceCost
+            from .cost import InstanceCost
             runlog.extra = InstanceCost(self.watcher, run.out / "metrics.jsonl")
 
     def drain(self, deadline: float) -> list[str]:
