@@ -41,7 +41,7 @@ if [ "${1:-}" = "--end" ]; then
     status=${2:-}
     AWS=$(command -v aws || echo "$HOME_DIR/awscli/bin/aws")
     # Whatever fails here, the machine must not keep running: power off (it then costs only its disk).
-    trap 'say "ending the run failed at line $LINENO: powering off; resnet50-recipe aws stop $RUN deletes it"; systemctl poweroff; exit 1' ERR
+    trap 'say "ending the run failed at line $LINENO: powering off (aws stop deletes the instance)"; systemctl poweroff; exit 1' ERR
     case "$status" in
         0 | 3 | 4) ;;
         2)  # bad input: the log goes to S3 first, since the machine it is on is about to go
@@ -62,13 +62,15 @@ if [ "${1:-}" = "--end" ]; then
     fi
     token=$(curl -sf -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 300" "$IMDS/latest/api/token")
     instance=$(curl -sf -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/instance-id")
-    request=$("$AWS" ec2 describe-instances --instance-ids "$instance" \
-        --query 'Reservations[0].Instances[0].SpotInstanceRequestId' --output text)
-    # The request first: a persistent request whose instance is terminated would start a new one.
-    if [ -n "$request" ] && [ "$request" != None ]; then
+    # The run's own requests, by the tag EC2 copied onto them from the launch (what `aws stop` also cancels).
+    requests=$("$AWS" ec2 describe-spot-instance-requests --output text \
+        --filters "Name=tag:resnet50-recipe:run,Values=$RUN" "Name=state,Values=open,active,disabled" \
+        --query 'SpotInstanceRequests[].SpotInstanceRequestId')
+    # The requests first: a persistent request whose instance is terminated would start a new one.
+    for request in $requests; do
         "$AWS" ec2 cancel-spot-instance-requests --spot-instance-request-ids "$request" > /dev/null
-    fi
-    say "exit $status: run files in $REMOTE; cancelled spot request ${request:-none}, terminating $instance"
+    done
+    say "exit $status: run files in $REMOTE; cancelled spot request(s) ${requests:-none}, terminating $instance"
     "$AWS" ec2 terminate-instances --instance-ids "$instance" > /dev/null
     exit 0
 fi

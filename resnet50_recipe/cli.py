@@ -200,7 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where runs live; this one goes to PREFIX/NAME")
     q.add_argument("--name", help="run name (default: the recipe's name)")
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    q.add_argument("--instance-type", default="g4dn.2xlarge")
+    q.add_argument("--instance-type", default="g4dn.2xlarge", metavar="TYPE[,TYPE...]|auto",
+                   help="one type, several tried in order, or auto: every type that fits the spot quota, ranked by "
+                   "estimated cost to finish (default g4dn.2xlarge)")
+    q.add_argument("--budget-usd", type=float, help="refuse when the estimate (aws price's, with the disk) passes "
+                   "it; on the instance the run checkpoints and stops (exit 4) before it would (train.budget_usd)")
+    q.add_argument("--push", metavar="USER/NAME", help="push the weights to this Hugging Face repository from the "
+                   "instance; the token (HF_TOKEN or your login) goes to SSM Parameter Store, never to S3 or the logs")
+    q.add_argument("--private", action="store_true", help="with --push: a private repository")
+    q.add_argument("--keep-instance", action="store_true", help="at the end power the instance off instead of "
+                   "cancelling its spot request and terminating it (it then bills its disk until aws stop)")
     place = q.add_mutually_exclusive_group()
     place.add_argument("--az", default="auto", help="availability zone; auto (default): the cheapest with capacity")
     place.add_argument("--subnet", help="launch into this subnet (its AZ) instead")
@@ -214,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ami", help="AMI id, or the name of an SSM parameter holding one (default: the public "
                    "parameter of the current AWS Deep Learning Base AMI, Ubuntu 22.04)")
     q.add_argument("--package", help="what the instance pip-installs: a pip spec, a local .whl (uploaded to the "
-                   "run) or an s3://...whl (default: resnet50-recipe[aws]==this version, from PyPI)")
+                   "run) or an s3://...whl (default: this version from PyPI when it is an exact release installed from "
+                   "an index, else a wheel of it, built and shipped through the run's prefix)")
     q.add_argument("--disk-gb", type=int, help="root volume size in GB; data copied from S3 and checkpoints live "
                    "there (default: 300 for ImageNet from S3, else 150)")
     q.add_argument("--dry-run", action="store_true", help="print every AWS call with its arguments; make none")
@@ -497,7 +507,8 @@ def cmd_aws(args) -> int:
                        instance_type=args.instance_type, region=args.region, az=args.az, subnet=args.subnet,
                        key_name=args.key_name, security_groups=args.security_groups, data=args.data,
                        volume=args.volume, ami=args.ami, package=args.package, disk_gb=args.disk_gb,
-                       dry_run=args.dry_run)
+                       budget_usd=args.budget_usd, push=args.push, private=args.private,
+                       keep_instance=args.keep_instance, dry_run=args.dry_run)
         elif args.aws_command == "status":
             aws.print_status(aws.run_status(args.run, args.region))
         elif args.aws_command == "logs":

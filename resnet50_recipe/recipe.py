@@ -155,6 +155,7 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata=_range(1))
     sync_bn: bool = False
     stop_sync_every: int = field(default=5, metadata=_range(1))
+    budget_usd: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
 
 
 @dataclass(frozen=True)

@@ -48,29 +48,29 @@ def choose(package: str | None) -> Package:
                 raise FileNotFoundError(f"--package {package}: no such wheel")
             return Package("--package: this wheel, through the run's prefix", wheel=Path(package))
         return Package("--package", spec=package)
-    try:
-        dist = importlib.metadata.distribution(DIST)
-    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-        return Package(f"{DIST} is not installed, it runs from {_source()}: a wheel of it is built and shipped",
-                       build_from=_source())
-    direct = json.loads(dist.read_text("direct_url.json") or "null")
-    if direct is None and re.fullmatch(r"\d+(\.\d+)*(\.post\d+)?", dist.version):
-        return Package(f"{DIST} {dist.version} was installed from an index: the instance installs the same "
-                       "release from PyPI", spec=f"{DIST}[aws]=={dist.version}")
+    source = _source()
+    if source is not None:  # an editable install or a source tree on sys.path: the code is a checkout's
+        return Package(f"{DIST} {__version__} runs from a checkout (an editable install, not a PyPI "
+                       "release): a wheel of it is built (pip wheel) and shipped through the run's prefix",
+                       build_from=source)
+    # Installed into site-packages: its own metadata there says how (a checkout's egg-info must not answer).
+    found = list(importlib.metadata.distributions(name=DIST, path=[str(Path(__file__).resolve().parent.parent)]))
+    dist = found[0] if found else None
+    direct = json.loads(dist.read_text("direct_url.json") or "null") if dist else None
+    version = dist.version if dist else __version__
+    if dist is not None and direct is None and re.fullmatch(r"\d+(\.\d+)*(\.post\d+)?", version):
+        return Package(f"{DIST} {version} was installed from an index: the instance installs the same release "
+                       "from PyPI", spec=f"{DIST}[aws]=={version}")
     url = urlparse((direct or {}).get("url", ""))
     where = Path(unquote(url.path)) if url.scheme == "file" else None
     if where is not None and where.is_file() and where.suffix == ".whl":
-        return Package(f"{DIST} {dist.version} was installed from the wheel {where.name}: that wheel is shipped",
+        return Package(f"{DIST} {version} was installed from the wheel {where.name}: that wheel is shipped",
                        wheel=where)
     if where is None or not (where / "pyproject.toml").is_file():
-        where = _source()
-    if where is None:
-        raise ValueError(f"{DIST} {dist.version} is not a PyPI release and its source was not found to build a "
-                         "wheel: pass --package (a .whl, an s3://...whl or a pip spec)")
-    how = "an editable install" if (direct or {}).get("dir_info", {}).get("editable") else \
-        "not an exact PyPI release"
-    return Package(f"{DIST} {dist.version} is {how}: a wheel of it is built (pip wheel) and shipped through the "
-                   "run's prefix", build_from=where)
+        raise ValueError(f"{DIST} {version} is not a PyPI release and its source was not found to build a wheel "
+                         "from: pass --package (a .whl, an s3://...whl or a pip spec)")
+    return Package(f"{DIST} {version} was installed from {where} (not a PyPI release): a wheel of it is built "
+                   "(pip wheel) and shipped through the run's prefix", build_from=where)
 
 
 def _source() -> Path | None:

@@ -19,7 +19,8 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from conftest import tiny_overlay
-from resnet50_recipe import aws, load_recipe, train
+from resnet50_recipe import aws, load_recipe, ship, train
+from resnet50_recipe.cost import InstanceCost
 from resnet50_recipe.cli import main
 from resnet50_recipe.runlog import read_metrics
 from test_resume import MetadataStandIn
@@ -45,8 +46,12 @@ def register_ami(ec2) -> str:
                               BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 8}}])["ImageId"]
 
 
+# The release the instance installs from PyPI: tests that are not about the package skip building a wheel.
+RELEASE = "resnet50-recipe[aws]==0.1.0"
+
+
 def launch(cloud, name="r1", **kwargs):
-    kwargs = {"ami": cloud["ami"], "region": REGION, "out": lambda *a: None, **kwargs}
+    kwargs = {"ami": cloud["ami"], "region": REGION, "out": lambda *a: None, "package": RELEASE, **kwargs}
     return aws.launch("smoke", f"s3://{cloud['bucket']}/runs", name=name, **kwargs)
 
 
@@ -72,7 +77,8 @@ def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_ins
     assert listing["Condition"] == {"StringLike": {"s3:prefix": ["runs/r1", "runs/r1/*"]}}
     assert {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} \
         == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
-            "ec2:DescribeSpotPriceHistory"}
+            "ec2:DescribeSpotPriceHistory", "ec2:DescribeSpotInstanceRequests", "ec2:CancelSpotInstanceRequests",
+            "ec2:TerminateInstances"}
     profiles = iam.list_instance_profiles()["InstanceProfiles"]
     assert [(p["InstanceProfileName"], [r["RoleName"] for r in p["Roles"]]) for p in profiles] == \
         [("resnet50-recipe-r1", ["resnet50-recipe-r1"])]
@@ -247,11 +253,14 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     listed = out.split("\n# <")[0].splitlines()  # the calls, before the long arguments printed after them
     calls = [line.split("(")[0] for line in listed if line[:1].isalpha()]
-    assert calls == ["ec2.describe_instance_types", "service-quotas.get_service_quota", "ec2.describe_instances",
+    assert calls == ["service-quotas.get_service_quota", "ec2.describe_instances", "ec2.describe_spot_price_history",
                      "ec2.describe_instances", "ssm.get_parameter", "ec2.describe_images", "iam.get_role",
                      "iam.create_role", "iam.put_role_policy", "iam.get_instance_profile",
                      "iam.create_instance_profile", "iam.add_role_to_instance_profile", "s3.put_object",
-                     "ec2.describe_spot_price_history", "ec2.run_instances"]
+                     "s3.upload_file", "ec2.run_instances"]
+    # This checkout is an editable install: the plan says so, and a wheel of it goes through the run's prefix.
+    assert "# package: resnet50-recipe 0.1.0 runs from a checkout (an editable install" in out
+    assert "PACKAGE=s3://my-bucket/runs/imagenet-100ep/launch/resnet50_recipe-0.1.0-py3-none-any.whl" in out
     assert aws.DLAMI_PARAMETER in out and '"InstanceInterruptionBehavior": "stop"' in out
     assert "DATA=s3://my-bucket/imagenet/" in out
 
@@ -269,7 +278,11 @@ def test_the_dry_run_in_the_readmes_is_what_the_command_prints(capsys, monkeypat
     timestamps = re.compile(r"\d{4}-\d\d-\d\d[ T][\d:.]+(\+00:00|Z)")
     root = Path(__file__).parent.parent
     for readme in (root / "README.md", root / "aws" / "README.md"):
-        shown = readme.read_text().split(f"$ {command} --dry-run\n", 1)[1].split("\n```", 1)[0]
+        before, rest = readme.read_text().split(f"$ {command} --dry-run\n", 1)
+        shown, after = rest.split("\n```", 1)
+        if os.environ.get("REGENERATE_README") == "1":  # REGENERATE_README=1 pytest -k readmes rewrites the blocks
+            readme.write_text(f"{before}$ {command} --dry-run\n{printed}\n```{after}")
+            shown = printed
         assert timestamps.sub("T", shown) == timestamps.sub("T", printed), readme
 
 
@@ -283,12 +296,14 @@ def test_without_boto3_the_aws_commands_say_how_to_install_it(monkeypatch, capsy
 
 def render(**settings):
     values = {"RUN": "in1k", "REMOTE": "s3://b/runs/in1k", "REGION": REGION, "PACKAGE": "resnet50-recipe[aws]==0.1",
-              "DATA": "s3://b/imagenet.tar", "VOLUME": "", "EPOCHS_NOTE": "100 epochs"}
+              "DATA": "s3://b/imagenet.tar", "VOLUME": "", "EPOCHS_NOTE": "100 epochs", "HUB_TOKEN_PARAMETER": "",
+              "KEEP_INSTANCE": ""}
     return aws.render_user_data({**values, **settings})
 
 
 @pytest.mark.parametrize("settings", [{}, {"DATA": "", "VOLUME": "yes", "PACKAGE": "s3://b/w/x-0.1-py3-none-any.whl"},
-                                      {"RUN": "a b'c", "DATA": "s3://b/dir with space/"}])
+                                      {"RUN": "a b'c", "DATA": "s3://b/dir with space/"},
+                                      {"HUB_TOKEN_PARAMETER": "/resnet50-recipe/in1k/hf-token", "KEEP_INSTANCE": "yes"}])
 def test_user_data_passes_bash_n_and_shellcheck(settings, tmp_path):
     script = tmp_path / "user-data.sh"
     script.write_text(render(**settings))
@@ -417,7 +432,7 @@ def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         watcher = SpotWatcher(StopControl(), f"http://127.0.0.1:{server.server_port}")
-        cost = aws.InstanceCost(watcher, tmp_path / "metrics.jsonl", refresh_s=0.0)
+        cost = InstanceCost(watcher, tmp_path / "metrics.jsonl", refresh_s=0.0)
         first = cost()  # the first price is read in the caller's thread: the first line has it
         assert first["price_usd_per_h"] == 0.00001 and cost.pricing is None
         cost()  # a refresh is due: it runs in a thread of its own while the caller goes on
@@ -426,3 +441,158 @@ def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path
         assert cost()["price_usd_per_h"] == 0.00001
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 15: the package, the budget, the ranking, releasing the instance, the Hub token
+
+
+def test_a_checkout_is_built_into_a_wheel_and_shipped_through_the_runs_prefix(cloud):
+    result = launch(cloud, package=None)
+    key = "runs/r1/launch/resnet50_recipe-0.1.0-py3-none-any.whl"
+    import io
+    import zipfile
+
+    wheel = zipfile.ZipFile(io.BytesIO(cloud["s3"].get_object(Bucket=cloud["bucket"], Key=key)["Body"].read()))
+    names = wheel.namelist()
+    assert "resnet50_recipe/aws_files/user-data.sh" in names and "resnet50_recipe/cost.py" in names
+    user_data = instance_user_data(cloud["ec2"], result["instance_id"])
+    assert f"PACKAGE=s3://{cloud['bucket']}/{key}\n" in user_data
+
+
+def instance_user_data(ec2, instance_id) -> str:
+    attribute = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    return base64.b64decode(attribute["UserData"]["Value"]).decode()
+
+
+def test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel(tmp_path):
+    """The choice as an installed package makes it: from a --find-links index (no direct_url.json, as from PyPI)
+    and from a wheel file (pip records its path). Run in fresh interpreters outside the checkout."""
+    wheel = ship.build_wheel(ship._source(), tmp_path / "dist")
+    probe = "from resnet50_recipe import ship; p = ship.choose(None); print(p.spec, p.wheel, sep='|')"
+    for how, expected in (("index", f"{aws.ship.DIST}[aws]==0.1.0|None"), ("file", f"None|{wheel}")):
+        target = tmp_path / how
+        source = ["--no-index", "--find-links", str(wheel.parent), "resnet50-recipe"] if how == "index" \
+            else [str(wheel)]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                        *source], check=True)
+        chosen = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH":
+                                str(target)}, capture_output=True, text=True, check=True)
+        assert chosen.stdout.strip() == expected, how
+
+
+def test_a_budget_below_the_estimate_refuses_with_the_estimate_and_the_cheaper_choices(cloud):
+    """imagenet-100ep on one T4 is ~87 h: its 300 GB disk alone costs ~$2.84 for as long (moto's spot price is
+    $0.00001/h). Four T4s, or the 8-GPU types, finish sooner: those are the cheaper choices the refusal names."""
+    with pytest.raises(aws.AwsError) as refused:
+        aws.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", data=f"s3://{cloud['bucket']}/imagenet/",
+                   instance_type="g4dn.2xlarge", budget_usd=2, ami=cloud["ami"], region=REGION, package=RELEASE,
+                   out=lambda *a: None)
+    message = str(refused.value)
+    assert message.startswith("--budget-usd 2: the estimate for imagenet-100ep passes it (g4dn.2xlarge ~$2.84: ")
+    assert "within the budget: p5.48xlarge ~$0.01, p4d.24xlarge ~$0.03, g4dn.12xlarge ~$0.71, g5.2xlarge ~$1.42" \
+        in message
+    assert live_instances(cloud["ec2"]) == [] and cloud["iam"].list_instance_profiles()["InstanceProfiles"] == []
+    # Within the budget, the budget goes into the run's recipe.
+    launch(cloud, budget_usd=5)
+    recipe = cloud["s3"].get_object(Bucket=cloud["bucket"], Key="runs/r1/launch/recipe.yaml")["Body"].read()
+    assert yaml.safe_load(recipe)["train"]["budget_usd"] == 5
+
+
+def test_auto_ranks_by_cost_to_finish_and_falls_back_to_the_next_type_without_capacity(cloud):
+    api = aws.Api(REGION)
+    lines = []
+    plan = aws.plan_launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", "r1", [], "auto",
+                           f"s3://{cloud['bucket']}/imagenet/", None, RELEASE, None, None, None, False, False)
+    priced = {t: aws.spot_prices(api, t) for t in aws.INSTANCE_TYPES if aws.INSTANCE_TYPES[t][0] in aws.THROUGHPUT_224}
+    expected = sorted((aws.cost_to_finish(plan, t, next(iter(p.values()))), t) for t, p in priced.items() if p)
+    first, second = expected[0][1], expected[1][1]
+    api.client("ec2").meta.events.register("before-call.ec2.RunInstances", lambda params, **kw: (
+        _raise_capacity() if params["body"]["InstanceType"] == first else None))  # no capacity in any AZ
+    result = aws.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", name="r1", data=plan.data,
+                        instance_type="auto", ami=cloud["ami"], package=RELEASE, api=api, out=lines.append)
+    assert result["instance_type"] == second
+    assert len(result["tried"]) == len(aws.spot_prices(api, first))  # every AZ of the first, then the second
+    ranking = next(line for line in lines if line.startswith("instance types by estimated cost to finish"))
+    assert ranking.split(": ", 1)[1].split(", ")[:2] == [f"{t} ~${c:.2f}" for c, t in expected[:2]]
+
+
+class ReleasingInstance(MetadataStandIn):
+    """IMDSv2 of the instance that ends its run: only its id is asked."""
+    instance_id = None
+
+    def do_GET(self):
+        if self.path == "/latest/meta-data/instance-id" and self.headers.get("X-aws-ec2-metadata-token") == self.token:
+            return self._send(200, type(self).instance_id)
+        return super().do_GET()
+
+
+def run_end_of_run(tmp_path, s3_endpoint, status: int, **settings) -> subprocess.CompletedProcess:
+    """The rendered user data's end-of-run path (`setup.sh --end STATUS`, what the unit's ExecStopPost runs) under
+    bash, with the real AWS CLI against the moto server; systemctl is a stand-in that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.calls\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    script = tmp_path / "setup.sh"
+    script.write_text(render(**settings))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ReleasingInstance)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "AWS_ENDPOINT_URL": s3_endpoint,
+               "RESNET50_RECIPE_IMDS": f"http://127.0.0.1:{server.server_port}"}
+        return subprocess.run(["bash", str(script), "--end", str(status)], env=env, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        server.shutdown()
+
+
+def spot_run(cloud, name="r1"):
+    """A run's persistent spot request and its instance, tagged as EC2 tags them from run_instances' TagSpecifications
+    (moto starts no request for run_instances, so the test asks for one)."""
+    ec2 = cloud["ec2"]
+    tags = [{"Key": aws.TAG_RUN, "Value": name}]
+    request = ec2.request_spot_instances(
+        Type="persistent", InstanceInterruptionBehavior="stop",
+        LaunchSpecification={"ImageId": cloud["ami"], "InstanceType": "g4dn.xlarge"},
+        TagSpecifications=[{"ResourceType": "spot-instances-request", "Tags": tags}])["SpotInstanceRequests"][0]
+    request = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request["SpotInstanceRequestId"]])[
+        "SpotInstanceRequests"][0]
+    ec2.create_tags(Resources=[request["InstanceId"]], Tags=tags)
+    return request["SpotInstanceRequestId"], request["InstanceId"]
+
+
+@pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed (pip install awscli)")
+@pytest.mark.parametrize("status", [0, 2])
+def test_the_end_of_run_path_cancels_its_request_and_terminates_its_instance(cloud, s3_endpoint, tmp_path, status):
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    remote = f"s3://{cloud['bucket']}/runs/r1"
+    if status == 0:  # a finished run's files are in S3; exit 2 puts the training log there itself
+        cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=b"{}")
+    ended = run_end_of_run(tmp_path, s3_endpoint, status, RUN="r1", REMOTE=remote)
+    assert ended.returncode == 0, ended.stderr
+    assert f"cancelled spot request(s) {request_id}, terminating {instance_id}" in ended.stdout
+    ec2 = cloud["ec2"]
+    requests = ec2.describe_spot_instance_requests()["SpotInstanceRequests"]
+    assert [r for r in requests if r["State"] != "cancelled"] == []
+    state = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
+    assert state in ("shutting-down", "terminated") and not (tmp_path / "systemctl.calls").exists()
+    if status == 2:
+        assert cloud["s3"].head_object(Bucket=cloud["bucket"], Key="runs/r1/logs/train-exit-2.log")
+
+
+@pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed (pip install awscli)")
+def test_the_end_of_run_path_keeps_an_unsynced_run_or_a_kept_instance(cloud, s3_endpoint, tmp_path):
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    remote = f"s3://{cloud['bucket']}/runs/r1"
+    ended = run_end_of_run(tmp_path, s3_endpoint, 0, RUN="r1", REMOTE=remote)  # no summary.json in S3
+    assert ended.returncode == 0 and "is not in S3: powering off" in ended.stdout
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=b"{}")
+    ended = run_end_of_run(tmp_path, s3_endpoint, 0, RUN="r1", REMOTE=remote, KEEP_INSTANCE="yes")
+    assert "(--keep-instance)" in ended.stdout
+    assert (tmp_path / "systemctl.calls").read_text() == "poweroff\npoweroff\n"
+    assert run_end_of_run(tmp_path, s3_endpoint, 75, RUN="r1", REMOTE=remote).stdout == ""  # a stop: nothing to end
+    state = cloud["ec2"].describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]
+    assert state["Name"] == "running"
