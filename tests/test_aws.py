@@ -596,3 +596,166 @@ def test_the_end_of_run_path_keeps_an_unsynced_run_or_a_kept_instance(cloud, s3_
     assert run_end_of_run(tmp_path, s3_endpoint, 75, RUN="r1", REMOTE=remote).stdout == ""  # a stop: nothing to end
     state = cloud["ec2"].describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]
     assert state["Name"] == "running"
+
+
+class FakeCost:
+    """A cost source in place of InstanceCost: $0.10 more at every metrics line, at a known price."""
+    price = 0.5
+
+    def __init__(self, watcher, metrics_path):
+        self.cost = self.cost_at_start = 0.0
+
+    def __call__(self) -> dict:
+        self.cost += 0.10
+        return {"price_usd_per_h": self.price, "cost_usd": self.cost}
+
+
+def test_the_trainer_checkpoints_and_stops_before_the_next_epoch_would_pass_the_budget(tiny_data, tmp_path, monkeypatch):
+    from resnet50_recipe import cost
+    from resnet50_recipe.lifecycle import EXIT_BUDGET
+
+    monkeypatch.setattr(cost, "InstanceCost", FakeCost)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MetadataStandIn)  # "on EC2": no notice, the watcher runs
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{
+            "train.epochs": 6, "train.budget_usd": 1.0, "checkpoint.spot_notice": "on", "export.enabled": "false",
+            "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"}))
+        summary = train(recipe, tmp_path / "run", quiet=True)
+    finally:
+        server.shutdown()
+    assert summary["exit_status"] == EXIT_BUDGET and summary["over_budget"] and summary["stopped"]
+    assert summary["stop_reason"].startswith("train.budget_usd: $")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    spent, before = epochs[-1]["cost_usd"], (epochs[-2]["cost_usd"] if len(epochs) > 1 else 0.0)
+    assert 1 <= len(epochs) < 6 and spent <= 1.0 < spent + (spent - before)  # stopped right before passing it
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    assert manifest["epoch"] == len(epochs)  # a checkpoint at the epoch it stopped after: a resume continues there
+
+
+@pytest.fixture
+def enforced_iam(monkeypatch):
+    """moto's own IAM evaluation for every call after `enforce()`, with what moto leaves out for EC2 and SSM filled
+    in: the ARN of the resource a call acts on (moto checks "*" for both), and for EC2 that resource's tags as
+    aws:ResourceTag/* condition keys (moto evaluates StringEquals, but computes no keys besides sts:ExternalId)."""
+    from moto import settings
+    from moto.ec2.models import ec2_backends
+    from moto.iam.access_control import IAMPolicy, IAMRequest, PermissionResult
+
+    def acted_on(request) -> tuple[str, dict]:
+        account, region, data = request.account_id, request._region, request._data
+        for kind, key in (("instance", "InstanceId.1"), ("spot-instances-request", "SpotInstanceRequestId.1")):
+            if key in data:
+                rid = data[key][0] if isinstance(data[key], list) else data[key]
+                tags = ec2_backends[account][region].describe_tags(filters={"resource-id": [rid]})
+                return (f"arn:aws:ec2:{region}:{account}:{kind}/{rid}",
+                        {f"aws:ResourceTag/{t['key']}": t["value"] for t in tags})
+        if request._action.startswith("ssm:") and request._body:
+            name = json.loads(request._body).get("Name", "")
+            return f"arn:aws:ssm:{region}:{account}:parameter/{name.lstrip('/')}", {}
+        return "*", {}
+
+    def check_action_permitted(self, resource):
+        resource, values = acted_on(self)
+        results = [IAMPolicy(p).is_action_permitted(self._action, resource, None, values)
+                   for p in self._access_key.collect_policies()]
+        if PermissionResult.DENIED in results or PermissionResult.PERMITTED not in results:
+            self._raise_access_denied()
+
+    def enforce():
+        monkeypatch.setattr(IAMRequest, "check_action_permitted", check_action_permitted)
+        monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    return enforce
+
+
+def instance_clients(cloud, name="r1"):
+    """EC2 and SSM clients holding exactly the run role's policy (as a user's: moto has no instance roles)."""
+    iam = cloud["iam"]
+    policy = iam.get_role_policy(RoleName=f"resnet50-recipe-{name}", PolicyName="resnet50-recipe-run")["PolicyDocument"]
+    iam.create_user(UserName="instance")
+    iam.put_user_policy(UserName="instance", PolicyName="run", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="instance")["AccessKey"]
+    session = boto3.Session(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"],
+                            region_name=REGION)
+    return session.client("ec2"), session.client("ssm")
+
+
+def denied(call, **kwargs) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        call(**kwargs)
+    except ClientError as e:
+        # moto answers SSM's JSON protocol with an XML error, which botocore reads as code "403"
+        return aws.error_code(e) in ("AccessDenied", "UnauthorizedOperation") or \
+            e.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    return False
+
+
+def test_the_run_role_may_release_only_its_own_instance_and_request(cloud, enforced_iam):
+    launch(cloud)
+    own_request, own_instance = spot_run(cloud, "r1")
+    other_request, other_instance = spot_run(cloud, "r2")
+    ec2, _ = instance_clients(cloud)
+    enforced_iam()
+    assert denied(ec2.terminate_instances, InstanceIds=[other_instance])
+    assert denied(ec2.cancel_spot_instance_requests, SpotInstanceRequestIds=[other_request])
+    assert denied(ec2.run_instances, ImageId=cloud["ami"], InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1)
+    assert denied(ec2.stop_instances, InstanceIds=[own_instance])
+    found = ec2.describe_spot_instance_requests(Filters=[{"Name": f"tag:{aws.TAG_RUN}", "Values": ["r1"]}])
+    assert [r["SpotInstanceRequestId"] for r in found["SpotInstanceRequests"]] == [own_request]
+    ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[own_request])
+    ec2.terminate_instances(InstanceIds=[own_instance])
+    # With --keep-instance the role gets no release permission at all.
+    assert not [s for s in aws.policy_document("b", "runs/r1", [], run="r1", release=False)["Statement"]
+                if s["Sid"].startswith("Release")]
+
+
+def test_the_hub_token_goes_to_ssm_and_the_role_may_read_only_that_parameter(cloud, enforced_iam, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_own-token")
+    launch(cloud, push="me/resnet50-a3", private=True)
+    admin_ssm = boto3.client("ssm", region_name=REGION)
+    stored = admin_ssm.get_parameter(Name="/resnet50-recipe/r1/hf-token", WithDecryption=True)["Parameter"]
+    assert stored["Type"] == "SecureString" and stored["Value"] == "hf_own-token"
+    admin_ssm.put_parameter(Name="/resnet50-recipe/r2/hf-token", Type="SecureString", Value="hf_other")
+    recipe = yaml.safe_load(cloud["s3"].get_object(Bucket=cloud["bucket"], Key="runs/r1/launch/recipe.yaml")["Body"]
+                            .read())
+    assert recipe["export"]["repo_id"] == "me/resnet50-a3" and recipe["export"]["private"] is True
+    _, ssm = instance_clients(cloud)
+    enforced_iam()
+    read = ssm.get_parameter(Name="/resnet50-recipe/r1/hf-token", WithDecryption=True)["Parameter"]["Value"]
+    assert read == "hf_own-token"
+    assert denied(ssm.get_parameter, Name="/resnet50-recipe/r2/hf-token", WithDecryption=True)
+    assert denied(ssm.put_parameter, Name="/resnet50-recipe/r1/hf-token", Value="x", Type="String", Overwrite=True)
+    assert denied(ssm.get_parameters_by_path, Path="/resnet50-recipe/")
+
+
+def test_the_token_is_in_no_artefact_of_the_launch(cloud, monkeypatch, tmp_path, capsys, caplog):
+    """Every file the launch writes (the wheel build goes to a temporary folder, here under tmp_path), every S3
+    object, the instance's user data and tags, the role's policy, the dry run and the log: no token."""
+    import tempfile
+
+    token = "hf_TOKEN-that-must-not-leak-5f3a"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = launch(cloud, package=None, push="me/resnet50-a3", out=print)
+    assert main(["aws", "launch", "smoke", "--bucket", f"s3://{cloud['bucket']}/runs", "--push", "me/x", "--dry-run",
+                 "--region", REGION]) == 0
+    seen = capsys.readouterr().out
+    assert aws.SECRET in seen  # the dry run shows where the token goes, not the token
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".whl" for p in files)
+    texts = [seen, caplog.text, instance_user_data(cloud["ec2"], result["instance_id"]),
+             json.dumps(cloud["ec2"].describe_instances()["Reservations"], default=str),
+             json.dumps(cloud["iam"].get_role_policy(RoleName="resnet50-recipe-r1", PolicyName="resnet50-recipe-run"))]
+    blobs = [p.read_bytes() for p in files]
+    for o in cloud["s3"].list_objects_v2(Bucket=cloud["bucket"])["Contents"]:
+        blobs.append(cloud["s3"].get_object(Bucket=cloud["bucket"], Key=o["Key"])["Body"].read())
+    assert len(blobs) >= 3 and all(token.encode() not in b for b in blobs + [t.encode() for t in texts])
+    # The wheel is a zip: its members are compressed, so look inside too.
+    import zipfile
+
+    for wheel in (p for p in files if p.suffix == ".whl"):
+        with zipfile.ZipFile(wheel) as z:
+            assert all(token.encode() not in z.read(n) for n in z.namelist())
