@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import ship
 from .cost import (DATASET_IMAGES, DEFAULT_PRICE_TYPES, INSTANCE_TYPES, PRODUCT, THROUGHPUT_224,  # noqa: F401
-                   ebs_cost, estimate, integrate_cost, recipe_images, spot_prices)
+                   budget_text, ebs_cost, estimate, integrate_cost, recipe_images, spot_prices)
 from .ship import Package
 
 log = logging.getLogger(__name__)
@@ -694,7 +694,8 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
     if steps:
         status["last_step"] = {k: steps[-1].get(k) for k in ("epoch", "step", "loss", "lr", "img_per_s")}
     summary, _ = store.get_json("summary.json")
-    recipe_epochs = _recipe_epochs(store)
+    train = (_run_recipe(store) or {}).get("train", {})
+    recipe_epochs, status["budget_usd"] = train.get("epochs"), train.get("budget_usd")
     status["finished"] = bool(summary) and summary.get("stopped") is False
     if epochs and recipe_epochs and not status["finished"]:
         recent = [r["epoch_time_s"] for r in epochs[-3:] if r.get("epoch_time_s")]
@@ -712,13 +713,17 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
                       StartTime=start - timedelta(days=1), EndTime=now)["SpotPriceHistory"]
         status["cost_usd_upper_bound"] = integrate_cost(history, start, now)
         status["hours_since_launch"] = (now - start).total_seconds() / 3600
-    recorded = [r["cost_usd"] for r in metrics if r.get("cost_usd") is not None]
+    recorded = [r for r in metrics if r.get("cost_usd") is not None]
     if recorded:
-        status["cost_usd_recorded"] = recorded[-1]
+        status["cost_usd_recorded"], status["price_usd_per_h"] = recorded[-1]["cost_usd"], recorded[-1].get(
+            "price_usd_per_h")
+    live = [i for i in instances if i["State"]["Name"] not in ("terminated", "shutting-down")]
+    status["released"] = not live and not [r for r in requests if r["State"] in ("open", "active", "disabled")]
     return status
 
 
-def _recipe_epochs(store) -> int | None:
+def _run_recipe(store) -> dict | None:
+    """The run's resolved recipe: the trainer's copy, else the one the launch uploaded."""
     import yaml
 
     for name in ("recipe.yaml", "launch/recipe.yaml"):
@@ -726,7 +731,7 @@ def _recipe_epochs(store) -> int | None:
             body = store.client.get_object(Bucket=store.bucket, Key=store.key(name))["Body"].read()
         except store.client.exceptions.NoSuchKey:
             continue
-        return (yaml.safe_load(body) or {}).get("train", {}).get("epochs")
+        return yaml.safe_load(body) or {}
     return None
 
 
@@ -752,9 +757,15 @@ def print_status(status: dict, out=print) -> None:
             f"{status['hours_since_launch']:.1f} h since launch; hours stopped by an interruption are not billed)"
             + (f"; ${status['cost_usd_recorded']:.2f} recorded by the training process"
                if "cost_usd_recorded" in status else ""))
-    if status.get("finished"):
-        out(f"  finished; the instance powers itself off: `resnet50-recipe aws stop {status['run']}` deletes it "
-            "and its disk, keeping S3")
+    spent = status.get("cost_usd_recorded", status.get("cost_usd_upper_bound"))
+    if spent is not None and (status.get("budget_usd") is not None or status.get("eta_hours") is not None):
+        out("  spent ~$" + f"{spent:.2f}" + budget_text(spent, status.get("budget_usd"), status.get("price_usd_per_h"),
+                                                      status.get("eta_hours")))
+    if status.get("finished") and status.get("released"):
+        out("  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)")
+    elif status.get("finished"):
+        out(f"  finished; the instance releases itself (or powers off with --keep-instance): `resnet50-recipe aws "
+            f"stop {status['run']}` deletes it and its disk, keeping S3")
     elif "eta_hours" in status:
         out(f"  ETA: {status['eta_hours']:.1f} h of training (mean of the last epochs' times)")
     out(f"  files: {status['remote']}")

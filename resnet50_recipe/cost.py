@@ -209,3 +209,17 @@ class Budget:
                   "would pass it")
         control.request_stop(reason)
         return reason
+
+
+def budget_text(spent: float, budget_usd: float | None, price: float | None, hours_left: float | None) -> str:
+    """What follows "cost so far $X" in `watch` and `aws status`: ", ~$P projected at the end ($p/h now); budget
+    $B: $L left". The projection is the price now times the hours the ETA gives: spot prices move."""
+    text = ""
+    projected = spent + price * hours_left if price is not None and hours_left is not None else None
+    if projected is not None:
+        text += f", ~${projected:.2f} projected at the end (${price:.4f}/h now)"
+    if budget_usd is not None:
+        text += f"; budget ${budget_usd:.2f}: ${budget_usd - spent:.2f} left"
+        if projected is not None and projected > budget_usd:
+            text += " (the run stops with a checkpoint before it would pass it: exit 4)"
+    return text

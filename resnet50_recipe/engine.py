@@ -417,7 +417,7 @@ def build(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet: boo
     loop.runlog.start(recipe, {"epochs": tc.epochs, "steps_per_epoch": inputs.updates_per_epoch,
                                "global_batch": inputs.global_batch, "world_size": rt.world_size,
                                "train_images": len(inputs.train_set), "device": str(rt.device),
-                               "run_id": run.lineage["run_id"]})
+                               "run_id": run.lineage["run_id"], "budget_usd": tc.budget_usd})
     if state is None:
         loop.runlog.sample_images(inputs.train_set)
     n_params = sum(p.numel() for p in t.model.parameters())

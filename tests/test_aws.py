@@ -209,7 +209,7 @@ def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_
     assert datetime.fromisoformat(status["checkpoint"]["time"]) > datetime.now(timezone.utc) - timedelta(minutes=5)
     last = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert status["last_epoch"]["top1"] == [r for r in last if r["kind"] == "epoch"][-1]["top1"]
-    assert status["epochs"] == 1 and status["finished"]
+    assert status["epochs"] == 1 and status["finished"] and not status["released"]
     assert status["cost_usd_upper_bound"] >= 0 and status["hours_since_launch"] < 0.1
     lines = []
     aws.print_status(status, out=lines.append)
@@ -221,9 +221,23 @@ def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_
     resolved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     resolved["train"]["epochs"] = 5
     s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/recipe.yaml", Body=yaml.safe_dump(resolved))
+    resolved["train"]["budget_usd"] = 2.5
+    s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/recipe.yaml", Body=yaml.safe_dump(resolved))
     status = aws.run_status("r1", REGION)
     epoch_time = [r for r in last if r["kind"] == "epoch"][-1]["epoch_time_s"]
     assert not status["finished"] and status["eta_hours"] == pytest.approx(4 * epoch_time / 3600)
+    lines = []
+    aws.print_status({**status, "cost_usd_recorded": 1.0, "price_usd_per_h": 0.25}, out=lines.append)
+    projected = 1.0 + 0.25 * status["eta_hours"]
+    assert f"  spent ~$1.00, ~${projected:.2f} projected at the end ($0.2500/h now); budget $2.50: $1.50 left" in lines
+
+    # Finished and released (what the end of the run does on EC2): nothing left billing.
+    s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps({"stopped": False}))
+    aws.stop("r1", REGION, out=lambda *a: None)
+    lines = []
+    aws.print_status(aws.run_status("r1", REGION), out=lines.append)
+    assert "  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)" \
+        in lines
 
 
 def test_cost_integrates_the_price_history_and_the_cheapest_az_comes_first():
