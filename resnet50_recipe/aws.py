@@ -37,8 +37,6 @@ SPOT_QUOTAS = {"g": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
                "vt": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
                "p": ("L-7212CCBC", "All P Spot Instance Requests")}
 
-
-
 # What the dry run shows in place of a secret (the Hub token), which it never reads.
 SECRET = "<the Hugging Face token: HF_TOKEN or the huggingface_hub login, not shown>"
 
@@ -697,6 +695,7 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
     train = (_run_recipe(store) or {}).get("train", {})
     recipe_epochs, status["budget_usd"] = train.get("epochs"), train.get("budget_usd")
     status["finished"] = bool(summary) and summary.get("stopped") is False
+    status["exit_status"], status["pushed"] = (summary or {}).get("exit_status"), (summary or {}).get("pushed")
     if epochs and recipe_epochs and not status["finished"]:
         recent = [r["epoch_time_s"] for r in epochs[-3:] if r.get("epoch_time_s")]
         left = recipe_epochs - (epochs[-1]["epoch"] + 1)
@@ -759,8 +758,8 @@ def print_status(status: dict, out=print) -> None:
                if "cost_usd_recorded" in status else ""))
     spent = status.get("cost_usd_recorded", status.get("cost_usd_upper_bound"))
     if spent is not None and (status.get("budget_usd") is not None or status.get("eta_hours") is not None):
-        out("  spent ~$" + f"{spent:.2f}" + budget_text(spent, status.get("budget_usd"), status.get("price_usd_per_h"),
-                                                      status.get("eta_hours")))
+        tail = budget_text(spent, status.get("budget_usd"), status.get("price_usd_per_h"), status.get("eta_hours"))
+        out(f"  spent ~${spent:.2f}{tail}")
     if status.get("finished") and status.get("released"):
         out("  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)")
     elif status.get("finished"):
@@ -769,6 +768,35 @@ def print_status(status: dict, out=print) -> None:
     elif "eta_hours" in status:
         out(f"  ETA: {status['eta_hours']:.1f} h of training (mean of the last epochs' times)")
     out(f"  files: {status['remote']}")
+
+
+ENDED = (0, 2, 3, 4)  # the exit statuses after which the unit starts the trainer no more
+
+
+def follow(name: str, region: str | None = None, interval: float = 60.0, api: Api | None = None, out=print,
+           stream=None, sleep=time.sleep) -> dict:
+    """Redraw `aws status` every `interval` seconds, as `watch` does, until the run has ended (finished, stopped by
+    its budget, bad input) or its instance is gone; then say where the weights are."""
+    import io
+    import sys
+
+    api = api or Api(region)
+    stream = stream or sys.stdout
+    while True:
+        status = run_status(name, api.region, api)
+        text = io.StringIO()
+        print_status(status, out=lambda line: print(line, file=text))
+        clear = "\x1b[H\x1b[2J" if stream.isatty() else ""  # redraw in place on a terminal; append in a log
+        print(f"{clear}{time.strftime('%H:%M:%S')}  {text.getvalue()}", file=stream, flush=True)
+        if status["exit_status"] in ENDED or status["finished"] or status["released"]:
+            break
+        sleep(interval)
+    if status["finished"]:
+        out(f"weights: {status['remote']}/export/ (timm format; resnet50-recipe runs pull {status['remote']} DIR)"
+            + (f" and https://huggingface.co/{status['pushed']}" if status.get("pushed") else ""))
+    else:
+        out(f"run {name} ended without weights (exit {status['exit_status']}); its files are in {status['remote']}")
+    return status
 
 
 def logs(name: str, region: str | None = None, api: Api | None = None) -> str:
@@ -813,5 +841,3 @@ def ls(region: str | None = None, api: Api | None = None, out=print) -> list[dic
     if not rows:
         out(f"no runs launched by resnet50-recipe in {api.region}")
     return rows
-
-

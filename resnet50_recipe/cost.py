@@ -48,7 +48,6 @@ THROUGHPUT_224 = {
 DATASET_IMAGES = {"imagenet-1k": 1_281_167}
 
 
-
 def boto3_call(region: str):
     """`api` for spot_prices without the launcher: each call made by a plain boto3 client."""
     import boto3
@@ -106,8 +105,6 @@ def recipe_images(recipe) -> int | None:
     if synthetic is not None:
         return synthetic.classes * synthetic.per_class
     return DATASET_IMAGES.get(recipe.export.dataset or "")
-
-
 
 
 class InstanceCost:
@@ -205,8 +202,8 @@ class Budget:
         self.at_last_epoch = spent
         if last_epoch or spent + epoch_cost <= self.budget_usd:
             return None
-        reason = (f"{BUDGET_REASON}: ${spent:.2f} spent of ${self.budget_usd:.2f}, and the next epoch (~${epoch_cost:.2f}) "
-                  "would pass it")
+        reason = (f"{BUDGET_REASON}: ${spent:.2f} spent of ${self.budget_usd:.2f}, and the next epoch "
+                  f"(~${epoch_cost:.2f}) would pass it")
         control.request_stop(reason)
         return reason
 

@@ -317,7 +317,7 @@ def render(**settings):
 
 @pytest.mark.parametrize("settings", [{}, {"DATA": "", "VOLUME": "yes", "PACKAGE": "s3://b/w/x-0.1-py3-none-any.whl"},
                                       {"RUN": "a b'c", "DATA": "s3://b/dir with space/"},
-                                      {"HUB_TOKEN_PARAMETER": "/resnet50-recipe/in1k/hf-token", "KEEP_INSTANCE": "yes"}])
+                                      {"HUB_TOKEN_PARAMETER": "/resnet50-recipe/r/hf-token", "KEEP_INSTANCE": "yes"}])
 def test_user_data_passes_bash_n_and_shellcheck(settings, tmp_path):
     script = tmp_path / "user-data.sh"
     script.write_text(render(**settings))
@@ -624,7 +624,7 @@ class FakeCost:
         return {"price_usd_per_h": self.price, "cost_usd": self.cost}
 
 
-def test_the_trainer_checkpoints_and_stops_before_the_next_epoch_would_pass_the_budget(tiny_data, tmp_path, monkeypatch):
+def test_the_trainer_checkpoints_and_stops_before_an_epoch_would_pass_the_budget(tiny_data, tmp_path, monkeypatch):
     from resnet50_recipe import cost
     from resnet50_recipe.lifecycle import EXIT_BUDGET
 
@@ -773,3 +773,18 @@ def test_the_token_is_in_no_artefact_of_the_launch(cloud, monkeypatch, tmp_path,
     for wheel in (p for p in files if p.suffix == ".whl"):
         with zipfile.ZipFile(wheel) as z:
             assert all(token.encode() not in z.read(n) for n in z.namelist())
+
+
+def test_follow_redraws_the_status_until_the_run_ends_then_says_where_the_weights_are(cloud):
+    import io
+
+    launch(cloud)
+    s3, drawn, said = cloud["s3"], io.StringIO(), []
+
+    def finish_the_run(seconds):  # what the instance does between two redraws
+        s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
+            {"stopped": False, "exit_status": 0, "pushed": "me/resnet50-a3"}))
+    status = aws.follow("r1", REGION, interval=30, out=said.append, stream=drawn, sleep=finish_the_run)
+    assert drawn.getvalue().count("run r1: instance") == 2 and status["finished"]
+    assert said == [f"weights: s3://{cloud['bucket']}/runs/r1/export/ (timm format; resnet50-recipe runs pull "
+                    f"s3://{cloud['bucket']}/runs/r1 DIR) and https://huggingface.co/me/resnet50-a3"]

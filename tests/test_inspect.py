@@ -188,7 +188,8 @@ def test_watch_a_running_run_in_s3_with_cost(smoke_run, s3_endpoint, bucket, tmp
     expected = (736 - step["global_step"]) * np.mean([r["epoch_time_s"] for r in epochs]) / 46
     assert snap["status"] == "running" and snap["eta_s"] == pytest.approx(expected)
     projected = 0.4213 + 0.5 * expected / 3600  # spent, plus the price now for the hours the ETA gives
-    assert f"~${projected:.2f} projected at the end" in text    assert main(["watch", str(tmp_path / "nothing"), "--once"]) == 2
+    assert f"~${projected:.2f} projected at the end" in text
+    assert main(["watch", str(tmp_path / "nothing"), "--once"]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
