@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import ship
 from .cost import (DATASET_IMAGES, DEFAULT_PRICE_TYPES, INSTANCE_TYPES, PRODUCT, THROUGHPUT_224,  # noqa: F401
-                   budget_text, ebs_cost, estimate, integrate_cost, recipe_images, spot_prices)
+                   batch_advice, budget_text, ebs_cost, estimate, integrate_cost, recipe_images, spot_prices)
 from .ship import Package
 
 log = logging.getLogger(__name__)
@@ -425,6 +425,10 @@ def rank_types(api: Api, plan: Plan, quotas: dict, out) -> list[tuple[str, dict]
         rows = fits
     if not rows:
         raise AwsError(f"no instance type fits the account's spot quotas in {api.region}")
+    for itype, _, _ in rows[:3]:  # the types a launch is likely to land on
+        advice = batch_advice(plan.recipe, INSTANCE_TYPES.get(itype, (None,))[0])
+        if advice:
+            out(f"{itype}: {advice}")
     return [(t, prices) for t, prices, _ in rows]
 
 

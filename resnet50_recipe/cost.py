@@ -44,6 +44,12 @@ THROUGHPUT_224 = {
     "A100": (2470, "NVIDIA DeepLearningExamples RN50 v1.5, A100 80GB, AMP (anchors.md)"),
     "H100": (7000, "MLPerf Training v3.0, 8xH100 at ~56k img/s, MXNet + DALI (anchors.md): an upper bound"),
 }
+# GPU memory (GiB) per GPU kind, and what one ResNet-50 training image at 224 px takes with AMP: NVIDIA's
+# DeepLearningExamples train RN50 with AMP at batch 256 on a 16 GB V100, so ~0.05 GiB per image (activations scale
+# with pixels), plus ~1.5 GiB for weights, optimizer state and the CUDA context. fp32 doubles the activations.
+GPU_MEMORY_GIB = {"T4": 15, "A10G": 22, "V100": 16, "A100": 40, "H100": 80}
+GIB_PER_IMAGE_224_AMP, GIB_FIXED = 0.05, 1.5
+
 # Train images per epoch for the datasets the shipped recipes name (export.dataset), when not given.
 DATASET_IMAGES = {"imagenet-1k": 1_281_167}
 
@@ -98,6 +104,23 @@ def estimate(recipe, gpu: str | None, images: int | None) -> dict | None:
     per_s, source = THROUGHPUT_224[gpu]
     per_s *= (224 / recipe.augment.train_size) ** 2
     return {"hours": images * recipe.train.epochs / per_s / 3600, "img_per_s": per_s, "source": source}
+
+
+def batch_advice(recipe, gpu: str | None) -> str | None:
+    """None when the recipe's per-process batch fits the GPU's memory by the estimate above; else what to change
+    (a smaller batch with more accumulation steps, the same global batch)."""
+    if gpu not in GPU_MEMORY_GIB:
+        return None
+    per_image = GIB_PER_IMAGE_224_AMP * (recipe.augment.train_size / 224) ** 2 * (1 if recipe.train.amp else 2)
+    batch, accum = recipe.train.batch_size, recipe.train.accum_steps
+    if GIB_FIXED + batch * per_image <= GPU_MEMORY_GIB[gpu]:
+        return None
+    smaller, factor = batch, 1
+    while smaller > 1 and GIB_FIXED + smaller * per_image > GPU_MEMORY_GIB[gpu]:
+        smaller, factor = smaller // 2, factor * 2
+    return (f"train.batch_size={batch} needs ~{GIB_FIXED + batch * per_image:.0f} GiB at "
+            f"{recipe.augment.train_size} px on a {gpu} ({GPU_MEMORY_GIB[gpu]} GiB, an estimate): "
+            f"--set train.batch_size={smaller} --set train.accum_steps={accum * factor} keeps the global batch")
 
 
 def recipe_images(recipe) -> int | None:

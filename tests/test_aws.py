@@ -788,3 +788,13 @@ def test_follow_redraws_the_status_until_the_run_ends_then_says_where_the_weight
     assert drawn.getvalue().count("run r1: instance") == 2 and status["finished"]
     assert said == [f"weights: s3://{cloud['bucket']}/runs/r1/export/ (timm format; resnet50-recipe runs pull "
                     f"s3://{cloud['bucket']}/runs/r1 DIR) and https://huggingface.co/me/resnet50-a3"]
+
+
+def test_the_plan_says_how_to_keep_the_global_batch_when_the_batch_does_not_fit_the_gpu(cloud):
+    lines = []
+    launch(cloud, instance_type="g4dn.2xlarge", overrides=["train.batch_size=512", "augment.train_size=224"],
+           out=lines.append)
+    assert "g4dn.2xlarge: train.batch_size=512 needs ~27 GiB at 224 px on a T4 (15 GiB, an estimate): " \
+           "--set train.batch_size=256 --set train.accum_steps=2 keeps the global batch" in lines
+    assert load_recipe("imagenet-100ep").train.batch_size == 128  # the shipped recipes fit: nothing said for them
+    assert aws.batch_advice(load_recipe("imagenet-100ep"), "T4") is None
