@@ -170,10 +170,13 @@ fi
 
 # The Hugging Face token (aws launch --push), from its SSM SecureString into a root-only file.
 if [ -n "$HUB_TOKEN_PARAMETER" ] && ! [ -s "$HOME_DIR/hub.env" ]; then
+    # An assignment, so that a failed read fails the setup (and is retried) instead of writing an empty token.
+    hub_token=$("$AWS" ssm get-parameter --name "$HUB_TOKEN_PARAMETER" --with-decryption \
+        --query Parameter.Value --output text)
     umask 077
-    printf 'HF_TOKEN=%s\n' "$("$AWS" ssm get-parameter --name "$HUB_TOKEN_PARAMETER" --with-decryption \
-        --query Parameter.Value --output text)" > "$HOME_DIR/hub.env"
+    printf 'HF_TOKEN=%s\n' "$hub_token" > "$HOME_DIR/hub.env"
     umask 022
+    unset hub_token
 fi
 
 # The recipe, resolved and validated on the launching machine.
