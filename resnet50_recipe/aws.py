@@ -236,7 +236,7 @@ def ensure_instance_profile(api: Api, name: str, policy: dict) -> tuple[str, boo
     if iam_get(api, "get_role", RoleName=role) is None:
         api("iam", "create_role", note="when get_role finds none", RoleName=role,
             AssumeRolePolicyDocument=json.dumps(ASSUME_ROLE), Tags=[{"Key": TAG_RUN, "Value": name}],
-            Description=f"resnet50-recipe run {name}: S3 access to its own prefix only")
+            Description=f"resnet50-recipe run {name}: its own S3 prefix, instance and spot request only")
         created = True
     api("iam", "put_role_policy", RoleName=role, PolicyName="resnet50-recipe-run",
         PolicyDocument=json.dumps(policy))
