@@ -6,8 +6,10 @@
 # request restarts a stopped instance) `setup.sh --setup` runs; its steps leave markers, so a setup interrupted
 # by a preemption continues where it was, and a finished one costs seconds. The unit runs
 # `resnet50-recipe train ... --resume auto --remote s3://...` and restarts on exit 75 (stopped with a
-# checkpoint) and 74 (not yet all in S3); on 0 (finished), 2 (bad input) or 3 (finished, export failed) the
-# instance powers itself off.
+# checkpoint) and 74 (not yet all in S3). On 0 (finished), 3 (finished, export or push failed), 4 (stopped by
+# train.budget_usd) or 2 (bad input) `setup.sh --end STATUS` runs: it checks that the run's files are in S3 (for
+# 2: puts the log there first), then cancels the instance's own persistent spot request and terminates it, so
+# that nothing is left billing but S3. With KEEP_INSTANCE=yes (`aws launch --keep-instance`) it powers off instead.
 #
 # `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is.
 
@@ -19,6 +21,8 @@ PACKAGE='resnet50-recipe[aws]'
 DATA=s3://my-bucket/datasets/imagenette2-320/
 VOLUME=
 EPOCHS_NOTE='20 epochs'
+HUB_TOKEN_PARAMETER=
+KEEP_INSTANCE=
 # --- end of settings ---
 
 set -euo pipefail
@@ -27,13 +31,60 @@ HOME_DIR=/opt/resnet50-recipe
 VENV=$HOME_DIR/venv
 DATA_DIR=/data/dataset
 RUN_DIR=/data/runs/$RUN
+# The instance metadata service (a stand-in's address in the tests).
+IMDS=${RESNET50_RECIPE_IMDS:-http://169.254.169.254}
 export AWS_DEFAULT_REGION=$REGION
+
+say() { echo "resnet50-recipe: $*"; }
+
+if [ "${1:-}" = "--end" ]; then
+    status=${2:-}
+    AWS=$(command -v aws || echo "$HOME_DIR/awscli/bin/aws")
+    # Whatever fails here, the machine must not keep running: power off (it then costs only its disk).
+    trap 'say "ending the run failed at line $LINENO: powering off (aws stop deletes the instance)"; systemctl poweroff; exit 1' ERR
+    case "$status" in
+        0 | 3 | 4) ;;
+        2)  # bad input: the log goes to S3 first, since the machine it is on is about to go
+            { journalctl -u resnet50-recipe-train.service --no-pager -o cat 2> /dev/null || true; } \
+                | "$AWS" s3 cp --only-show-errors - "$REMOTE/logs/train-exit-2.log" ;;
+        *) exit 0 ;;  # a crash or a stop: the unit decides about restarts; nothing to end
+    esac
+    if [ -n "$KEEP_INSTANCE" ]; then
+        say "exit $status: powering off (--keep-instance); resnet50-recipe aws stop $RUN deletes the instance"
+        systemctl poweroff
+        exit 0
+    fi
+    # The run's files must be in S3 before the disk that also holds them goes away.
+    if [ "$status" != 2 ] && ! "$AWS" s3 ls "$REMOTE/summary.json" > /dev/null; then
+        say "exit $status but $REMOTE/summary.json is not in S3: powering off instead of terminating"
+        systemctl poweroff
+        exit 0
+    fi
+    token=$(curl -sf -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 300" "$IMDS/latest/api/token")
+    instance=$(curl -sf -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/instance-id")
+    # The run's own requests, by the tag EC2 copied onto them from the launch (what `aws stop` also cancels).
+    requests=$("$AWS" ec2 describe-spot-instance-requests --output text \
+        --filters "Name=tag:resnet50-recipe:run,Values=$RUN" "Name=state,Values=open,active,disabled" \
+        --query 'SpotInstanceRequests[].SpotInstanceRequestId')
+    # The requests first: a persistent request whose instance is terminated would start a new one.
+    for request in $requests; do
+        "$AWS" ec2 cancel-spot-instance-requests --spot-instance-request-ids "$request" > /dev/null
+    done
+    say "exit $status: run files in $REMOTE; cancelled spot request(s) ${requests:-none}, terminating $instance"
+    "$AWS" ec2 terminate-instances --instance-ids "$instance" > /dev/null
+    exit 0
+fi
 
 if [ "${1:-}" != "--setup" ]; then
     install -D -m 0755 "$0" "$HOME_DIR/setup.sh"
     data_arg=""
     if [ -n "$DATA" ] || [ -n "$VOLUME" ]; then
         data_arg="--data $DATA_DIR"
+    fi
+        hub_env=""
+    if [ -n "$HUB_TOKEN_PARAMETER" ]; then
+        # HF_TOKEN for the push at the end, from a file only root reads: never in the unit, the log or S3.
+        hub_env="EnvironmentFile=-$HOME_DIR/hub.env"
     fi
     # The shape of README's unit (Preemption section): 75 restarts, other exits do not loop forever.
     cat > /etc/systemd/system/resnet50-recipe-train.service <<EOF
@@ -47,6 +98,7 @@ StartLimitBurst=4
 
 [Service]
 Environment=PYTHONUNBUFFERED=1 AWS_DEFAULT_REGION=$REGION
+$hub_env
 WorkingDirectory=$HOME_DIR
 # Setup before every start: finished steps are skipped, a failed one (the network, say) is retried with the unit.
 ExecStartPre=$HOME_DIR/setup.sh --setup
@@ -58,17 +110,19 @@ ExecStart=$VENV/bin/resnet50-recipe train $HOME_DIR/recipe.yaml $data_arg --outp
 SuccessExitStatus=74 75
 RestartForceExitStatus=74 75
 Restart=on-failure
-# 2: bad input; 3: trained and synced, but the export or the Hub push failed (README, "Exit codes").
-RestartPreventExitStatus=2 3
+# 2: bad input; 3: trained and synced, but the export or the Hub push failed; 4: stopped by train.budget_usd
+# (README, "Exit codes").
+RestartPreventExitStatus=2 3 4
 RestartSec=120
 # The trainer alone gets SIGTERM (its loader workers and torchrun's ranks hear it from their parent), within
 # the trainer's own stop deadline (checkpoint.stop_timeout_s, 100 s) before the SIGKILL.
 KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec=110
-# Finished (0), bad input (2) or finished with a failed export (3): power off, which stops the spot instance so
-# it costs only its disk. (a doubled dollar sign is systemd's escape for one, left for the shell to expand)
-ExecStopPost=/bin/sh -c 'case "\$\$EXIT_STATUS" in 0|2|3) systemctl poweroff ;; esac'
+# Finished (0), finished with a failed export or push (3), over budget (4) or bad input (2): release the
+# instance and its spot request (or power off with --keep-instance). (a doubled dollar sign is systemd's escape
+# for one, left for the shell to expand)
+ExecStopPost=/bin/sh -c '$HOME_DIR/setup.sh --end "\$\$EXIT_STATUS"'
 StandardOutput=journal+console
 StandardError=journal+console
 
@@ -81,7 +135,6 @@ EOF
     exit 0
 fi
 
-say() { echo "resnet50-recipe setup: $*"; }
 # Any failure exits 1, which the unit retries (tar's 2 must not read as the trainer's "bad input").
 trap 'say "failed at line $LINENO"; exit 1' ERR
 
@@ -113,6 +166,17 @@ if ! [ -e "$marker" ]; then
     "$VENV/bin/pip" install --quiet --upgrade pip
     "$VENV/bin/pip" install --quiet "$spec"
     touch "$marker"
+fi
+
+# The Hugging Face token (aws launch --push), from its SSM SecureString into a root-only file.
+if [ -n "$HUB_TOKEN_PARAMETER" ] && ! [ -s "$HOME_DIR/hub.env" ]; then
+    # An assignment, so that a failed read fails the setup (and is retried) instead of writing an empty token.
+    hub_token=$("$AWS" ssm get-parameter --name "$HUB_TOKEN_PARAMETER" --with-decryption \
+        --query Parameter.Value --output text)
+    umask 077
+    printf 'HF_TOKEN=%s\n' "$hub_token" > "$HOME_DIR/hub.env"
+    umask 022
+    unset hub_token
 fi
 
 # The recipe, resolved and validated on the launching machine.

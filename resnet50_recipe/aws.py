@@ -1,5 +1,5 @@
-"""AWS spot runs from the command line: price, launch, status, logs, stop, ls; and, on the instance, the cost of
-the machine a run is training on.
+"""AWS spot runs from the command line, on the laptop: price, launch, status, logs, stop, ls. What runs on the
+instance is elsewhere: the cost of its machine in cost.py, the rest in aws/user-data.sh.
 
 Every AWS call goes through `Api`, so that `--dry-run` can print each call with its arguments instead of making
 it. Clients are plain boto3 clients: credentials and region come from boto3's chain, and boto3 itself honours
@@ -15,17 +15,19 @@ import json
 import logging
 import re
 import shlex
-import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from . import __version__
+from . import ship
+from .cost import (DATASET_IMAGES, DEFAULT_PRICE_TYPES, INSTANCE_TYPES, PRODUCT, THROUGHPUT_224,  # noqa: F401
+                   batch_advice, budget_text, ebs_cost, estimate, integrate_cost, recipe_images, spot_prices)
+from .ship import Package
 
 log = logging.getLogger(__name__)
 
 TAG_RUN, TAG_REMOTE, TAG_LAUNCHED = "resnet50-recipe:run", "resnet50-recipe:remote", "resnet50-recipe:launched"
-PRODUCT = "Linux/UNIX"
 # The AWS Deep Learning Base AMI (Ubuntu 22.04, NVIDIA driver, x86_64), through its public SSM parameter, so that a
 # launch always gets the current image instead of a hard-coded id that goes stale (the guide's ami-0c02fb55956c7d316).
 DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
@@ -35,30 +37,8 @@ SPOT_QUOTAS = {"g": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
                "vt": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
                "p": ("L-7212CCBC", "All P Spot Instance Requests")}
 
-# GPU kind, GPUs, vCPUs and on-demand price (USD/h, Linux, us-east-1) per instance type. Prices are AWS's list
-# prices from https://aws.amazon.com/ec2/pricing/on-demand/ as the guide also quotes them (g4dn.xlarge $0.526,
-# g4dn.2xlarge $0.752); they were not re-read on 2026-11-26 and differ by region: check the page. P4d/P5 prices
-# were cut in 2025 and are left out rather than guessed. Spot prices always come from the API.
-INSTANCE_TYPES = {
-    "g4dn.xlarge": ("T4", 1, 4, 0.526), "g4dn.2xlarge": ("T4", 1, 8, 0.752), "g4dn.4xlarge": ("T4", 1, 16, 1.204),
-    "g4dn.8xlarge": ("T4", 1, 32, 2.176), "g4dn.12xlarge": ("T4", 4, 48, 3.912),
-    "g5.xlarge": ("A10G", 1, 4, 1.006), "g5.2xlarge": ("A10G", 1, 8, 1.212), "g5.4xlarge": ("A10G", 1, 16, 1.624),
-    "p3.2xlarge": ("V100", 1, 8, 3.06), "p3.8xlarge": ("V100", 4, 32, 12.24),
-    "p4d.24xlarge": ("A100", 8, 96, None), "p5.48xlarge": ("H100", 8, 192, None),
-}
-DEFAULT_PRICE_TYPES = ("g4dn.xlarge", "g4dn.2xlarge", "g5.xlarge", "g5.2xlarge", "p3.2xlarge")
-
-# ResNet-50 training images/s per GPU at 224 px with AMP. Estimates, not measurements of this trainer: they set
-# the order of magnitude of a run's hours, and BENCHMARKS.md replaces them once a GPU has been measured.
-THROUGHPUT_224 = {
-    "T4": (210, "estimate used by the recipes and README (not measured yet)"),
-    "A10G": (420, "estimate: about twice T4 by fp16 tensor-core peak (no published figure found)"),
-    "V100": (1200, "NVIDIA DeepLearningExamples RN50 v1.5, V100 16GB, AMP (shared/reference/anchors.md)"),
-    "A100": (2470, "NVIDIA DeepLearningExamples RN50 v1.5, A100 80GB, AMP (anchors.md)"),
-    "H100": (7000, "MLPerf Training v3.0, 8xH100 at ~56k img/s, MXNet + DALI (anchors.md): an upper bound"),
-}
-# Train images per epoch for the datasets the shipped recipes name (export.dataset), when not given.
-DATASET_IMAGES = {"imagenet-1k": 1_281_167}
+# What the dry run shows in place of a secret (the Hub token), which it never reads.
+SECRET = "<the Hugging Face token: HF_TOKEN or the huggingface_hub login, not shown>"
 
 
 class AwsError(RuntimeError):
@@ -101,7 +81,9 @@ class Api:
         """Arguments as JSON; JSON-encoded documents decoded for reading, long texts listed after the calls."""
         shown = {}
         for key, value in params.items():
-            if key in ("UserData", "Body"):
+            if key == "Value" and value == SECRET:
+                pass
+            elif key in ("UserData", "Body"):
                 self.texts.append((key, value))
                 value = f"<{key} {len(self.texts)}: {len(value.encode())} bytes, printed below>"
             elif isinstance(value, str) and value.startswith("{"):
@@ -117,51 +99,6 @@ def error_code(e: Exception) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Prices
-
-
-def spot_prices(api: Api, instance_type: str, azs: list[str] | None = None) -> dict[str, float]:
-    """The current spot price per availability zone (USD/h), cheapest first."""
-    params = {"InstanceTypes": [instance_type], "ProductDescriptions": [PRODUCT],
-              "StartTime": datetime.now(timezone.utc)}
-    if azs:
-        params["Filters"] = [{"Name": "availability-zone", "Values": azs}]
-    response = api("ec2", "describe_spot_price_history", **params)
-    latest: dict[str, tuple] = {}
-    for item in (response or {}).get("SpotPriceHistory", []):
-        az, when = item["AvailabilityZone"], item["Timestamp"]
-        if az not in latest or when > latest[az][0]:
-            latest[az] = (when, float(item["SpotPrice"]))
-    return dict(sorted(((az, p) for az, (_, p) in latest.items()), key=lambda kv: (kv[1], kv[0])))
-
-
-def integrate_cost(history: list[dict], start: datetime, end: datetime) -> float:
-    """USD for running from `start` to `end` under a spot price history: each price holds from its timestamp
-    until the next one (how EC2 bills spot: the price in effect, per second)."""
-    points = sorted((h["Timestamp"], float(h["SpotPrice"])) for h in history)
-    total = 0.0
-    for i, (when, price) in enumerate(points):
-        until = points[i + 1][0] if i + 1 < len(points) else end
-        lo, hi = max(when, start), min(until, end)
-        if hi > lo:
-            total += price * (hi - lo).total_seconds() / 3600
-    return total
-
-
-def estimate(recipe, gpu: str | None, images: int | None) -> dict | None:
-    """Hours for a recipe on one GPU kind: images x epochs / throughput, the throughput scaled from 224 px by
-    pixel count to the recipe's train size. None when the GPU or the dataset size is unknown."""
-    if gpu not in THROUGHPUT_224 or not images:
-        return None
-    per_s, source = THROUGHPUT_224[gpu]
-    per_s *= (224 / recipe.augment.train_size) ** 2
-    return {"hours": images * recipe.train.epochs / per_s / 3600, "img_per_s": per_s, "source": source}
-
-
-def recipe_images(recipe) -> int | None:
-    synthetic = recipe.data.synthetic
-    if synthetic is not None:
-        return synthetic.classes * synthetic.per_class
-    return DATASET_IMAGES.get(recipe.export.dataset or "")
 
 
 def price(instance_types: list[str], region: str | None = None, recipe=None, images: int | None = None,
@@ -242,18 +179,24 @@ def asset(name: str) -> str:
     return (importlib.resources.files("resnet50_recipe.aws_files") / name).read_text()
 
 
-def policy_document(bucket: str, prefix: str, reads: list[tuple[str, str]]) -> dict:
-    """aws/iam-policy.json filled in: read-write on the run's prefix only, plus read-only on each (bucket, key or
-    prefix) in `reads` (data, a wheel), plus the spot price history for cost tracking."""
+def policy_document(bucket: str, prefix: str, reads: list[tuple[str, str]], region: str = "us-east-1",
+                    run: str = "", token: str | None = None, release: bool = True) -> dict:
+    """aws/iam-policy.json filled in: read-write on the run's prefix only, read-only on each (bucket, key or
+    prefix) in `reads` (data, a wheel), the spot price history for cost tracking; with `release`, cancelling and
+    terminating only what is tagged with the run's name (its own request and instance); with `token`, reading
+    only that SSM parameter."""
     template = json.loads(asset("iam-policy.json"))
+    names = dict(bucket=bucket, prefix=prefix, region=region, run=run, token=(token or "").lstrip("/"))
     statements = []
     for statement in template["Statement"]:
-        if statement["Sid"].startswith("Read"):
+        sid = statement["Sid"]
+        if sid.startswith("Read"):
             for i, (read_bucket, read_prefix) in enumerate(reads):
                 filled = _fill(statement, read_bucket=read_bucket, read_prefix=read_prefix.strip("/"))
-                statements.append({**filled, "Sid": f"{statement['Sid']}{i}"})
-        else:
-            statements.append(_fill(statement, bucket=bucket, prefix=prefix))
+                statements.append({**filled, "Sid": f"{sid}{i}"})
+        elif (sid.startswith("Release") and release) or (sid.startswith("HubToken") and token) or \
+                not sid.startswith(("Release", "HubToken")):
+            statements.append(_fill(statement, **names))
     return {**template, "Statement": statements}
 
 
@@ -293,7 +236,7 @@ def ensure_instance_profile(api: Api, name: str, policy: dict) -> tuple[str, boo
     if iam_get(api, "get_role", RoleName=role) is None:
         api("iam", "create_role", note="when get_role finds none", RoleName=role,
             AssumeRolePolicyDocument=json.dumps(ASSUME_ROLE), Tags=[{"Key": TAG_RUN, "Value": name}],
-            Description=f"resnet50-recipe run {name}: S3 access to its own prefix only")
+            Description=f"resnet50-recipe run {name}: its own S3 prefix, instance and spot request only")
         created = True
     api("iam", "put_role_policy", RoleName=role, PolicyName="resnet50-recipe-run",
         PolicyDocument=json.dumps(policy))
@@ -309,30 +252,46 @@ def ensure_instance_profile(api: Api, name: str, policy: dict) -> tuple[str, boo
     return profile, created
 
 
-def check_quota(api: Api, instance_type: str, vcpus: int | None) -> None:
-    """Refuse when the spot vCPUs in use plus this instance's exceed the account's quota for its family.
-    A quota that cannot be read (no permission, or moto) is warned about and skipped."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
+def quota_family(instance_type: str) -> str | None:
     family = re.match(r"[a-z]+", instance_type).group(0)
     family = "vt" if family.startswith("vt") else family[:1]
-    if family not in SPOT_QUOTAS:
-        return
+    return family if family in SPOT_QUOTAS else None
+
+
+def spot_quota(api: Api, family: str, known: dict) -> tuple[float, int] | None:
+    """(the account's spot vCPU quota for the family, vCPUs in use), read once per family into `known`; None when
+    it cannot be read (no permission, moto: warned about) or in a dry run."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if family in known:
+        return known[family]
     code, quota_name = SPOT_QUOTAS[family]
+    known[family] = None
     try:
         response = api("service-quotas", "get_service_quota", ServiceCode="ec2", QuotaCode=code)
     except (ClientError, BotoCoreError) as e:
         log.warning("could not read the spot vCPU quota %s (%s, %s): going on; if the launch fails with "
                     "MaxSpotInstanceCountExceeded, ask for more in the Service Quotas console", code, quota_name, e)
-        return
+        return None
     used = spot_vcpus_in_use(api, family)
-    if response is None or vcpus is None:
-        return  # dry run
-    quota = response["Quota"]["Value"]
-    if used + vcpus > quota:
-        raise AwsError(f"{instance_type} needs {vcpus} vCPUs and {used} are in use by running spot instances, but "
-                       f"the account's quota {code} ({quota_name}) in {api.region} is {quota:g} vCPUs; ask for an "
-                       "increase in the Service Quotas console, or pick a smaller instance type (--instance-type)")
+    if response is not None:
+        known[family] = (response["Quota"]["Value"], used)
+    return known[family]
+
+
+def check_quota(api: Api, instance_type: str, vcpus: int | None, known: dict) -> str | None:
+    """Why the spot vCPUs in use plus this instance's exceed the account's quota for its family; None if they fit
+    or the quota is unknown."""
+    family = quota_family(instance_type)
+    found = spot_quota(api, family, known) if family else None
+    if found is None or vcpus is None:
+        return None
+    (quota, used), (code, quota_name) = found, SPOT_QUOTAS[family]
+    if used + vcpus <= quota:
+        return None
+    return (f"{instance_type} needs {vcpus} vCPUs and {used} are in use by running spot instances, but the "
+            f"account's quota {code} ({quota_name}) in {api.region} is {quota:g} vCPUs; ask for an increase in the "
+            "Service Quotas console, or pick a smaller instance type (--instance-type)")
 
 
 def spot_vcpus_in_use(api: Api, family: str) -> int:
@@ -359,26 +318,50 @@ def render_user_data(settings: dict) -> str:
     return head + begin + "\n" + "\n".join(lines) + "\n" + end + tail
 
 
-def launch(recipe_source: str, bucket: str, *, name: str | None = None, overrides: list[str] = (),
-           instance_type: str = "g4dn.2xlarge", region: str | None = None, az: str = "auto",
-           subnet: str | None = None, key_name: str | None = None, security_groups: list[str] = (),
-           data: str | None = None, volume: str | None = None, ami: str | None = None,
-           package: str | None = None, disk_gb: int | None = None, dry_run: bool = False, api: Api | None = None,
-           out=print) -> dict:
-    """Launch a persistent spot instance that trains `recipe_source` and mirrors the run to `bucket`/NAME.
+@dataclass
+class Plan:
+    """What a launch was asked for, checked before any AWS call."""
+    recipe: object
+    name: str
+    bucket: str
+    prefix: str
+    remote: str
+    types: list[str]  # in the order to try; ["auto"] is ranked once prices are known
+    package: Package
+    data: str | None = None
+    volume: str | None = None
+    disk_gb: int = 150
+    budget_usd: float | None = None
+    push: str | None = None
+    keep_instance: bool = False
+    reads: list = field(default_factory=list)
 
-    Order: validate the recipe; check the spot vCPU quota and that the run has no live instance; find the AMI;
-    the run's IAM role and profile; upload the resolved recipe (and a local wheel) to the run's prefix;
-    run_instances in the cheapest AZ, trying the next one on InsufficientInstanceCapacity. Returns what was
-    launched. With `dry_run`, prints each call instead of making it.
-    """
-    _boto3()  # without boto3, say how to install it before anything else
-    from botocore.exceptions import ClientError
+    @property
+    def wheel_key(self) -> str | None:
+        name = self.package.wheel_name
+        return f"{self.prefix}/launch/{name}" if name else None
 
-    from .recipe import load_recipe, to_yaml
+    @property
+    def token_parameter(self) -> str | None:
+        return f"/resnet50-recipe/{self.name}/hf-token" if self.push else None
+
+
+def plan_launch(recipe_source: str, bucket: str, name: str | None, overrides: list[str], instance_type: str,
+                data: str | None, volume: str | None, package: str | None, disk_gb: int | None,
+                budget_usd: float | None, push: str | None, private: bool, keep_instance: bool) -> Plan:
+    """Step 1: the recipe resolved and validated, with the budget and the Hub repository in it; the run's
+    name and prefix; the data; the package the instance installs. Bad input fails here, before any AWS call."""
+    from .recipe import load_recipe
     from .storage import parse_remote
 
-    recipe = load_recipe(recipe_source, list(overrides))  # a bad recipe fails here, before any AWS call
+    if budget_usd is not None:
+        overrides = [*overrides, f"train.budget_usd={budget_usd}"]
+    if push:
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", push):
+            raise ValueError(f"--push {push!r}: expected a Hugging Face repository id, USER/NAME")
+        overrides = [*overrides, f"export.repo_id={push}", f"export.private={str(private).lower()}",
+                     "export.enabled=true"]
+    recipe = load_recipe(recipe_source, list(overrides))
     name = check_name(name or recipe.name)
     run_bucket, run_prefix, remote = run_location(bucket, name)
     if data and volume:
@@ -388,118 +371,255 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
                          "val/, or a .tar/.tar.gz of one) or --volume snap-... (an EBS snapshot holding them)")
     if volume and not re.fullmatch(r"snap-[0-9a-f]+", volume):
         raise ValueError(f"--volume {volume!r}: expected an EBS snapshot id, snap-...")
+    types = [t.strip() for t in instance_type.split(",") if t.strip()]
+    if not types or ("auto" in types and len(types) > 1):
+        raise ValueError(f"--instance-type {instance_type!r}: one type, a comma-separated list, or auto")
+    chosen = ship.choose(package)
     reads = [parse_remote(data)] if data else []
-    wheel_key = None
-    if package and package.startswith("s3://"):
-        reads.append(parse_remote(package))
-    elif package and package.endswith(".whl"):
-        if not Path(package).is_file():
-            raise FileNotFoundError(f"--package {package}: no such wheel")
-        wheel_key = f"{run_prefix}/launch/{Path(package).name}"
-    api = api or Api(region, dry_run, out)
-    if dry_run:
-        out(f"# dry run: the AWS calls `aws launch` makes, in order, with their arguments; none was made.\n"
-            f"# region {api.region}; answers that later calls depend on are shown as <...>.")
+    if chosen.spec and chosen.spec.startswith("s3://"):
+        reads.append(parse_remote(chosen.spec))
+    if disk_gb is None:  # ImageNet copied from S3 is ~150 GB, besides the AMI's files and the environment
+        disk_gb = 300 if data and (recipe_images(recipe) or 0) > 100_000 else 150
+    return Plan(recipe, name, run_bucket, run_prefix, remote, types, chosen, data, volume, disk_gb, budget_usd,
+                push, keep_instance, reads)
 
-    # The instance's vCPUs, against the account's spot quota, before anything is created.
-    described = api("ec2", "describe_instance_types", InstanceTypes=[instance_type])
-    vcpus = described["InstanceTypes"][0]["VCpuInfo"]["DefaultVCpus"] if described else None
-    check_quota(api, instance_type, vcpus)
+
+def cost_to_finish(plan: Plan, instance_type: str, spot: float | None) -> float | None:
+    """Estimated USD to train the recipe on `instance_type` at the spot price: hours from the throughput table
+    (DDP over every GPU) times the price, plus the root volume for as long (aws price's estimate)."""
+    gpu, gpus, _, _ = INSTANCE_TYPES.get(instance_type, (None, 1, None, None))
+    est = estimate(plan.recipe, gpu, recipe_images(plan.recipe))
+    if est is None or spot is None:
+        return None
+    hours = est["hours"] / (gpus or 1)
+    return hours * spot + ebs_cost(plan.disk_gb, hours)
+
+
+def rank_types(api: Api, plan: Plan, quotas: dict, out) -> list[tuple[str, dict]]:
+    """Step 2: the instance types to try, each with its spot price per AZ. `auto` ranks every type of the table
+    with a throughput figure that fits the spot quota by estimated cost to finish; a list keeps its order. With a
+    budget, types whose estimate passes it are dropped, and none left is a refusal that lists the estimates."""
+    auto = plan.types == ["auto"]
+    candidates = [t for t in INSTANCE_TYPES if INSTANCE_TYPES[t][0] in THROUGHPUT_224] if auto else plan.types
+    rows = []
+    for itype in candidates:
+        vcpus = INSTANCE_TYPES[itype][2] if itype in INSTANCE_TYPES else None
+        if vcpus is None:
+            described = api("ec2", "describe_instance_types", InstanceTypes=[itype])
+            vcpus = described["InstanceTypes"][0]["VCpuInfo"]["DefaultVCpus"] if described else None
+        refused = check_quota(api, itype, vcpus, quotas)
+        if refused and not auto:
+            raise AwsError(refused)
+        prices = spot_prices(api, itype) if not refused else {}
+        if refused or (auto and not prices and not api.dry_run):
+            continue
+        rows.append((itype, prices, cost_to_finish(plan, itype, next(iter(prices.values()), None))))
+    if auto:
+        rows.sort(key=lambda r: (r[2] is None, r[2] or 0.0))
+        out("instance types by estimated cost to finish (spot price x hours from the per-GPU throughput table, "
+            "plus the disk): " + ", ".join(f"{t} ~${c:.2f}" if c is not None else f"{t} ?" for t, _, c in rows))
+    if plan.budget_usd is not None and not api.dry_run:
+        fits = [r for r in rows if r[2] is None or r[2] <= plan.budget_usd]
+        if not fits:
+            raise AwsError(budget_refusal(api, plan, rows))
+        rows = fits
+    if not rows:
+        raise AwsError(f"no instance type fits the account's spot quotas in {api.region}")
+    for itype, _, _ in rows[:3]:  # the types a launch is likely to land on
+        advice = batch_advice(plan.recipe, INSTANCE_TYPES.get(itype, (None,))[0])
+        if advice:
+            out(f"{itype}: {advice}")
+    return [(t, prices) for t, prices, _ in rows]
+
+
+def budget_refusal(api: Api, plan: Plan, rows: list) -> str:
+    """The estimates that pass the budget, and the types of the table whose estimate fits it (the cheaper choices)."""
+    shown = {t for t, _, _ in rows}
+    others = []
+    for itype in INSTANCE_TYPES:
+        if itype not in shown and INSTANCE_TYPES[itype][0] in THROUGHPUT_224:
+            cost = cost_to_finish(plan, itype, next(iter(spot_prices(api, itype).values()), None))
+            if cost is not None and cost <= plan.budget_usd:
+                others.append((cost, itype))
+    estimates = "; ".join(f"{t} ~${c:.2f}" for t, _, c in rows)
+    cheaper = ", ".join(f"{t} ~${c:.2f}" for c, t in sorted(others)) or "none of the instance types this command knows"
+    return (f"--budget-usd {plan.budget_usd:g}: the estimate for {plan.recipe.name} passes it ({estimates}: spot price "
+            f"x hours from the per-GPU throughput table, plus {plan.disk_gb} GB of gp3 for as long); within the "
+            f"budget: {cheaper}. Try --instance-type auto, fewer epochs (--set train.epochs=N) or a larger budget")
+
+
+def check_free(api: Api, name: str) -> None:
     existing = [i for i in run_instances_of(api, name) if i["State"]["Name"] not in ("terminated", "shutting-down")]
     if existing:
         raise AwsError(f"run {name!r} already has instance {existing[0]['InstanceId']} "
                        f"({existing[0]['State']['Name']}); `resnet50-recipe aws stop {name}` first, or pick --name")
 
+
+def find_image(api: Api, ami: str | None) -> tuple[str, str]:
+    """Step 3: the AMI id (through an SSM parameter, by default the Deep Learning Base AMI's) and its root device."""
     image_id = ami or DLAMI_PARAMETER
-    if image_id.startswith("/"):  # an SSM parameter holding the AMI id, by default the Deep Learning Base AMI's
+    if image_id.startswith("/"):
         found = api("ssm", "get_parameter", Name=image_id)
         image_id = found["Parameter"]["Value"] if found else "<ami-id from ssm.get_parameter>"
     image = api("ec2", "describe_images", ImageIds=[image_id])
     if image is not None and not image["Images"]:
         raise AwsError(f"AMI {image_id} does not exist in {api.region}")
-    root_device = image["Images"][0]["RootDeviceName"] if image else "/dev/sda1"
+    return image_id, image["Images"][0]["RootDeviceName"] if image else "/dev/sda1"
 
-    profile, created = ensure_instance_profile(api, name, policy_document(run_bucket, run_prefix, reads))
 
-    api("s3", "put_object", Bucket=run_bucket, Key=f"{run_prefix}/launch/recipe.yaml", Body=to_yaml(recipe),
-        ContentType="text/yaml")
-    if wheel_key:
-        api("s3", "upload_file", Filename=str(package), Bucket=run_bucket, Key=wheel_key)
-    settings = {
-        "RUN": name, "REMOTE": remote, "REGION": api.region,
-        "PACKAGE": (f"s3://{run_bucket}/{wheel_key}" if wheel_key else package)
-        or f"resnet50-recipe[aws]=={__version__}",
-        "DATA": data or "", "VOLUME": "yes" if volume else "", "EPOCHS_NOTE": f"{recipe.train.epochs} epochs",
-    }
-    user_data = render_user_data(settings)
+def hub_token() -> str:
+    """HF_TOKEN, else the token of the local huggingface_hub login."""
+    import os
 
-    if disk_gb is None:  # ImageNet copied from S3 is ~150 GB, besides the AMI's files and the environment
-        disk_gb = 300 if data and (recipe_images(recipe) or 0) > 100_000 else 150
-    devices = [{"DeviceName": root_device, "Ebs": {"VolumeSize": disk_gb, "VolumeType": "gp3",
+    token = os.environ.get("HF_TOKEN")
+    if not token:
+        try:
+            from huggingface_hub import get_token
+            token = get_token()
+        except ImportError:
+            token = None
+    if not token:
+        raise ValueError("--push needs a Hugging Face token with write access: set HF_TOKEN or run "
+                         "`huggingface-cli login`")
+    return token
+
+
+def store_token(api: Api, plan: Plan) -> None:
+    """Step 4 with --push: the token as an SSM SecureString under the run's name (the run role may read only
+    this parameter). The dry run shows the call with the value hidden."""
+    api("ssm", "put_parameter", Name=plan.token_parameter, Type="SecureString", Overwrite=True,
+        Value=SECRET if api.dry_run else hub_token(), Description=f"Hugging Face token of resnet50-recipe run "
+        f"{plan.name} (push to {plan.push})")
+
+
+def upload_launch_files(api: Api, plan: Plan) -> str:
+    """Step 6: the resolved recipe, and the wheel (built first when it is this checkout), to the run's prefix;
+    what the instance pip-installs."""
+    from .recipe import to_yaml
+
+    api("s3", "put_object", Bucket=plan.bucket, Key=f"{plan.prefix}/launch/recipe.yaml",
+        Body=to_yaml(plan.recipe), ContentType="text/yaml")
+    chosen = plan.package
+    if plan.wheel_key is None:
+        return chosen.spec
+    wheel = chosen.wheel
+    if chosen.build_from is not None:
+        wheel = ship.build_wheel(chosen.build_from) if not api.dry_run else None
+    api("s3", "upload_file", Filename=str(wheel) if wheel else f"<{chosen.wheel_name}, built by pip wheel>",
+        Bucket=plan.bucket, Key=plan.wheel_key)
+    return f"s3://{plan.bucket}/{plan.wheel_key}"
+
+
+def instance_params(plan: Plan, api: Api, image_id: str, root_device: str, profile: str, package: str) -> dict:
+    """Step 7: run_instances' arguments, but the type and AZ: a persistent spot request that stops on an
+    interruption, IMDSv2, the rendered user data, and tags on the instance, its request and its volumes."""
+    settings = {"RUN": plan.name, "REMOTE": plan.remote, "REGION": api.region, "PACKAGE": package,
+                "DATA": plan.data or "", "VOLUME": "yes" if plan.volume else "",
+                "EPOCHS_NOTE": f"{plan.recipe.train.epochs} epochs", "HUB_TOKEN_PARAMETER": plan.token_parameter or "",
+                "KEEP_INSTANCE": "yes" if plan.keep_instance else ""}
+    devices = [{"DeviceName": root_device, "Ebs": {"VolumeSize": plan.disk_gb, "VolumeType": "gp3",
                                                    "DeleteOnTermination": True}}]
-    if volume:
-        devices.append({"DeviceName": "/dev/sdf", "Ebs": {"SnapshotId": volume, "VolumeType": "gp3",
+    if plan.volume:
+        devices.append({"DeviceName": "/dev/sdf", "Ebs": {"SnapshotId": plan.volume, "VolumeType": "gp3",
                                                           "DeleteOnTermination": True}})
-    tags = [{"Key": "Name", "Value": f"resnet50-recipe {name}"}, {"Key": TAG_RUN, "Value": name},
-            {"Key": TAG_REMOTE, "Value": remote},
+    tags = [{"Key": "Name", "Value": f"resnet50-recipe {plan.name}"}, {"Key": TAG_RUN, "Value": plan.name},
+            {"Key": TAG_REMOTE, "Value": plan.remote},
             {"Key": TAG_LAUNCHED, "Value": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}]
-    params = {
-        "ImageId": image_id, "InstanceType": instance_type, "MinCount": 1, "MaxCount": 1,
-        "IamInstanceProfile": {"Name": profile}, "UserData": user_data, "BlockDeviceMappings": devices,
+    return {
+        "ImageId": image_id, "MinCount": 1, "MaxCount": 1,
+        "IamInstanceProfile": {"Name": profile}, "UserData": render_user_data(settings), "BlockDeviceMappings": devices,
         "InstanceMarketOptions": {"MarketType": "spot", "SpotOptions": {
             "SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}},
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
         "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
                               for kind in ("instance", "spot-instances-request", "volume")],
     }
-    if key_name:
-        params["KeyName"] = key_name
-    if security_groups:
-        params["SecurityGroupIds"] = list(security_groups)
-    if subnet:
-        params["SubnetId"] = subnet
-        zones = [None]
-    elif az != "auto":
-        zones = [az]
-    else:
-        zones = list(spot_prices(api, instance_type)) or ["<cheapest AZ from describe_spot_price_history>"]
 
-    reservation, tried = None, []
-    for zone in zones:
-        placed = {**params, "Placement": {"AvailabilityZone": zone}} if zone else params
-        for attempt in range(12):
-            try:
-                reservation = api("ec2", "run_instances", note="repeated in the next-cheapest AZ on "
-                                  "InsufficientInstanceCapacity" if az == "auto" and not subnet else None, **placed)
-                break
-            except ClientError as e:
-                code = error_code(e)
-                # A role and profile created seconds ago are not yet visible to EC2 (IAM is eventually consistent).
-                if created and code == "InvalidParameterValue" and "iamInstanceProfile" in str(e) and attempt < 11:
-                    time.sleep(5)
-                    continue
-                if code in ("InsufficientInstanceCapacity", "Unsupported", "SpotMaxPriceTooLow") and len(zones) > 1:
-                    tried.append(f"{zone}: {code}")
-                    log.warning("no %s spot capacity in %s (%s); trying the next AZ", instance_type, zone, code)
+
+NO_CAPACITY = ("InsufficientInstanceCapacity", "Unsupported", "SpotMaxPriceTooLow")
+
+
+def place(api: Api, params: dict, ranked: list[tuple[str, dict]], zones_given: list | None, created: bool):
+    """Step 8: run_instances for each type in order, in each of its AZs cheapest first, moving on when EC2 has no
+    capacity; (reservation or None, type, what was tried)."""
+    from botocore.exceptions import ClientError
+
+    tried = []
+    for itype, prices in ranked:
+        zones = zones_given or list(prices) or ["<cheapest AZ from describe_spot_price_history>"]
+        for zone in zones:
+            placed = {**params, "InstanceType": itype, **({"Placement": {"AvailabilityZone": zone}} if zone else {})}
+            for attempt in range(12):
+                try:
+                    return api("ec2", "run_instances", note="repeated in the next-cheapest AZ, then the next type, "
+                               "on InsufficientInstanceCapacity" if not zones_given else None, **placed), itype, tried
+                except ClientError as e:
+                    code = error_code(e)
+                    # A role and profile created seconds ago are not yet visible to EC2 (IAM is eventually consistent).
+                    if created and code == "InvalidParameterValue" and "iamInstanceProfile" in str(e) and attempt < 11:
+                        time.sleep(5)
+                        continue
+                    if code not in NO_CAPACITY:
+                        raise
+                    tried.append(f"{itype} in {zone}: {code}")
+                    log.warning("no %s spot capacity in %s (%s); trying the next", itype, zone, code)
                     break
-                raise
-        if reservation is not None or dry_run:
-            break
+    return None, None, tried
+
+
+def launch(recipe_source: str, bucket: str, *, name: str | None = None, overrides: list[str] = (),
+           instance_type: str = "g4dn.2xlarge", region: str | None = None, az: str = "auto",
+           subnet: str | None = None, key_name: str | None = None, security_groups: list[str] = (),
+           data: str | None = None, volume: str | None = None, ami: str | None = None,
+           package: str | None = None, disk_gb: int | None = None, budget_usd: float | None = None,
+           push: str | None = None, private: bool = False, keep_instance: bool = False, dry_run: bool = False,
+           api: Api | None = None, out=print) -> dict:
+    """Launch a persistent spot instance that trains `recipe_source` and mirrors the run to `bucket`/NAME.
+
+    Steps: (1) plan: validate the recipe, the name, the data, the package (2) rank the instance types against
+    the spot quota and the budget (3) find the AMI, refuse a run that has a live instance (4) store the Hub token
+    (--push) (5) the run's IAM role and profile (6) upload the recipe and the wheel (7) run_instances' arguments
+    (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity. Returns
+    what was launched. With `dry_run`, prints each call instead of making it.
+    """
+    _boto3()  # without boto3, say how to install it before anything else
+    plan = plan_launch(recipe_source, bucket, name, list(overrides), instance_type, data, volume, package, disk_gb,
+                       budget_usd, push, private, keep_instance)
+    api = api or Api(region, dry_run, out)
+    say = (lambda text: out(f"# {text}")) if dry_run else out
+    if dry_run:
+        out(f"# dry run: the AWS calls `aws launch` makes, in order, with their arguments; none was made.\n"
+            f"# region {api.region}; answers that later calls depend on are shown as <...>.")
+    say(f"package: {plan.package.why}")
+    ranked = rank_types(api, plan, {}, say)
+    check_free(api, plan.name)
+    image_id, root_device = find_image(api, ami)
+    if plan.push:
+        store_token(api, plan)
+    profile, created = ensure_instance_profile(api, plan.name, policy_document(
+        plan.bucket, plan.prefix, plan.reads, region=api.region, run=plan.name, token=plan.token_parameter,
+        release=not plan.keep_instance))
+    params = instance_params(plan, api, image_id, root_device, profile, upload_launch_files(api, plan))
+    for key, value in (("KeyName", key_name), ("SecurityGroupIds", list(security_groups)), ("SubnetId", subnet)):
+        if value:
+            params[key] = value
+    zones = [None] if subnet else [az] if az != "auto" else None
+    reservation, itype, tried = place(api, params, ranked, zones, created)
     if dry_run:
         for i, (key, text) in enumerate(api.texts, 1):
             source = "aws/user-data.sh rendered" if key == "UserData" else "the resolved recipe"
             out(f"\n# <{key} {i}>: {source}\n{text.rstrip()}")
-        return {"run": name, "remote": remote, "dry_run": True, "user_data": user_data}
+        return {"run": plan.name, "remote": plan.remote, "dry_run": True, "user_data": params["UserData"]}
     if reservation is None:
-        raise AwsError(f"no {instance_type} spot capacity in any AZ of {api.region} ({'; '.join(tried)}); try "
-                       "later, another --instance-type or --region")
+        raise AwsError(f"no spot capacity for {', '.join(t for t, _ in ranked)} in any AZ of {api.region} "
+                       f"({'; '.join(tried)}); try later, another --instance-type (or auto) or --region")
     instance = reservation["Instances"][0]
-    result = {"run": name, "remote": remote, "instance_id": instance["InstanceId"], "instance_type": instance_type,
+    result = {"run": plan.name, "remote": plan.remote, "instance_id": instance["InstanceId"], "instance_type": itype,
               "az": instance.get("Placement", {}).get("AvailabilityZone"), "image_id": image_id,
-              "instance_profile": profile, "spot_request_id": instance.get("SpotInstanceRequestId")}
-    out(f"launched {result['instance_id']} ({instance_type}, spot, persistent) in {result['az']} for run {name}; "
-        f"checkpoints and metrics go to {remote}\nfollow it with: resnet50-recipe aws status {name}  |  "
-        f"resnet50-recipe aws logs {name}  |  resnet50-recipe aws stop {name}")
+              "instance_profile": profile, "spot_request_id": instance.get("SpotInstanceRequestId"), "tried": tried}
+    out(f"launched {result['instance_id']} ({itype}, spot, persistent) in {result['az']} for run {plan.name}; "
+        f"checkpoints and metrics go to {plan.remote}\nfollow it with: resnet50-recipe aws status {plan.name}  |  "
+        f"resnet50-recipe aws logs {plan.name}  |  resnet50-recipe aws stop {plan.name}")
     return result
 
 
@@ -576,8 +696,10 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
     if steps:
         status["last_step"] = {k: steps[-1].get(k) for k in ("epoch", "step", "loss", "lr", "img_per_s")}
     summary, _ = store.get_json("summary.json")
-    recipe_epochs = _recipe_epochs(store)
+    train = (_run_recipe(store) or {}).get("train", {})
+    recipe_epochs, status["budget_usd"] = train.get("epochs"), train.get("budget_usd")
     status["finished"] = bool(summary) and summary.get("stopped") is False
+    status["exit_status"], status["pushed"] = (summary or {}).get("exit_status"), (summary or {}).get("pushed")
     if epochs and recipe_epochs and not status["finished"]:
         recent = [r["epoch_time_s"] for r in epochs[-3:] if r.get("epoch_time_s")]
         left = recipe_epochs - (epochs[-1]["epoch"] + 1)
@@ -594,13 +716,17 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
                       StartTime=start - timedelta(days=1), EndTime=now)["SpotPriceHistory"]
         status["cost_usd_upper_bound"] = integrate_cost(history, start, now)
         status["hours_since_launch"] = (now - start).total_seconds() / 3600
-    recorded = [r["cost_usd"] for r in metrics if r.get("cost_usd") is not None]
+    recorded = [r for r in metrics if r.get("cost_usd") is not None]
     if recorded:
-        status["cost_usd_recorded"] = recorded[-1]
+        status["cost_usd_recorded"], status["price_usd_per_h"] = recorded[-1]["cost_usd"], recorded[-1].get(
+            "price_usd_per_h")
+    live = [i for i in instances if i["State"]["Name"] not in ("terminated", "shutting-down")]
+    status["released"] = not live and not [r for r in requests if r["State"] in ("open", "active", "disabled")]
     return status
 
 
-def _recipe_epochs(store) -> int | None:
+def _run_recipe(store) -> dict | None:
+    """The run's resolved recipe: the trainer's copy, else the one the launch uploaded."""
     import yaml
 
     for name in ("recipe.yaml", "launch/recipe.yaml"):
@@ -608,7 +734,7 @@ def _recipe_epochs(store) -> int | None:
             body = store.client.get_object(Bucket=store.bucket, Key=store.key(name))["Body"].read()
         except store.client.exceptions.NoSuchKey:
             continue
-        return (yaml.safe_load(body) or {}).get("train", {}).get("epochs")
+        return yaml.safe_load(body) or {}
     return None
 
 
@@ -634,12 +760,47 @@ def print_status(status: dict, out=print) -> None:
             f"{status['hours_since_launch']:.1f} h since launch; hours stopped by an interruption are not billed)"
             + (f"; ${status['cost_usd_recorded']:.2f} recorded by the training process"
                if "cost_usd_recorded" in status else ""))
-    if status.get("finished"):
-        out(f"  finished; the instance powers itself off: `resnet50-recipe aws stop {status['run']}` deletes it "
-            "and its disk, keeping S3")
+    spent = status.get("cost_usd_recorded", status.get("cost_usd_upper_bound"))
+    if spent is not None and (status.get("budget_usd") is not None or status.get("eta_hours") is not None):
+        tail = budget_text(spent, status.get("budget_usd"), status.get("price_usd_per_h"), status.get("eta_hours"))
+        out(f"  spent ~${spent:.2f}{tail}")
+    if status.get("finished") and status.get("released"):
+        out("  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)")
+    elif status.get("finished"):
+        out(f"  finished; the instance releases itself (or powers off with --keep-instance): `resnet50-recipe aws "
+            f"stop {status['run']}` deletes it and its disk, keeping S3")
     elif "eta_hours" in status:
         out(f"  ETA: {status['eta_hours']:.1f} h of training (mean of the last epochs' times)")
     out(f"  files: {status['remote']}")
+
+
+ENDED = (0, 2, 3, 4)  # the exit statuses after which the unit starts the trainer no more
+
+
+def follow(name: str, region: str | None = None, interval: float = 60.0, api: Api | None = None, out=print,
+           stream=None, sleep=time.sleep) -> dict:
+    """Redraw `aws status` every `interval` seconds, as `watch` does, until the run has ended (finished, stopped by
+    its budget, bad input) or its instance is gone; then say where the weights are."""
+    import io
+    import sys
+
+    api = api or Api(region)
+    stream = stream or sys.stdout
+    while True:
+        status = run_status(name, api.region, api)
+        text = io.StringIO()
+        print_status(status, out=lambda line: print(line, file=text))
+        clear = "\x1b[H\x1b[2J" if stream.isatty() else ""  # redraw in place on a terminal; append in a log
+        print(f"{clear}{time.strftime('%H:%M:%S')}  {text.getvalue()}", file=stream, flush=True)
+        if status["exit_status"] in ENDED or status["finished"] or status["released"]:
+            break
+        sleep(interval)
+    if status["finished"]:
+        out(f"weights: {status['remote']}/export/ (timm format; resnet50-recipe runs pull {status['remote']} DIR)"
+            + (f" and https://huggingface.co/{status['pushed']}" if status.get("pushed") else ""))
+    else:
+        out(f"run {name} ended without weights (exit {status['exit_status']}); its files are in {status['remote']}")
+    return status
 
 
 def logs(name: str, region: str | None = None, api: Api | None = None) -> str:
@@ -684,78 +845,3 @@ def ls(region: str | None = None, api: Api | None = None, out=print) -> list[dic
     if not rows:
         out(f"no runs launched by resnet50-recipe in {api.region}")
     return rows
-
-
-# ---------------------------------------------------------------------------------------------------------
-# On the instance: the cost of the machine a run trains on
-
-
-class InstanceCost:
-    """Fields merged into every metrics.jsonl record on EC2: the instance type, AZ, market, the price now and the
-    cost so far (price x time of the training processes, carried over from the last record of an earlier one).
-
-    It asks the instance metadata (through the spot watcher's IMDSv2 session) once, and the spot price at most
-    every `refresh_s` seconds, never per step. Only the first price is read in the caller's thread; later
-    refreshes run in a background thread, so a slow or hanging EC2 API never stalls training. Boot, install and
-    time spent stopped are not in `cost_usd`; `aws status` gives the bill's upper bound from the price history.
-    """
-
-    def __init__(self, watcher, metrics_path: Path, refresh_s: float = 600.0):
-        self.watcher, self.refresh_s = watcher, refresh_s
-        self.identity: dict | None = None
-        self.price: float | None = None
-        self.priced_at = -float("inf")
-        self.pricing: threading.Thread | None = None
-        self.cost = 0.0
-        try:
-            from .runlog import read_metrics
-
-            costs = [r["cost_usd"] for r in read_metrics(metrics_path) if r.get("cost_usd") is not None]
-            self.cost = costs[-1] if costs else 0.0
-        except (OSError, ValueError):
-            pass
-        self.last = time.time()
-
-    def __call__(self) -> dict:
-        now = time.time()
-        try:
-            if self.identity is None:
-                get = self.watcher.get
-                self.identity = {"instance_type": get("instance-type"), "az": get("placement/availability-zone"),
-                                 "region": get("placement/region"), "market": get("instance-life-cycle")}
-        except (OSError, ValueError) as e:
-            log.debug("instance metadata: %s", e)
-            return {}
-        if self.identity["instance_type"] is None:
-            return {}  # a metadata service that does not know the instance: nothing to record
-        if now - self.priced_at >= self.refresh_s and (self.pricing is None or not self.pricing.is_alive()):
-            first = self.priced_at == -float("inf")
-            self.priced_at = now
-            if first:
-                self.price = self.current_price()
-            else:
-                self.pricing = threading.Thread(target=self.refresh_price, name="spot-price", daemon=True)
-                self.pricing.start()
-        if self.price is not None:
-            self.cost += (now - self.last) / 3600 * self.price
-        self.last = now
-        ident = self.identity
-        return {"instance_type": ident["instance_type"], "az": ident["az"], "market": ident["market"],
-                "price_usd_per_h": self.price, "cost_usd": self.cost if self.price is not None else None}
-
-    def refresh_price(self) -> None:
-        price = self.current_price()
-        if price is not None:  # a failed refresh keeps the last known price
-            self.price = price
-
-    def current_price(self) -> float | None:
-        ident = self.identity
-        if ident["market"] != "spot":
-            return INSTANCE_TYPES.get(ident["instance_type"], (None,) * 4)[3]
-        try:
-            prices = spot_prices(Api(ident["region"]), ident["instance_type"], [ident["az"]])
-            return prices.get(ident["az"])
-        except Exception as e:  # no boto3, no permission, no network: training goes on without a price
-            log.warning("could not read the spot price of %s in %s (%s); cost is not recorded until it can be",
-                        ident["instance_type"], ident["az"], e)
-            return None

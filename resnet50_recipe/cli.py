@@ -24,12 +24,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet50-recipe", description="Train timm ImageNet classifiers from "
                                      "validated YAML recipes. See README.md for the recipes and their sources.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train, add_eval, add_export, add_push, add_runs, add_data, add_bench, add_aws, add_watch,
+                add_predict, add_explain, add_report):
+        add(sub)
+    return parser
 
+
+# Flags several commands share, each defined once.
+def add_set(p) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key; the value is parsed as YAML (repeatable)")
+
+
+def add_endpoint_url(p) -> None:
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
+
+
+def add_weights(p, help: str = "which weights: auto (EMA or raw, whichever scored the better val top-1), ema, "
+                "raw, or best (the run's best checkpoint)") -> None:
+    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto", help=help)
+
+
+def add_quiet(p, help: str) -> None:
+    p.add_argument("--quiet", action="store_true", help=help)
+
+
+def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a recipe", description="Train a recipe: a YAML file or a shipped "
                        f"recipe name ({', '.join(sorted(shipped_recipes()))}).")
     p.add_argument("recipe", help="recipe file or shipped recipe name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe key; the value is parsed as YAML (repeatable)")
+    add_set(p)
     p.add_argument("--output", help="run directory (default: runs/<recipe name>)")
     p.add_argument("--resume", default="auto", metavar="auto|PATH",
                    help="auto (default): continue from the newest valid checkpoint in --output, if any; "
@@ -51,247 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision (train.amp); the dtype follows the device unless train.amp_dtype is set")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="run N processes on this machine (one per GPU) by relaunching through torchrun")
-    p.add_argument("--quiet", action="store_true", help="print only errors and the final result")
+    add_quiet(p, "print only errors and the final result")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-
-    p = sub.add_parser("eval", help="evaluate a checkpoint on DIR/val")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", help="dataset folder (default: the one the checkpoint's recipe names)")
-    p.add_argument("--img-size", type=int, help="eval resolution (default: the recipe's augment.eval_size)")
-    p.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the recipe's augment.crop_pct)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="average the logits of each image and its mirror (default: the recipe's augment.eval_flip)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", dest="json_out", help="where to write the JSON result "
-                   "(default: CHECKPOINT with .eval.json appended)")
-
-    p = sub.add_parser("export", help="write a run's weights in timm's Hugging Face Hub format")
-    p.add_argument("source", help="run directory or checkpoint file")
-    p.add_argument("out", help="folder to write model.safetensors, config.json, README.md, curves.png")
-    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto",
-                   help="auto (default): EMA or raw, whichever scored the better val top-1; best: the run's best "
-                        "checkpoint")
-    p.add_argument("--label-names", help="file with one class name per line, in class-index order")
-    p.add_argument("--repo-id", help="the Hub repo the model card's loading snippet names")
-    p.add_argument("--license", default="apache-2.0")
-    p.add_argument("--dataset", help="Hub dataset id for the model card, e.g. imagenet-1k")
-
-    p = sub.add_parser("push", help="push an export folder to the Hugging Face Hub")
-    p.add_argument("folder")
-    p.add_argument("--repo-id", required=True, help="user/name")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--revision", help="branch to push to (created when missing)")
-    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    p.add_argument("--commit-message")
-
-    p = sub.add_parser("runs", help="list or fetch runs synced to S3")
-    runs_sub = p.add_subparsers(dest="runs_command", required=True)
-    q = runs_sub.add_parser("ls", help="list the runs under s3://bucket/prefix")
-    q.add_argument("remote")
-    q.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
-    q = runs_sub.add_parser("pull", help="download a run's checkpoints and files")
-    q.add_argument("remote")
-    q.add_argument("out")
-    q.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
-
-    p = sub.add_parser("data", help="prepare datasets")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("synthetic", help="write a learnable, generated JPEG ImageFolder")
-    q.add_argument("out")
-    q.add_argument("--classes", type=int, default=10)
-    q.add_argument("--per-class", type=int, default=300, help="train images per class")
-    q.add_argument("--val-per-class", type=int, default=50)
-    q.add_argument("--size", type=int, default=64, help="image side in pixels")
-    q.add_argument("--seed", type=int, default=0)
-    q = data_sub.add_parser("imagenette", help="download and extract fast.ai's Imagenette into OUT/train and OUT/val",
-                            description="Download (resuming a partial download) and checksum-verify an Imagenette "
-                            "archive, then extract it into OUT/train and OUT/val.")
-    q.add_argument("out")
-    q.add_argument("--size", choices=("160", "320", "full"), default="160",
-                   help="short side of the images in pixels, or full resolution (default 160)")
-    q.add_argument("--url", help="archive URL, for a mirror (default: fast.ai's S3 bucket)")
-    q.add_argument("--md5", help="expected MD5 (default: the official archive's, as pinned by torchvision)")
-    q.add_argument("--sha256", help="expected SHA-256, instead of the MD5")
-    q.add_argument("--no-checksum", action="store_true", help="skip the checksum (a mirror of another file)")
-    q.add_argument("--archive-dir", help="where the archive is downloaded and kept (default: OUT's parent)")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q = data_sub.add_parser("imagenet", help="build ImageNet-1k's OUT/train and OUT/val from the official archives, "
-                            "Kaggle or the Hugging Face Hub",
-                            description="Unpack ImageNet-1k into OUT/train/<wnid> and OUT/val/<wnid> from the official "
-                            "ILSVRC2012 archives (val sorted by the devkit's ground truth), Kaggle's ImageNet Object "
-                            "Localization Challenge, the Hub's ILSVRC/imagenet-1k archives or timm/imagenet-1k-wds "
-                            "shards, optionally resized as it goes; check the counts and verify every image "
-                            "(OUT/verify.json). Restartable: a rerun continues where an interrupted run stopped.")
-    q.add_argument("out")
-    q.add_argument("--train-tar", help="ILSVRC2012_img_train.tar: a path or s3://bucket/key")
-    q.add_argument("--val-tar", help="ILSVRC2012_img_val.tar: a path or s3://bucket/key")
-    q.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz: a path or s3://bucket/key")
-    q.add_argument("--from", dest="source", metavar="DIR|S3_PREFIX|hf:REPO",
-                   help="a folder holding the three official archives, Kaggle's download (ILSVRC/ and "
-                        "LOC_val_solution.csv), the Hub's train_images_*.tar.gz + val_images.tar.gz or webdataset "
-                        "shards; s3://bucket/prefix holding the official archives (streamed, never copied to disk); "
-                        "or hf:ILSVRC/imagenet-1k or hf:timm/imagenet-1k-wds, downloaded first")
-    q.add_argument("--archive-dir", help="where an hf: source is downloaded and kept (default: OUT's parent/"
-                   "owner--name)")
-    q.add_argument("--short-side", type=int, help="write each image resized to this short side in pixels (e.g. "
-                   "256) instead of its original bytes; smaller images keep theirs")
-    q.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images (default 90)")
-    q.add_argument("--workers", type=int, help="writing processes (default: one per core with --short-side, "
-                   "else one)")
-    q.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
-    q.add_argument("--verify-md5", action="store_true",
-                   help="check the archives against the official MD5s first (reads all ~155 GB once more)")
-    q.add_argument("--partial", action="store_true",
-                   help="accept counts other than 1000 classes, 1,281,167 train and 50,000 val images")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q = data_sub.add_parser("verify", help="decode every image; report corrupt, truncated, CMYK and mislabelled "
-                            "files as JSON")
-    q.add_argument("dir", help="dataset folder with train/ and/or val/")
-    q.add_argument("--fix", action="store_true", help="re-encode CMYK, truncated and non-JPEG .JPEG files in place "
-                   "as RGB JPEG (undecodable files are only listed)")
-    q.add_argument("--workers", type=int, help="decoding processes (default: one per core but one)")
-    q.add_argument("--report", help="where to write the JSON report (default: DIR/verify.json)")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
-    q = data_sub.add_parser("resize", help="write a copy with a smaller short side, which decodes faster")
-    q.add_argument("dir")
-    q.add_argument("out")
-    q.add_argument("--short-side", type=int, default=256, help="pixels (default 256); smaller images are copied")
-    q.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images (default 90)")
-    q.add_argument("--workers", type=int, help="processes (default: one per core but one)")
-    q.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    p = sub.add_parser("bench", help="measure throughput: the input pipeline and the training step")
-    bench_sub = p.add_subparsers(dest="bench_command", required=True)
-    q = bench_sub.add_parser("data", help="images/s of a recipe's training input pipeline per worker count",
-                             description="Run the recipe's training input pipeline (decode, augment, collate) on "
-                             "DIR/train and report images/s per worker count, and whether that feeds a T4.")
-    q.add_argument("dir", help="dataset folder with train/")
-    q.add_argument("--workers", default="1,2,4,8", help="comma-separated worker counts (default 1,2,4,8)")
-    q.add_argument("--recipe", default="imagenet-100ep", help="recipe whose pipeline runs (default imagenet-100ep)")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a recipe key, as in train (repeatable)")
-    q.add_argument("--decode", choices=("recipe", "draft", "full", "both"), default="recipe",
-                   help="JPEG decoding: the recipe's augment.draft_decode (default), draft (reduced-size), full, "
-                        "or both, one after the other")
-    q.add_argument("--batches", type=int, default=20, help="batches timed per measurement (default 20)")
-    q.add_argument("--batch-size", type=int, help="default: the recipe's train.batch_size")
-    q.add_argument("--target", type=float, default=400.0,
-                   help="img/s the GPU consumes (default 400: a T4's AMP ResNet-50 rate)")
-    q = bench_sub.add_parser("step", help="training-step images/s against a bare PyTorch loop doing the same work",
-                             description="Time the trainer's step and a hand-written loop on the same synthetic "
-                             "device batches (no data loading), interleaved; print both, their ratio and peak "
-                             "GPU memory.")
-    q.add_argument("--model", default="resnet50", help="timm model name")
-    q.add_argument("--img-size", type=int, default=224)
-    q.add_argument("--batch-size", type=int, default=128)
-    q.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="mixed precision on CUDA: fp16 before Ampere, bf16 from Ampere on (the CPU runs fp32)")
-    q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    q.add_argument("--compile", action="store_true", help="torch.compile both sides")
-    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    q.add_argument("--steps", type=int, default=20, help="optimizer steps per trial")
-    q.add_argument("--warmup", type=int, default=5, help="untimed steps per side first")
-    q.add_argument("--trials", type=int, default=7)
-    q.add_argument("--json", action="store_true", help="print one JSON line instead of text")
-
-    p = sub.add_parser("aws", help="price, launch, watch and stop spot training runs on AWS (needs boto3: the "
-                       "[aws] extra)", description="Spot training runs on AWS. Every client honours "
-                       "AWS_ENDPOINT_URL; credentials and region come from boto3's chain. See aws/README.md.")
-    aws_sub = p.add_subparsers(dest="aws_command", required=True)
-    q = aws_sub.add_parser("price", help="spot price per AZ, on-demand price and, with --recipe, hours and cost")
-    q.add_argument("--instance-types", default="g4dn.xlarge,g4dn.2xlarge,g5.xlarge,g5.2xlarge,p3.2xlarge",
-                   help="comma-separated instance types")
-    q.add_argument("--recipe", help="recipe file or shipped name to estimate hours and cost for")
-    q.add_argument("--images", type=int, help="train images per epoch (default: known for ImageNet-1k and the "
-                   "generated data)")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    q = aws_sub.add_parser("launch", help="launch a persistent spot instance that trains a recipe")
-    q.add_argument("recipe", help="recipe file or shipped name; resolved and checked here, uploaded to the run")
-    q.add_argument("--bucket", required=True, metavar="s3://BUCKET/PREFIX",
-                   help="where runs live; this one goes to PREFIX/NAME")
-    q.add_argument("--name", help="run name (default: the recipe's name)")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    q.add_argument("--instance-type", default="g4dn.2xlarge")
-    place = q.add_mutually_exclusive_group()
-    place.add_argument("--az", default="auto", help="availability zone; auto (default): the cheapest with capacity")
-    place.add_argument("--subnet", help="launch into this subnet (its AZ) instead")
-    q.add_argument("--key-name", help="EC2 key pair for SSH (not needed: status and logs work without)")
-    q.add_argument("--security-group", dest="security_groups", action="append", default=[], metavar="SG_ID")
-    source = q.add_mutually_exclusive_group()
-    source.add_argument("--data", metavar="s3://...", help="dataset: a folder with train/ and val/, or a .tar or "
-                        ".tar.gz of one; copied to the instance's disk once")
-    source.add_argument("--volume", metavar="snap-...", help="dataset: an EBS snapshot whose filesystem holds "
-                        "train/ and val/, attached as a volume")
-    q.add_argument("--ami", help="AMI id, or the name of an SSM parameter holding one (default: the public "
-                   "parameter of the current AWS Deep Learning Base AMI, Ubuntu 22.04)")
-    q.add_argument("--package", help="what the instance pip-installs: a pip spec, a local .whl (uploaded to the "
-                   "run) or an s3://...whl (default: resnet50-recipe[aws]==this version, from PyPI)")
-    q.add_argument("--disk-gb", type=int, help="root volume size in GB; data copied from S3 and checkpoints live "
-                   "there (default: 300 for ImageNet from S3, else 150)")
-    q.add_argument("--dry-run", action="store_true", help="print every AWS call with its arguments; make none")
-    for command, text in (("status", "instance, spot request, last checkpoint, metrics, cost so far, ETA"),
-                          ("logs", "the instance's console output: setup and training log"),
-                          ("stop", "cancel the persistent spot request and terminate the instance; S3 stays")):
-        q = aws_sub.add_parser(command, help=text)
-        q.add_argument("run", help="run name")
-    q = aws_sub.add_parser("ls", help="the runs launched by this tool, by tag")
-    for q in aws_sub.choices.values():
-        q.add_argument("--region", help="AWS region (default: boto3's configured region, else us-east-1)")
-
-    p = sub.add_parser("watch", help="live view of a run: progress, loss, top-1, speed, ETA, checkpoint, cost",
-                       description="Redraw a run's status every --interval seconds until it finishes (Ctrl-C "
-                       "stops watching, not the run). RUN is a run directory or the s3://bucket/prefix it syncs to.")
-    p.add_argument("run", metavar="RUN_DIR|s3://...")
-    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
-
-    p = sub.add_parser("predict", help="top-5 labels with probabilities for images")
-    p.add_argument("model", metavar="CHECKPOINT|RUN_DIR|EXPORT_DIR")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=5, help="labels per image (default 5)")
-    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto",
-                   help="for a checkpoint or run: which weights (as for export)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-    p = sub.add_parser("explain", help="Grad-CAM heatmap of what the model looked at, as a PNG overlay")
-    p.add_argument("model", metavar="CHECKPOINT|RUN_DIR|EXPORT_DIR")
-    p.add_argument("image")
-    p.add_argument("--out", required=True, help="PNG to write, at the input image's size")
-    p.add_argument("--class", dest="target", metavar="NAME|INDEX",
-                   help="the class to explain (default: the top prediction)")
-    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto")
-
-    p = sub.add_parser("report", help="an offline HTML report of a run: curves, per-class accuracy, confusion "
-                       "matrix, confident mistakes, time and cost")
-    p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--out", help="folder for index.html and its PNGs (default: RUN_DIR/report)")
-    p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto",
-                   help="the checkpoint evaluated on val (as for export)")
-    p.add_argument("--data", help="dataset folder (default: the one the run's recipe names)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--device", default="auto")
-    return parser
-
-
-def cmd_bench_step(args) -> int:
-    from .stepbench import bench_step
-
-    r = bench_step(args.model, args.img_size, args.batch_size, args.amp, args.channels_last, args.compile,
-                   args.device, args.steps, args.warmup, args.trials)
-    if args.json:
-        print(json.dumps(r))
-        return 0
-    mem = (f"; peak memory {r['trainer_peak_mem_gb']} GB (trainer) vs {r['bare_peak_mem_gb']} GB (bare)"
-           if r["trainer_peak_mem_gb"] is not None else "")
-    print(f"{r['model']} at {r['img_size']} px, batch {r['batch_size']}, amp {r['amp']}, channels_last "
-          f"{r['channels_last']}, compile {r['compile']}, on {r['card']} ({r['device']}, {r['threads']} threads)\n"
-          f"trainer {r['trainer_img_per_s']:.1f} img/s, bare loop {r['bare_img_per_s']:.1f} img/s: ratio "
-          f"{r['ratio']:.3f} (median of paired trials {r['median_paired_ratio']:.3f}){mem}")
-    return 0
 
 
 def cmd_train(args) -> int:
@@ -363,6 +148,21 @@ def relaunch_with_torchrun(args, recipe, control) -> int:
     return code
 
 
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on DIR/val")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="dataset folder (default: the one the checkpoint's recipe names)")
+    p.add_argument("--img-size", type=int, help="eval resolution (default: the recipe's augment.eval_size)")
+    p.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the recipe's augment.crop_pct)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the logits of each image and its mirror (default: the recipe's augment.eval_flip)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", dest="json_out", help="where to write the JSON result "
+                   "(default: CHECKPOINT with .eval.json appended)")
+
+
 def cmd_eval(args) -> int:
     from .engine import evaluate_checkpoint
 
@@ -379,12 +179,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a run's weights in timm's Hugging Face Hub format")
+    p.add_argument("source", help="run directory or checkpoint file")
+    p.add_argument("out", help="folder to write model.safetensors, config.json, README.md, curves.png")
+    add_weights(p, "auto (default): EMA or raw, whichever scored the better val top-1; best: the run's best "
+                   "checkpoint")
+    p.add_argument("--label-names", help="file with one class name per line, in class-index order")
+    p.add_argument("--repo-id", help="the Hub repo the model card's loading snippet names")
+    p.add_argument("--license", default="apache-2.0")
+    p.add_argument("--dataset", help="Hub dataset id for the model card, e.g. imagenet-1k")
+
+
 def cmd_export(args) -> int:
     from .hub import export
 
     out = export(args.source, args.out, args.weights, args.label_names, args.repo_id, args.license, args.dataset)
     print(f"wrote {out}; it loads with timm.create_model('local-dir:{out}', pretrained=True)")
     return 0
+
+
+def add_push(sub) -> None:
+    p = sub.add_parser("push", help="push an export folder to the Hugging Face Hub")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", required=True, help="user/name")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to push to (created when missing)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message")
 
 
 def cmd_push(args) -> int:
@@ -394,6 +216,18 @@ def cmd_push(args) -> int:
          commit_message=args.commit_message)
     print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id}")
     return 0
+
+
+def add_runs(sub) -> None:
+    p = sub.add_parser("runs", help="list or fetch runs synced to S3")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True)
+    q = runs_sub.add_parser("ls", help="list the runs under s3://bucket/prefix")
+    q.add_argument("remote")
+    add_endpoint_url(q)
+    q = runs_sub.add_parser("pull", help="download a run's checkpoints and files")
+    q.add_argument("remote")
+    q.add_argument("out")
+    add_endpoint_url(q)
 
 
 def cmd_runs(args) -> int:
@@ -413,6 +247,74 @@ def cmd_runs(args) -> int:
     fetched = pull_run(store, Path(args.out))
     print(f"fetched {len(fetched)} files from {args.remote} into {args.out}")
     return 0
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("synthetic", help="write a learnable, generated JPEG ImageFolder")
+    q.add_argument("out")
+    q.add_argument("--classes", type=int, default=10)
+    q.add_argument("--per-class", type=int, default=300, help="train images per class")
+    q.add_argument("--val-per-class", type=int, default=50)
+    q.add_argument("--size", type=int, default=64, help="image side in pixels")
+    q.add_argument("--seed", type=int, default=0)
+    q = data_sub.add_parser("imagenette", help="download and extract fast.ai's Imagenette into OUT/train and OUT/val",
+                            description="Download (resuming a partial download) and checksum-verify an Imagenette "
+                            "archive, then extract it into OUT/train and OUT/val.")
+    q.add_argument("out")
+    q.add_argument("--size", choices=("160", "320", "full"), default="160",
+                   help="short side of the images in pixels, or full resolution (default 160)")
+    q.add_argument("--url", help="archive URL, for a mirror (default: fast.ai's S3 bucket)")
+    q.add_argument("--md5", help="expected MD5 (default: the official archive's, as pinned by torchvision)")
+    q.add_argument("--sha256", help="expected SHA-256, instead of the MD5")
+    q.add_argument("--no-checksum", action="store_true", help="skip the checksum (a mirror of another file)")
+    q.add_argument("--archive-dir", help="where the archive is downloaded and kept (default: OUT's parent)")
+    add_quiet(q, "no progress bars")
+    q = data_sub.add_parser("imagenet", help="build ImageNet-1k's OUT/train and OUT/val from the official archives, "
+                            "Kaggle or the Hugging Face Hub",
+                            description="Unpack ImageNet-1k into OUT/train/<wnid> and OUT/val/<wnid> from the official "
+                            "ILSVRC2012 archives (val sorted by the devkit's ground truth), Kaggle's ImageNet Object "
+                            "Localization Challenge, the Hub's ILSVRC/imagenet-1k archives or timm/imagenet-1k-wds "
+                            "shards, optionally resized as it goes; check the counts and verify every image "
+                            "(OUT/verify.json). Restartable: a rerun continues where an interrupted run stopped.")
+    q.add_argument("out")
+    q.add_argument("--train-tar", help="ILSVRC2012_img_train.tar: a path or s3://bucket/key")
+    q.add_argument("--val-tar", help="ILSVRC2012_img_val.tar: a path or s3://bucket/key")
+    q.add_argument("--devkit", help="ILSVRC2012_devkit_t12.tar.gz: a path or s3://bucket/key")
+    q.add_argument("--from", dest="source", metavar="DIR|S3_PREFIX|hf:REPO",
+                   help="a folder holding the three official archives, Kaggle's download (ILSVRC/ and "
+                        "LOC_val_solution.csv), the Hub's train_images_*.tar.gz + val_images.tar.gz or webdataset "
+                        "shards; s3://bucket/prefix holding the official archives (streamed, never copied to disk); "
+                        "or hf:ILSVRC/imagenet-1k or hf:timm/imagenet-1k-wds, downloaded first")
+    q.add_argument("--archive-dir", help="where an hf: source is downloaded and kept (default: OUT's parent/"
+                   "owner--name)")
+    q.add_argument("--short-side", type=int, help="write each image resized to this short side in pixels (e.g. "
+                   "256) instead of its original bytes; smaller images keep theirs")
+    q.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images (default 90)")
+    q.add_argument("--workers", type=int, help="writing processes (default: one per core with --short-side, "
+                   "else one)")
+    add_endpoint_url(q)
+    q.add_argument("--verify-md5", action="store_true",
+                   help="check the archives against the official MD5s first (reads all ~155 GB once more)")
+    q.add_argument("--partial", action="store_true",
+                   help="accept counts other than 1000 classes, 1,281,167 train and 50,000 val images")
+    add_quiet(q, "no progress bars")
+    q = data_sub.add_parser("verify", help="decode every image; report corrupt, truncated, CMYK and mislabelled "
+                            "files as JSON")
+    q.add_argument("dir", help="dataset folder with train/ and/or val/")
+    q.add_argument("--fix", action="store_true", help="re-encode CMYK, truncated and non-JPEG .JPEG files in place "
+                   "as RGB JPEG (undecodable files are only listed)")
+    q.add_argument("--workers", type=int, help="decoding processes (default: one per core but one)")
+    q.add_argument("--report", help="where to write the JSON report (default: DIR/verify.json)")
+    add_quiet(q, "no progress bars")
+    q = data_sub.add_parser("resize", help="write a copy with a smaller short side, which decodes faster")
+    q.add_argument("dir")
+    q.add_argument("out")
+    q.add_argument("--short-side", type=int, default=256, help="pixels (default 256); smaller images are copied")
+    q.add_argument("--quality", type=int, default=90, help="JPEG quality of the re-encoded images (default 90)")
+    q.add_argument("--workers", type=int, help="processes (default: one per core but one)")
+    add_quiet(q, "no progress bars")
 
 
 def cmd_data(args) -> int:
@@ -476,6 +378,58 @@ def cmd_data(args) -> int:
     return 0
 
 
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="measure throughput: the input pipeline and the training step")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    q = bench_sub.add_parser("data", help="images/s of a recipe's training input pipeline per worker count",
+                             description="Run the recipe's training input pipeline (decode, augment, collate) on "
+                             "DIR/train and report images/s per worker count, and whether that feeds a T4.")
+    q.add_argument("dir", help="dataset folder with train/")
+    q.add_argument("--workers", default="1,2,4,8", help="comma-separated worker counts (default 1,2,4,8)")
+    q.add_argument("--recipe", default="imagenet-100ep", help="recipe whose pipeline runs (default imagenet-100ep)")
+    add_set(q)
+    q.add_argument("--decode", choices=("recipe", "draft", "full", "both"), default="recipe",
+                   help="JPEG decoding: the recipe's augment.draft_decode (default), draft (reduced-size), full, "
+                        "or both, one after the other")
+    q.add_argument("--batches", type=int, default=20, help="batches timed per measurement (default 20)")
+    q.add_argument("--batch-size", type=int, help="default: the recipe's train.batch_size")
+    q.add_argument("--target", type=float, default=400.0,
+                   help="img/s the GPU consumes (default 400: a T4's AMP ResNet-50 rate)")
+    q = bench_sub.add_parser("step", help="training-step images/s against a bare PyTorch loop doing the same work",
+                             description="Time the trainer's step and a hand-written loop on the same synthetic "
+                             "device batches (no data loading), interleaved; print both, their ratio and peak "
+                             "GPU memory.")
+    q.add_argument("--model", default="resnet50", help="timm model name")
+    q.add_argument("--img-size", type=int, default=224)
+    q.add_argument("--batch-size", type=int, default=128)
+    q.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="mixed precision on CUDA: fp16 before Ampere, bf16 from Ampere on (the CPU runs fp32)")
+    q.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    q.add_argument("--steps", type=int, default=20, help="optimizer steps per trial")
+    q.add_argument("--warmup", type=int, default=5, help="untimed steps per side first")
+    q.add_argument("--trials", type=int, default=7)
+    q.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+
+
+def cmd_bench_step(args) -> int:
+    from .stepbench import bench_step
+
+    r = bench_step(args.model, args.img_size, args.batch_size, args.amp, args.channels_last, args.compile,
+                   args.device, args.steps, args.warmup, args.trials)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    mem = (f"; peak memory {r['trainer_peak_mem_gb']} GB (trainer) vs {r['bare_peak_mem_gb']} GB (bare)"
+           if r["trainer_peak_mem_gb"] is not None else "")
+    print(f"{r['model']} at {r['img_size']} px, batch {r['batch_size']}, amp {r['amp']}, channels_last "
+          f"{r['channels_last']}, compile {r['compile']}, on {r['card']} ({r['device']}, {r['threads']} threads)\n"
+          f"trainer {r['trainer_img_per_s']:.1f} img/s, bare loop {r['bare_img_per_s']:.1f} img/s: ratio "
+          f"{r['ratio']:.3f} (median of paired trials {r['median_paired_ratio']:.3f}){mem}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.bench_command == "step":
         return cmd_bench_step(args)
@@ -499,6 +453,66 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def add_aws(sub) -> None:
+    p = sub.add_parser("aws", help="price, launch, watch and stop spot training runs on AWS (needs boto3: the "
+                       "[aws] extra)", description="Spot training runs on AWS. Every client honours "
+                       "AWS_ENDPOINT_URL; credentials and region come from boto3's chain. See aws/README.md.")
+    aws_sub = p.add_subparsers(dest="aws_command", required=True)
+    q = aws_sub.add_parser("price", help="spot price per AZ, on-demand price and, with --recipe, hours and cost")
+    q.add_argument("--instance-types", default="g4dn.xlarge,g4dn.2xlarge,g5.xlarge,g5.2xlarge,p3.2xlarge",
+                   help="comma-separated instance types")
+    q.add_argument("--recipe", help="recipe file or shipped name to estimate hours and cost for")
+    q.add_argument("--images", type=int, help="train images per epoch (default: known for ImageNet-1k and the "
+                   "generated data)")
+    add_set(q)
+    q = aws_sub.add_parser("launch", help="launch a persistent spot instance that trains a recipe")
+    q.add_argument("recipe", help="recipe file or shipped name; resolved and checked here, uploaded to the run")
+    q.add_argument("--bucket", required=True, metavar="s3://BUCKET/PREFIX",
+                   help="where runs live; this one goes to PREFIX/NAME")
+    q.add_argument("--name", help="run name (default: the recipe's name)")
+    add_set(q)
+    q.add_argument("--instance-type", default="g4dn.2xlarge", metavar="TYPE[,TYPE...]|auto",
+                   help="one type, several tried in order, or auto: every type that fits the spot quota, ranked by "
+                   "estimated cost to finish (default g4dn.2xlarge)")
+    q.add_argument("--budget-usd", type=float, help="refuse when the estimate (aws price's, with the disk) passes "
+                   "it; on the instance the run checkpoints and stops (exit 4) before it would (train.budget_usd)")
+    q.add_argument("--push", metavar="USER/NAME", help="push the weights to this Hugging Face repository from the "
+                   "instance; the token (HF_TOKEN or your login) goes to SSM Parameter Store, never to S3 or the logs")
+    q.add_argument("--private", action="store_true", help="with --push: a private repository")
+    q.add_argument("--keep-instance", action="store_true", help="at the end power the instance off instead of "
+                   "cancelling its spot request and terminating it (it then bills its disk until aws stop)")
+    place = q.add_mutually_exclusive_group()
+    place.add_argument("--az", default="auto", help="availability zone; auto (default): the cheapest with capacity")
+    place.add_argument("--subnet", help="launch into this subnet (its AZ) instead")
+    q.add_argument("--key-name", help="EC2 key pair for SSH (not needed: status and logs work without)")
+    q.add_argument("--security-group", dest="security_groups", action="append", default=[], metavar="SG_ID")
+    source = q.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="s3://...", help="dataset: a folder with train/ and val/, or a .tar or "
+                        ".tar.gz of one; copied to the instance's disk once")
+    source.add_argument("--volume", metavar="snap-...", help="dataset: an EBS snapshot whose filesystem holds "
+                        "train/ and val/, attached as a volume")
+    q.add_argument("--ami", help="AMI id, or the name of an SSM parameter holding one (default: the public "
+                   "parameter of the current AWS Deep Learning Base AMI, Ubuntu 22.04)")
+    q.add_argument("--package", help="what the instance pip-installs: a pip spec, a local .whl (uploaded to the "
+                   "run) or an s3://...whl (default: this version from PyPI when it is an exact release installed from "
+                   "an index, else a wheel of it, built and shipped through the run's prefix)")
+    q.add_argument("--disk-gb", type=int, help="root volume size in GB; data copied from S3 and checkpoints live "
+                   "there (default: 300 for ImageNet from S3, else 150)")
+    q.add_argument("--dry-run", action="store_true", help="print every AWS call with its arguments; make none")
+    for command, text in (("status", "instance, spot request, last checkpoint, metrics, cost so far, ETA"),
+                          ("logs", "the instance's console output: setup and training log"),
+                          ("stop", "cancel the persistent spot request and terminate the instance; S3 stays")):
+        q = aws_sub.add_parser(command, help=text)
+        q.add_argument("run", help="run name")
+    for q in (aws_sub.choices["launch"], aws_sub.choices["status"]):
+        q.add_argument("--follow", action="store_true", help="redraw the status, as watch does, until the run ends; "
+                       "then print where the weights are (S3, Hub)")
+        q.add_argument("--interval", type=float, default=60.0, help="with --follow: seconds between redraws")
+    q = aws_sub.add_parser("ls", help="the runs launched by this tool, by tag")
+    for q in aws_sub.choices.values():
+        q.add_argument("--region", help="AWS region (default: boto3's configured region, else us-east-1)")
+
+
 def cmd_aws(args) -> int:
     from . import aws
 
@@ -515,11 +529,16 @@ def cmd_aws(args) -> int:
             aws.price([t.strip() for t in args.instance_types.split(",") if t.strip()], args.region, recipe,
                       args.images)
         elif args.aws_command == "launch":
-            aws.launch(args.recipe, args.bucket, name=args.name, overrides=args.overrides,
-                       instance_type=args.instance_type, region=args.region, az=args.az, subnet=args.subnet,
-                       key_name=args.key_name, security_groups=args.security_groups, data=args.data,
-                       volume=args.volume, ami=args.ami, package=args.package, disk_gb=args.disk_gb,
-                       dry_run=args.dry_run)
+            launched = aws.launch(args.recipe, args.bucket, name=args.name, overrides=args.overrides,
+                                  instance_type=args.instance_type, region=args.region, az=args.az, subnet=args.subnet,
+                                  key_name=args.key_name, security_groups=args.security_groups, data=args.data,
+                                  volume=args.volume, ami=args.ami, package=args.package, disk_gb=args.disk_gb,
+                                  budget_usd=args.budget_usd, push=args.push, private=args.private,
+                                  keep_instance=args.keep_instance, dry_run=args.dry_run)
+            if args.follow and not args.dry_run:
+                aws.follow(args.name or launched["run"], args.region, args.interval)
+        elif args.aws_command == "status" and args.follow:
+            aws.follow(args.run, args.region, args.interval)
         elif args.aws_command == "status":
             aws.print_status(aws.run_status(args.run, args.region))
         elif args.aws_command == "logs":
@@ -535,11 +554,30 @@ def cmd_aws(args) -> int:
     return 0
 
 
+def add_watch(sub) -> None:
+    p = sub.add_parser("watch", help="live view of a run: progress, loss, top-1, speed, ETA, checkpoint, cost",
+                       description="Redraw a run's status every --interval seconds until it finishes (Ctrl-C "
+                       "stops watching, not the run). RUN is a run directory or the s3://bucket/prefix it syncs to.")
+    p.add_argument("run", metavar="RUN_DIR|s3://...")
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes (default 10)")
+    add_endpoint_url(p)
+
+
 def cmd_watch(args) -> int:
     from .watch import watch
 
     watch(args.run, interval=args.interval, once=args.once, endpoint_url=args.endpoint_url)
     return 0
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="top-5 labels with probabilities for images")
+    p.add_argument("model", metavar="CHECKPOINT|RUN_DIR|EXPORT_DIR")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top", type=int, default=5, help="labels per image (default 5)")
+    add_weights(p, "for a checkpoint or run: which weights (as for export)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def cmd_predict(args) -> int:
@@ -556,12 +594,34 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def add_explain(sub) -> None:
+    p = sub.add_parser("explain", help="Grad-CAM heatmap of what the model looked at, as a PNG overlay")
+    p.add_argument("model", metavar="CHECKPOINT|RUN_DIR|EXPORT_DIR")
+    p.add_argument("image")
+    p.add_argument("--out", required=True, help="PNG to write, at the input image's size")
+    p.add_argument("--class", dest="target", metavar="NAME|INDEX",
+                   help="the class to explain (default: the top prediction)")
+    add_weights(p)
+
+
 def cmd_explain(args) -> int:
     from .predict import explain
 
     r = explain(args.model, args.image, args.out, args.target, weights=args.weights)
     print(f"wrote {r['out']}: Grad-CAM for {r['label']} ({r['index']}, p={r['prob']:.2%})")
     return 0
+
+
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="an offline HTML report of a run: curves, per-class accuracy, confusion "
+                       "matrix, confident mistakes, time and cost")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--out", help="folder for index.html and its PNGs (default: RUN_DIR/report)")
+    add_weights(p, "the checkpoint evaluated on val (as for export)")
+    p.add_argument("--data", help="dataset folder (default: the one the run's recipe names)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="auto")
 
 
 def cmd_report(args) -> int:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .build import build_ema, build_loss, build_mixup, build_model, build_optimizer, build_scheduler
+from .cost import BUDGET_REASON
 from .data import (EpochSampler, ImageFolderDataset, UnreadableImage, class_names, eval_transform, make_loader,
                    mix_seed, resolve_data_dir, seeded, train_size_at, train_transform)
 from .lifecycle import (EXIT_PREEMPTED, Inputs, Run, Services, SetupStopped, check_inputs, exit_status,
@@ -421,7 +422,7 @@ def build(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet: boo
     loop.runlog.start(recipe, {"epochs": tc.epochs, "steps_per_epoch": inputs.updates_per_epoch,
                                "global_batch": inputs.global_batch, "world_size": rt.world_size,
                                "train_images": len(inputs.train_set), "device": str(rt.device),
-                               "run_id": run.lineage["run_id"]})
+                               "run_id": run.lineage["run_id"], "budget_usd": tc.budget_usd})
     if state is None:
         loop.runlog.sample_images(inputs.train_set)
     n_params = sum(p.numel() for p in t.model.parameters())
@@ -588,6 +589,8 @@ def end_epoch(loop: Loop, checkpointer: Checkpointer, record: dict, control: Sto
     p.history.append(record)
     loop.runlog.plot()
     loop.say(_epoch_line(record, recipe.train.epochs))
+    if checkpointer.services.budget is not None:  # on EC2 with train.budget_usd: rank 0 asks, the ranks agree below
+        checkpointer.services.budget.check(control, last_epoch)
     stop = agreed_stop(rt, control.stop)
     if (epoch + 1) % recipe.checkpoint.every_epochs == 0 or last_epoch or stop:
         checkpointer.save(epoch + 1, 0, is_best=p.best is not None and p.best["epoch"] == epoch)
@@ -641,6 +644,8 @@ def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[st
     summary = make_summary(recipe, t, p.history, p.best, p.elapsed(), sum(q.numel() for q in t.model.parameters()),
                            len(loop.inputs.classes), outcome.stopped, rt)
     summary.update(during=outcome.during, run_id=loop.run.lineage["run_id"])
+    if outcome.stopped and (control.reason or "").startswith(BUDGET_REASON):
+        summary.update(over_budget=True, stop_reason=control.reason)
     deadline = control.stop_deadline(cc.stop_timeout_s) if control.stop.is_set() else time.time() + cc.upload_timeout_s
     publish = recipe.export.enabled and rt.is_main and not outcome.stopped
     if publish and control.stop.is_set():  # trained to the end, but the machine is going: the restart exports

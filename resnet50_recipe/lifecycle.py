@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 EXIT_FINISHED = 0
 EXIT_BAD_INPUT = 2
 EXIT_PUBLISH_FAILED = 3  # trained, complete and synced; the export or the Hub push failed: retry those by hand
+EXIT_BUDGET = 4  # stopped with a checkpoint, complete and synced, because train.budget_usd would be passed
 EXIT_INCOMPLETE = 74  # EX_IOERR: a checkpoint or the run's files did not reach disk or S3 before the deadline
 __all__ = ["EXIT_PREEMPTED"]
 
@@ -444,7 +445,7 @@ class Services:
         from .spot import start_spot_watcher
 
         cc = recipe.checkpoint
-        self.uploader = self.writer = self.watcher = None
+        self.uploader = self.writer = self.watcher = self.budget = None
         if not rt.is_main:
             return
         if inputs.store is not None:
@@ -458,8 +459,10 @@ class Services:
                                   self.uploader.submit if self.uploader else None, run.lineage)
         self.watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s)
         if self.watcher is not None:  # on EC2: every metrics line also says what the instance costs
-            from .aws import InstanceCost
-            runlog.extra = InstanceCost(self.watcher, run.out / "metrics.jsonl")
+            from . import cost
+            runlog.extra = cost.InstanceCost(self.watcher, run.out / "metrics.jsonl")
+            if recipe.train.budget_usd is not None:
+                self.budget = cost.Budget(recipe.train.budget_usd, runlog.extra)
 
     def drain(self, deadline: float) -> list[str]:
         """Wait, until `deadline` (epoch seconds) at most, for the checkpoint on disk and then in S3; return what
@@ -493,9 +496,12 @@ class Services:
 
 def exit_status(summary: dict) -> int:
     """0 finished; 74 something did not reach disk or S3 in time (a restart retries it); 75 stopped with a
-    checkpoint (a restart continues); 3 finished and synced, but the export or push failed."""
+    checkpoint (a restart continues); 3 finished and synced, but the export or push failed; 4 stopped with a
+    checkpoint by train.budget_usd (not restarted)."""
     if summary.get("unfinished"):
         return EXIT_INCOMPLETE
+    if summary.get("over_budget"):
+        return EXIT_BUDGET
     if summary.get("stopped"):
         return EXIT_PREEMPTED
     if summary.get("export_error") or summary.get("push_error"):

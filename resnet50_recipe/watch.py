@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from . import checkpoint as ckpt
+from .cost import budget_text
 
 
 def read_run(source: str, endpoint_url: str | None = None) -> dict:
@@ -99,6 +100,8 @@ def snapshot(run: dict, now: float | None = None) -> dict:
         snap["cost_usd"] = costed[-1]["cost_usd"]
         snap["instance_type"] = next((r["instance_type"] for r in reversed(records + [summary or {}])
                                       if r.get("instance_type")), None)
+        snap["price_usd_per_h"] = costed[-1].get("price_usd_per_h")
+        snap["budget_usd"] = plan.get("budget_usd")
     if run["local"] and status == "running":
         snap["gpus"] = gpu_status()
     return snap
@@ -182,7 +185,9 @@ def render(snap: dict) -> str:
         lines.append("last checkpoint: none yet")
     if "cost_usd" in snap:
         on = f" on {snap['instance_type']}" if snap.get("instance_type") else ""
-        lines.append(f"cost so far ${snap['cost_usd']:.2f}{on}")
+        hours_left = snap["eta_s"] / 3600 if snap["eta_s"] is not None else None
+        lines.append(f"cost so far ${snap['cost_usd']:.2f}{on}" + budget_text(
+            snap["cost_usd"], snap.get("budget_usd"), snap.get("price_usd_per_h"), hours_left))
     return "\n".join(lines)
 
 

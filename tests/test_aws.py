@@ -19,7 +19,8 @@ from botocore.stub import Stubber
 from moto import mock_aws
 
 from conftest import tiny_overlay
-from resnet50_recipe import aws, load_recipe, train
+from resnet50_recipe import aws, load_recipe, ship, train
+from resnet50_recipe.cost import InstanceCost
 from resnet50_recipe.cli import main
 from resnet50_recipe.runlog import read_metrics
 from test_resume import MetadataStandIn
@@ -45,8 +46,12 @@ def register_ami(ec2) -> str:
                               BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 8}}])["ImageId"]
 
 
+# The release the instance installs from PyPI: tests that are not about the package skip building a wheel.
+RELEASE = "resnet50-recipe[aws]==0.1.0"
+
+
 def launch(cloud, name="r1", **kwargs):
-    kwargs = {"ami": cloud["ami"], "region": REGION, "out": lambda *a: None, **kwargs}
+    kwargs = {"ami": cloud["ami"], "region": REGION, "out": lambda *a: None, "package": RELEASE, **kwargs}
     return aws.launch("smoke", f"s3://{cloud['bucket']}/runs", name=name, **kwargs)
 
 
@@ -72,7 +77,8 @@ def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_ins
     assert listing["Condition"] == {"StringLike": {"s3:prefix": ["runs/r1", "runs/r1/*"]}}
     assert {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} \
         == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
-            "ec2:DescribeSpotPriceHistory"}
+            "ec2:DescribeSpotPriceHistory", "ec2:DescribeSpotInstanceRequests", "ec2:CancelSpotInstanceRequests",
+            "ec2:TerminateInstances"}
     profiles = iam.list_instance_profiles()["InstanceProfiles"]
     assert [(p["InstanceProfileName"], [r["RoleName"] for r in p["Roles"]]) for p in profiles] == \
         [("resnet50-recipe-r1", ["resnet50-recipe-r1"])]
@@ -203,7 +209,7 @@ def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_
     assert datetime.fromisoformat(status["checkpoint"]["time"]) > datetime.now(timezone.utc) - timedelta(minutes=5)
     last = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert status["last_epoch"]["top1"] == [r for r in last if r["kind"] == "epoch"][-1]["top1"]
-    assert status["epochs"] == 1 and status["finished"]
+    assert status["epochs"] == 1 and status["finished"] and not status["released"]
     assert status["cost_usd_upper_bound"] >= 0 and status["hours_since_launch"] < 0.1
     lines = []
     aws.print_status(status, out=lines.append)
@@ -215,9 +221,23 @@ def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_
     resolved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     resolved["train"]["epochs"] = 5
     s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/recipe.yaml", Body=yaml.safe_dump(resolved))
+    resolved["train"]["budget_usd"] = 2.5
+    s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/recipe.yaml", Body=yaml.safe_dump(resolved))
     status = aws.run_status("r1", REGION)
     epoch_time = [r for r in last if r["kind"] == "epoch"][-1]["epoch_time_s"]
     assert not status["finished"] and status["eta_hours"] == pytest.approx(4 * epoch_time / 3600)
+    lines = []
+    aws.print_status({**status, "cost_usd_recorded": 1.0, "price_usd_per_h": 0.25}, out=lines.append)
+    projected = 1.0 + 0.25 * status["eta_hours"]
+    assert f"  spent ~$1.00, ~${projected:.2f} projected at the end ($0.2500/h now); budget $2.50: $1.50 left" in lines
+
+    # Finished and released (what the end of the run does on EC2): nothing left billing.
+    s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps({"stopped": False}))
+    aws.stop("r1", REGION, out=lambda *a: None)
+    lines = []
+    aws.print_status(aws.run_status("r1", REGION), out=lines.append)
+    assert "  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)" \
+        in lines
 
 
 def test_cost_integrates_the_price_history_and_the_cheapest_az_comes_first():
@@ -247,11 +267,14 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
     out = capsys.readouterr().out
     listed = out.split("\n# <")[0].splitlines()  # the calls, before the long arguments printed after them
     calls = [line.split("(")[0] for line in listed if line[:1].isalpha()]
-    assert calls == ["ec2.describe_instance_types", "service-quotas.get_service_quota", "ec2.describe_instances",
+    assert calls == ["service-quotas.get_service_quota", "ec2.describe_instances", "ec2.describe_spot_price_history",
                      "ec2.describe_instances", "ssm.get_parameter", "ec2.describe_images", "iam.get_role",
                      "iam.create_role", "iam.put_role_policy", "iam.get_instance_profile",
                      "iam.create_instance_profile", "iam.add_role_to_instance_profile", "s3.put_object",
-                     "ec2.describe_spot_price_history", "ec2.run_instances"]
+                     "s3.upload_file", "ec2.run_instances"]
+    # This checkout is an editable install: the plan says so, and a wheel of it goes through the run's prefix.
+    assert "# package: resnet50-recipe 0.1.0 runs from a checkout (an editable install" in out
+    assert "PACKAGE=s3://my-bucket/runs/imagenet-100ep/launch/resnet50_recipe-0.1.0-py3-none-any.whl" in out
     assert aws.DLAMI_PARAMETER in out and '"InstanceInterruptionBehavior": "stop"' in out
     assert "DATA=s3://my-bucket/imagenet/" in out
 
@@ -269,7 +292,11 @@ def test_the_dry_run_in_the_readmes_is_what_the_command_prints(capsys, monkeypat
     timestamps = re.compile(r"\d{4}-\d\d-\d\d[ T][\d:.]+(\+00:00|Z)")
     root = Path(__file__).parent.parent
     for readme in (root / "README.md", root / "aws" / "README.md"):
-        shown = readme.read_text().split(f"$ {command} --dry-run\n", 1)[1].split("\n```", 1)[0]
+        before, rest = readme.read_text().split(f"$ {command} --dry-run\n", 1)
+        shown, after = rest.split("\n```", 1)
+        if os.environ.get("REGENERATE_README") == "1":  # REGENERATE_README=1 pytest -k readmes rewrites the blocks
+            readme.write_text(f"{before}$ {command} --dry-run\n{printed}\n```{after}")
+            shown = printed
         assert timestamps.sub("T", shown) == timestamps.sub("T", printed), readme
 
 
@@ -283,12 +310,14 @@ def test_without_boto3_the_aws_commands_say_how_to_install_it(monkeypatch, capsy
 
 def render(**settings):
     values = {"RUN": "in1k", "REMOTE": "s3://b/runs/in1k", "REGION": REGION, "PACKAGE": "resnet50-recipe[aws]==0.1",
-              "DATA": "s3://b/imagenet.tar", "VOLUME": "", "EPOCHS_NOTE": "100 epochs"}
+              "DATA": "s3://b/imagenet.tar", "VOLUME": "", "EPOCHS_NOTE": "100 epochs", "HUB_TOKEN_PARAMETER": "",
+              "KEEP_INSTANCE": ""}
     return aws.render_user_data({**values, **settings})
 
 
 @pytest.mark.parametrize("settings", [{}, {"DATA": "", "VOLUME": "yes", "PACKAGE": "s3://b/w/x-0.1-py3-none-any.whl"},
-                                      {"RUN": "a b'c", "DATA": "s3://b/dir with space/"}])
+                                      {"RUN": "a b'c", "DATA": "s3://b/dir with space/"},
+                                      {"HUB_TOKEN_PARAMETER": "/resnet50-recipe/r/hf-token", "KEEP_INSTANCE": "yes"}])
 def test_user_data_passes_bash_n_and_shellcheck(settings, tmp_path):
     script = tmp_path / "user-data.sh"
     script.write_text(render(**settings))
@@ -417,7 +446,7 @@ def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         watcher = SpotWatcher(StopControl(), f"http://127.0.0.1:{server.server_port}")
-        cost = aws.InstanceCost(watcher, tmp_path / "metrics.jsonl", refresh_s=0.0)
+        cost = InstanceCost(watcher, tmp_path / "metrics.jsonl", refresh_s=0.0)
         first = cost()  # the first price is read in the caller's thread: the first line has it
         assert first["price_usd_per_h"] == 0.00001 and cost.pricing is None
         cost()  # a refresh is due: it runs in a thread of its own while the caller goes on
@@ -426,3 +455,348 @@ def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path
         assert cost()["price_usd_per_h"] == 0.00001
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 15: the package, the budget, the ranking, releasing the instance, the Hub token
+
+
+def test_a_checkout_is_built_into_a_wheel_and_shipped_through_the_runs_prefix(cloud):
+    result = launch(cloud, package=None)
+    key = "runs/r1/launch/resnet50_recipe-0.1.0-py3-none-any.whl"
+    import io
+    import zipfile
+
+    wheel = zipfile.ZipFile(io.BytesIO(cloud["s3"].get_object(Bucket=cloud["bucket"], Key=key)["Body"].read()))
+    names = wheel.namelist()
+    assert "resnet50_recipe/aws_files/user-data.sh" in names and "resnet50_recipe/cost.py" in names
+    user_data = instance_user_data(cloud["ec2"], result["instance_id"])
+    assert f"PACKAGE=s3://{cloud['bucket']}/{key}\n" in user_data
+
+
+def instance_user_data(ec2, instance_id) -> str:
+    attribute = ec2.describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    return base64.b64decode(attribute["UserData"]["Value"]).decode()
+
+
+def test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel(tmp_path):
+    """The choice as an installed package makes it: from a --find-links index (no direct_url.json, as from PyPI)
+    and from a wheel file (pip records its path). Run in fresh interpreters outside the checkout."""
+    wheel = ship.build_wheel(ship._source(), tmp_path / "dist")
+    probe = "from resnet50_recipe import ship; p = ship.choose(None); print(p.spec, p.wheel, sep='|')"
+    for how, expected in (("index", f"{aws.ship.DIST}[aws]==0.1.0|None"), ("file", f"None|{wheel}")):
+        target = tmp_path / how
+        source = ["--no-index", "--find-links", str(wheel.parent), "resnet50-recipe"] if how == "index" \
+            else [str(wheel)]
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                        *source], check=True)
+        chosen = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH":
+                                str(target)}, capture_output=True, text=True, check=True)
+        assert chosen.stdout.strip() == expected, how
+
+
+def test_a_budget_below_the_estimate_refuses_with_the_estimate_and_the_cheaper_choices(cloud):
+    """imagenet-100ep on one T4 is ~87 h: its 300 GB disk alone costs ~$2.84 for as long (moto's spot price is
+    $0.00001/h). Four T4s, or the 8-GPU types, finish sooner: those are the cheaper choices the refusal names."""
+    with pytest.raises(aws.AwsError) as refused:
+        aws.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", data=f"s3://{cloud['bucket']}/imagenet/",
+                   instance_type="g4dn.2xlarge", budget_usd=2, ami=cloud["ami"], region=REGION, package=RELEASE,
+                   out=lambda *a: None)
+    message = str(refused.value)
+    assert message.startswith("--budget-usd 2: the estimate for imagenet-100ep passes it (g4dn.2xlarge ~$2.84: ")
+    assert "within the budget: p5.48xlarge ~$0.01, p4d.24xlarge ~$0.03, g4dn.12xlarge ~$0.71, g5.2xlarge ~$1.42" \
+        in message
+    assert live_instances(cloud["ec2"]) == [] and cloud["iam"].list_instance_profiles()["InstanceProfiles"] == []
+    # Within the budget, the budget goes into the run's recipe.
+    launch(cloud, budget_usd=5)
+    recipe = cloud["s3"].get_object(Bucket=cloud["bucket"], Key="runs/r1/launch/recipe.yaml")["Body"].read()
+    assert yaml.safe_load(recipe)["train"]["budget_usd"] == 5
+
+
+def test_auto_ranks_by_cost_to_finish_and_falls_back_to_the_next_type_without_capacity(cloud):
+    api = aws.Api(REGION)
+    lines = []
+    plan = aws.plan_launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", "r1", [], "auto",
+                           f"s3://{cloud['bucket']}/imagenet/", None, RELEASE, None, None, None, False, False)
+    priced = {t: aws.spot_prices(api, t) for t in aws.INSTANCE_TYPES if aws.INSTANCE_TYPES[t][0] in aws.THROUGHPUT_224}
+    expected = sorted((aws.cost_to_finish(plan, t, next(iter(p.values()))), t) for t, p in priced.items() if p)
+    first, second = expected[0][1], expected[1][1]
+    api.client("ec2").meta.events.register("before-call.ec2.RunInstances", lambda params, **kw: (
+        _raise_capacity() if params["body"]["InstanceType"] == first else None))  # no capacity in any AZ
+    result = aws.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", name="r1", data=plan.data,
+                        instance_type="auto", ami=cloud["ami"], package=RELEASE, api=api, out=lines.append)
+    assert result["instance_type"] == second
+    assert len(result["tried"]) == len(aws.spot_prices(api, first))  # every AZ of the first, then the second
+    ranking = next(line for line in lines if line.startswith("instance types by estimated cost to finish"))
+    assert ranking.split(": ", 1)[1].split(", ")[:2] == [f"{t} ~${c:.2f}" for c, t in expected[:2]]
+
+
+class ReleasingInstance(MetadataStandIn):
+    """IMDSv2 of the instance that ends its run: only its id is asked."""
+    instance_id = None
+
+    def do_GET(self):
+        if self.path == "/latest/meta-data/instance-id" and self.headers.get("X-aws-ec2-metadata-token") == self.token:
+            return self._send(200, type(self).instance_id)
+        return super().do_GET()
+
+
+def run_end_of_run(tmp_path, s3_endpoint, status: int, **settings) -> subprocess.CompletedProcess:
+    """The rendered user data's end-of-run path (`setup.sh --end STATUS`, what the unit's ExecStopPost runs) under
+    bash, with the real AWS CLI against the moto server; systemctl is a stand-in that records its arguments."""
+    if shutil.which("aws") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the AWS CLI is missing; .ci/run installs it from Debian")
+        pytest.skip("the AWS CLI is not installed (apt-get install awscli, or pip install awscli)")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.calls\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    script = tmp_path / "setup.sh"
+    script.write_text(render(**settings))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ReleasingInstance)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "AWS_ENDPOINT_URL": s3_endpoint,
+               "RESNET50_RECIPE_IMDS": f"http://127.0.0.1:{server.server_port}"}
+        return subprocess.run(["bash", str(script), "--end", str(status)], env=env, capture_output=True, text=True,
+                              timeout=120)
+    finally:
+        server.shutdown()
+
+
+def spot_run(cloud, name="r1"):
+    """A run's persistent spot request and its instance, tagged as EC2 tags them from run_instances' TagSpecifications
+    (moto starts no request for run_instances, so the test asks for one)."""
+    ec2 = cloud["ec2"]
+    tags = [{"Key": aws.TAG_RUN, "Value": name}]
+    request = ec2.request_spot_instances(
+        Type="persistent", InstanceInterruptionBehavior="stop",
+        LaunchSpecification={"ImageId": cloud["ami"], "InstanceType": "g4dn.xlarge"},
+        TagSpecifications=[{"ResourceType": "spot-instances-request", "Tags": tags}])["SpotInstanceRequests"][0]
+    request = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request["SpotInstanceRequestId"]])[
+        "SpotInstanceRequests"][0]
+    ec2.create_tags(Resources=[request["InstanceId"]], Tags=tags)
+    return request["SpotInstanceRequestId"], request["InstanceId"]
+
+
+@pytest.mark.parametrize("status", [0, 2])
+def test_the_end_of_run_path_cancels_its_request_and_terminates_its_instance(cloud, s3_endpoint, tmp_path, status):
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    remote = f"s3://{cloud['bucket']}/runs/r1"
+    if status == 0:  # a finished run's files are in S3; exit 2 puts the training log there itself
+        cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=b"{}")
+    ended = run_end_of_run(tmp_path, s3_endpoint, status, RUN="r1", REMOTE=remote)
+    assert ended.returncode == 0, ended.stderr
+    assert f"cancelled spot request(s) {request_id}, terminating {instance_id}" in ended.stdout
+    ec2 = cloud["ec2"]
+    requests = ec2.describe_spot_instance_requests()["SpotInstanceRequests"]
+    assert [r for r in requests if r["State"] != "cancelled"] == []
+    state = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
+    assert state in ("shutting-down", "terminated") and not (tmp_path / "systemctl.calls").exists()
+    if status == 2:
+        assert cloud["s3"].head_object(Bucket=cloud["bucket"], Key="runs/r1/logs/train-exit-2.log")
+
+
+def test_the_end_of_run_path_keeps_an_unsynced_run_or_a_kept_instance(cloud, s3_endpoint, tmp_path):
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    remote = f"s3://{cloud['bucket']}/runs/r1"
+    ended = run_end_of_run(tmp_path, s3_endpoint, 0, RUN="r1", REMOTE=remote)  # no summary.json in S3
+    assert ended.returncode == 0 and "is not in S3: powering off" in ended.stdout
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=b"{}")
+    ended = run_end_of_run(tmp_path, s3_endpoint, 0, RUN="r1", REMOTE=remote, KEEP_INSTANCE="yes")
+    assert "(--keep-instance)" in ended.stdout
+    assert (tmp_path / "systemctl.calls").read_text() == "poweroff\npoweroff\n"
+    assert run_end_of_run(tmp_path, s3_endpoint, 75, RUN="r1", REMOTE=remote).stdout == ""  # a stop: nothing to end
+    state = cloud["ec2"].describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]
+    assert state["Name"] == "running"
+
+
+class FakeCost:
+    """A cost source in place of InstanceCost: $0.10 more at every metrics line, at a known price."""
+    price = 0.5
+
+    def __init__(self, watcher, metrics_path):
+        self.cost = self.cost_at_start = 0.0
+
+    def __call__(self) -> dict:
+        self.cost += 0.10
+        return {"price_usd_per_h": self.price, "cost_usd": self.cost}
+
+
+def test_the_trainer_checkpoints_and_stops_before_an_epoch_would_pass_the_budget(tiny_data, tmp_path, monkeypatch):
+    from resnet50_recipe import cost
+    from resnet50_recipe.lifecycle import EXIT_BUDGET
+
+    monkeypatch.setattr(cost, "InstanceCost", FakeCost)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MetadataStandIn)  # "on EC2": no notice, the watcher runs
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{
+            "train.epochs": 6, "train.budget_usd": 1.0, "checkpoint.spot_notice": "on", "export.enabled": "false",
+            "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"}))
+        summary = train(recipe, tmp_path / "run", quiet=True)
+    finally:
+        server.shutdown()
+    assert summary["exit_status"] == EXIT_BUDGET and summary["over_budget"] and summary["stopped"]
+    assert summary["stop_reason"].startswith("train.budget_usd: $")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    spent, before = epochs[-1]["cost_usd"], (epochs[-2]["cost_usd"] if len(epochs) > 1 else 0.0)
+    assert 1 <= len(epochs) < 6 and spent <= 1.0 < spent + (spent - before)  # stopped right before passing it
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
+    assert manifest["epoch"] == len(epochs)  # a checkpoint at the epoch it stopped after: a resume continues there
+
+
+@pytest.fixture
+def enforced_iam(monkeypatch):
+    """moto's own IAM evaluation for every call after `enforce()`, with what moto leaves out for EC2 and SSM filled
+    in: the ARN of the resource a call acts on (moto checks "*" for both), and for EC2 that resource's tags as
+    aws:ResourceTag/* condition keys (moto evaluates StringEquals, but computes no keys besides sts:ExternalId)."""
+    from moto import settings
+    from moto.ec2.models import ec2_backends
+    from moto.iam.access_control import IAMPolicy, IAMRequest, PermissionResult
+
+    def acted_on(request) -> tuple[str, dict]:
+        account, region, data = request.account_id, request._region, request._data
+        for kind, key in (("instance", "InstanceId.1"), ("spot-instances-request", "SpotInstanceRequestId.1")):
+            if key in data:
+                rid = data[key][0] if isinstance(data[key], list) else data[key]
+                tags = ec2_backends[account][region].describe_tags(filters={"resource-id": [rid]})
+                return (f"arn:aws:ec2:{region}:{account}:{kind}/{rid}",
+                        {f"aws:ResourceTag/{t['key']}": t["value"] for t in tags})
+        if request._action.startswith("ssm:") and request._body:
+            name = json.loads(request._body).get("Name", "")
+            return f"arn:aws:ssm:{region}:{account}:parameter/{name.lstrip('/')}", {}
+        return "*", {}
+
+    def check_action_permitted(self, resource):
+        resource, values = acted_on(self)
+        results = [IAMPolicy(p).is_action_permitted(self._action, resource, None, values)
+                   for p in self._access_key.collect_policies()]
+        if PermissionResult.DENIED in results or PermissionResult.PERMITTED not in results:
+            self._raise_access_denied()
+
+    def enforce():
+        monkeypatch.setattr(IAMRequest, "check_action_permitted", check_action_permitted)
+        monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    return enforce
+
+
+def instance_clients(cloud, name="r1"):
+    """EC2 and SSM clients holding exactly the run role's policy (as a user's: moto has no instance roles)."""
+    iam = cloud["iam"]
+    policy = iam.get_role_policy(RoleName=f"resnet50-recipe-{name}", PolicyName="resnet50-recipe-run")["PolicyDocument"]
+    iam.create_user(UserName="instance")
+    iam.put_user_policy(UserName="instance", PolicyName="run", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="instance")["AccessKey"]
+    session = boto3.Session(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"],
+                            region_name=REGION)
+    return session.client("ec2"), session.client("ssm")
+
+
+def denied(call, **kwargs) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        call(**kwargs)
+    except ClientError as e:
+        # moto answers SSM's JSON protocol with an XML error, which botocore reads as code "403"
+        return aws.error_code(e) in ("AccessDenied", "UnauthorizedOperation") or \
+            e.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    return False
+
+
+def test_the_run_role_may_release_only_its_own_instance_and_request(cloud, enforced_iam):
+    launch(cloud)
+    own_request, own_instance = spot_run(cloud, "r1")
+    other_request, other_instance = spot_run(cloud, "r2")
+    ec2, _ = instance_clients(cloud)
+    enforced_iam()
+    assert denied(ec2.terminate_instances, InstanceIds=[other_instance])
+    assert denied(ec2.cancel_spot_instance_requests, SpotInstanceRequestIds=[other_request])
+    assert denied(ec2.run_instances, ImageId=cloud["ami"], InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1)
+    assert denied(ec2.stop_instances, InstanceIds=[own_instance])
+    found = ec2.describe_spot_instance_requests(Filters=[{"Name": f"tag:{aws.TAG_RUN}", "Values": ["r1"]}])
+    assert [r["SpotInstanceRequestId"] for r in found["SpotInstanceRequests"]] == [own_request]
+    ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[own_request])
+    ec2.terminate_instances(InstanceIds=[own_instance])
+    # With --keep-instance the role gets no release permission at all.
+    assert not [s for s in aws.policy_document("b", "runs/r1", [], run="r1", release=False)["Statement"]
+                if s["Sid"].startswith("Release")]
+
+
+def test_the_hub_token_goes_to_ssm_and_the_role_may_read_only_that_parameter(cloud, enforced_iam, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_own-token")
+    launch(cloud, push="me/resnet50-a3", private=True)
+    admin_ssm = boto3.client("ssm", region_name=REGION)
+    stored = admin_ssm.get_parameter(Name="/resnet50-recipe/r1/hf-token", WithDecryption=True)["Parameter"]
+    assert stored["Type"] == "SecureString" and stored["Value"] == "hf_own-token"
+    admin_ssm.put_parameter(Name="/resnet50-recipe/r2/hf-token", Type="SecureString", Value="hf_other")
+    recipe = yaml.safe_load(cloud["s3"].get_object(Bucket=cloud["bucket"], Key="runs/r1/launch/recipe.yaml")["Body"]
+                            .read())
+    assert recipe["export"]["repo_id"] == "me/resnet50-a3" and recipe["export"]["private"] is True
+    _, ssm = instance_clients(cloud)
+    enforced_iam()
+    read = ssm.get_parameter(Name="/resnet50-recipe/r1/hf-token", WithDecryption=True)["Parameter"]["Value"]
+    assert read == "hf_own-token"
+    assert denied(ssm.get_parameter, Name="/resnet50-recipe/r2/hf-token", WithDecryption=True)
+    assert denied(ssm.put_parameter, Name="/resnet50-recipe/r1/hf-token", Value="x", Type="String", Overwrite=True)
+    assert denied(ssm.get_parameters_by_path, Path="/resnet50-recipe/")
+
+
+def test_the_token_is_in_no_artefact_of_the_launch(cloud, monkeypatch, tmp_path, capsys, caplog):
+    """Every file the launch writes (the wheel build goes to a temporary folder, here under tmp_path), every S3
+    object, the instance's user data and tags, the role's policy, the dry run and the log: no token."""
+    import tempfile
+
+    token = "hf_TOKEN-that-must-not-leak-5f3a"
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = launch(cloud, package=None, push="me/resnet50-a3", out=print)
+    assert main(["aws", "launch", "smoke", "--bucket", f"s3://{cloud['bucket']}/runs", "--push", "me/x", "--dry-run",
+                 "--region", REGION]) == 0
+    seen = capsys.readouterr().out
+    assert aws.SECRET in seen  # the dry run shows where the token goes, not the token
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".whl" for p in files)
+    texts = [seen, caplog.text, instance_user_data(cloud["ec2"], result["instance_id"]),
+             json.dumps(cloud["ec2"].describe_instances()["Reservations"], default=str),
+             json.dumps(cloud["iam"].get_role_policy(RoleName="resnet50-recipe-r1", PolicyName="resnet50-recipe-run"))]
+    blobs = [p.read_bytes() for p in files]
+    for o in cloud["s3"].list_objects_v2(Bucket=cloud["bucket"])["Contents"]:
+        blobs.append(cloud["s3"].get_object(Bucket=cloud["bucket"], Key=o["Key"])["Body"].read())
+    assert len(blobs) >= 3 and all(token.encode() not in b for b in blobs + [t.encode() for t in texts])
+    # The wheel is a zip: its members are compressed, so look inside too.
+    import zipfile
+
+    for wheel in (p for p in files if p.suffix == ".whl"):
+        with zipfile.ZipFile(wheel) as z:
+            assert all(token.encode() not in z.read(n) for n in z.namelist())
+
+
+def test_follow_redraws_the_status_until_the_run_ends_then_says_where_the_weights_are(cloud):
+    import io
+
+    launch(cloud)
+    s3, drawn, said = cloud["s3"], io.StringIO(), []
+
+    def finish_the_run(seconds):  # what the instance does between two redraws
+        s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
+            {"stopped": False, "exit_status": 0, "pushed": "me/resnet50-a3"}))
+    status = aws.follow("r1", REGION, interval=30, out=said.append, stream=drawn, sleep=finish_the_run)
+    assert drawn.getvalue().count("run r1: instance") == 2 and status["finished"]
+    assert said == [f"weights: s3://{cloud['bucket']}/runs/r1/export/ (timm format; resnet50-recipe runs pull "
+                    f"s3://{cloud['bucket']}/runs/r1 DIR) and https://huggingface.co/me/resnet50-a3"]
+
+
+def test_the_plan_says_how_to_keep_the_global_batch_when_the_batch_does_not_fit_the_gpu(cloud):
+    lines = []
+    launch(cloud, instance_type="g4dn.2xlarge", overrides=["train.batch_size=512", "augment.train_size=224"],
+           out=lines.append)
+    assert "g4dn.2xlarge: train.batch_size=512 needs ~27 GiB at 224 px on a T4 (15 GiB, an estimate): " \
+           "--set train.batch_size=256 --set train.accum_steps=2 keeps the global batch" in lines
+    assert load_recipe("imagenet-100ep").train.batch_size == 128  # the shipped recipes fit: nothing said for them
+    assert aws.batch_advice(load_recipe("imagenet-100ep"), "T4") is None

@@ -162,7 +162,8 @@ def test_watch_a_running_run_in_s3_with_cost(smoke_run, s3_endpoint, bucket, tmp
 
     # The run as it stood at step 300 of 736, on an instance whose records carry cost (issue 7's fields).
     records = [r for r in read_metrics(smoke_run.dir / "metrics.jsonl") if r["global_step"] <= 300]
-    records[-1].update(cost_usd=0.4213, instance_type="g5.xlarge")
+    records[-1].update(cost_usd=0.4213, instance_type="g5.xlarge", price_usd_per_h=0.5)
+    records[0].update(budget_usd=1.5)  # train.budget_usd, as the start line records it
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -179,12 +180,15 @@ def test_watch_a_running_run_in_s3_with_cost(smoke_run, s3_endpoint, bucket, tmp
     assert "running" in text and f"epoch {step['epoch'] + 1}/16  step {step['step']}/46" in text
     assert f"loss {step['loss']:.4f}" in text and "ETA " in text and "GPU" not in text
     assert "last checkpoint ckpt-000000230.pt (epoch 5, step 230)" in text
-    assert "cost so far $0.42 on g5.xlarge" in text
+    assert "cost so far $0.42 on g5.xlarge, ~$" in text and "projected at the end ($0.5000/h now)" in text
+    assert "budget $1.50: $1.08 left" in text
     # The same run read locally gives the same view, and an ETA from the mean of the last epochs' times.
     snap = snapshot(read_run(str(run)))
     epochs = [r for r in records if r["kind"] == "epoch"][-3:]
     expected = (736 - step["global_step"]) * np.mean([r["epoch_time_s"] for r in epochs]) / 46
     assert snap["status"] == "running" and snap["eta_s"] == pytest.approx(expected)
+    projected = 0.4213 + 0.5 * expected / 3600  # spent, plus the price now for the hours the ETA gives
+    assert f"~${projected:.2f} projected at the end" in text
     assert main(["watch", str(tmp_path / "nothing"), "--once"]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 
