@@ -230,7 +230,7 @@ def default_session_hooks():
 
 
 def missing_key_is_403(parsed, http_response, **kwargs):
-    """AWS answers a HEAD of a missing key with 403 when the caller may not list the bucket without a prefix."""
+    """AWS answers a HEAD or GET of a missing key with 403 when the caller may not list the whole bucket."""
     if http_response.status_code == 404:
         parsed["Error"] = {"Code": "403", "Message": "Forbidden"}
         parsed["ResponseMetadata"]["HTTPStatusCode"] = 403
@@ -340,7 +340,8 @@ def test_head_of_a_missing_key_is_403_a_fresh_run_uploads_and_a_fresh_machine_re
     import logging
 
     caplog.set_level(logging.INFO, logger="resnet50_recipe")
-    default_session_hooks.register("after-call.s3.HeadObject", missing_key_is_403)
+    for operation in ("HeadObject", "GetObject"):
+        default_session_hooks.register(f"after-call.s3.{operation}", missing_key_is_403)
     args = tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "forbidden"),
                         **{"checkpoint.every_steps": 1, "train.steps_per_epoch": 3})
     first = train(load_recipe("smoke", args), tmp_path / "first", quiet=True)
@@ -401,7 +402,8 @@ def test_fetch_falls_back_past_a_listed_but_deleted_newest_object(default_sessio
     recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "gone"),
                                                **{"checkpoint.every_steps": 1, "train.steps_per_epoch": 3}))
     train(recipe, tmp_path / "run", quiet=True)
-    default_session_hooks.register("after-call.s3.HeadObject", missing_key_is_403)  # as on AWS, under the role
+    for operation in ("HeadObject", "GetObject"):  # as on AWS, under the run role
+        default_session_hooks.register(f"after-call.s3.{operation}", missing_key_is_403)
     store = S3Store(f"s3://{bucket}/runs/gone", s3_endpoint)
     pointer, _ = store.get_json("checkpoints/latest.json")
     store.delete(f"checkpoints/{pointer['file']}")
@@ -481,3 +483,26 @@ def test_runs_pull_refuses_keys_outside_the_destination(bucket, s3_endpoint, tmp
     assert "refused 5 object(s)" in capsys.readouterr().err
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["deep/dest/metrics.jsonl"]
+
+
+def test_a_fresh_machine_fetches_the_best_checkpoint_too(bucket, s3_endpoint, tmp_path):
+    from resnet50_recipe import checkpoint as ckpt
+    from resnet50_recipe.checkpoint import new_lineage
+    from resnet50_recipe.storage import Uploader
+
+    lineage = new_lineage()
+    run = tmp_path / "run"
+    first = local_checkpoint(run, 1, 700, lineage)
+    second = local_checkpoint(run, 2, 900, lineage)
+    manifest = ckpt.commit(run / "checkpoints", {k: second[k] for k in ("file", "step", "epoch", "sha256", "size")},
+                           {"file": first["file"], "top1": 0.9}, keep_last=1, lineage=lineage)
+    store = S3Store(f"s3://{bucket}/r", s3_endpoint)
+    uploader = Uploader(store, run, keep_last=1, lineage=lineage)
+    uploader.submit(manifest)
+    assert uploader.drain(60) and not uploader.failed
+    uploader.close()
+    fresh = tmp_path / "fresh" / "checkpoints"
+    assert fetch_latest(store, fresh, newer_than=-1, keep_last=1)
+    local = read_manifest(fresh)
+    assert local["step"] == 2 and local["best"]["file"] == first["file"]
+    assert ckpt.verify(fresh / first["file"], first["checkpoints"][0]) is None  # the best, fetched and checked
