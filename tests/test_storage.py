@@ -64,8 +64,8 @@ def test_fresh_machine_resume_from_s3_is_bitwise_identical(data, bucket, s3_endp
         "failed_uploads"] == []
 
 
-def test_server_down_mid_upload_training_goes_on_and_the_pointer_stays_valid(tiny_data, s3_endpoint, tmp_path,
-                                                                           caplog):  # s3_endpoint: credentials
+def test_server_down_mid_upload_training_goes_on_and_the_pointer_stays_valid(tiny_data, s3_endpoint,
+                                                                           tmp_path):  # s3_endpoint: credentials
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -91,12 +91,13 @@ def test_server_down_mid_upload_training_goes_on_and_the_pointer_stays_valid(tin
                 pass  # server down, or nothing uploaded yet
             time.sleep(0.05)
 
-    restarted = []
+    restarted, stopped = [], []
 
     def outage():
         while not seen:
             time.sleep(0.05)
         server.stop()  # in the middle of the run's uploads
+        stopped.append(time.monotonic())
         time.sleep(2)
         restarted.append(ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False))
         restarted[0].start()  # moto keeps its in-memory state across the restart, as a real store keeps its disk
@@ -108,8 +109,11 @@ def test_server_down_mid_upload_training_goes_on_and_the_pointer_stays_valid(tin
         "checkpoint.remote": "s3://flaky-bucket/r", "checkpoint.endpoint_url": endpoint, "train.epochs": 10,
         "train.steps_per_epoch": 4, "train.batch_size": 2, "checkpoint.every_steps": 1}))
     summary = train(recipe, tmp_path / "run", quiet=True)
+    finished = time.monotonic()
     done.set()
-    assert "upload to s3://flaky-bucket/r failed" in caplog.text  # the outage hit while the run was uploading
+    # The outage hit while the run was uploading. Whether an upload failed, or boto3's own retries carried it,
+    # depends on botocore's backoff: 5 attempts span about 1.4 s in botocore 1.44, up to 20 s in 1.36.
+    assert stopped and stopped[0] < finished
     assert not summary["stopped"] and summary["global_step"] == 40  # training went on through the outage
     assert violations == [] and len(set(seen)) > 1
     pointer = json.loads(client.get_object(Bucket="flaky-bucket", Key="r/checkpoints/latest.json")["Body"].read())
