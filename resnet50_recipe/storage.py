@@ -112,6 +112,7 @@ class S3Store:
         self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
         self.transfer = TransferConfig(multipart_threshold=_CHUNK, multipart_chunksize=_CHUNK, max_concurrency=4)
         # `when_required` is for stores that reject checksums they were not asked for: send none then.
+        self.checksum = checksum
         self.crc64 = checksum == "when_supported" and has_crc64()
         self.created = datetime.datetime.now(datetime.timezone.utc)
 
@@ -135,7 +136,7 @@ class S3Store:
     def exists(self, name: str) -> bool:
         """Asked by listing, which a prefix-scoped s3:ListBucket allows: AWS answers a HEAD of a missing key
         with 403, not 404, when the caller may not list the bucket without a prefix (aws/README.md)."""
-        key = self.key(name)
+        key = self.key(name)  # one key is enough: a key sorts before every other key it is a prefix of
         page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
         return any(item["Key"] == key for item in page.get("Contents", []))
 
@@ -248,8 +249,8 @@ class S3Store:
                 self.crc64 = False
         if not self.crc64:
             why = ("awscrt is not installed (pip install 'resnet50-recipe[aws]')" if not has_crc64() else
-                   "checkpoint.checksum is when_required" if self.client.meta.config.request_checksum_calculation
-                   == "when_required" else "the store keeps no CRC64NVME checksums")
+                   "checkpoint.checksum is when_required" if self.checksum == "when_required" else
+                   "the store keeps no CRC64NVME checksums")
             log.info("%s: uploads are verified by reading them back (sha256): %s", self.remote, why)
             self.client.put_object(Bucket=self.bucket, Key=probe, Body=body)
         self.client.delete_object(Bucket=self.bucket, Key=probe)
