@@ -510,3 +510,27 @@ def test_a_fresh_machine_fetches_the_best_checkpoint_too(bucket, s3_endpoint, tm
     local = read_manifest(fresh)
     assert local["step"] == 2 and local["best"]["file"] == first["file"]
     assert ckpt.verify(fresh / first["file"], first["checkpoints"][0]) is None  # the best, fetched and checked
+
+
+def test_retention_deletes_only_the_lineages_own_files_after_the_pointer_moved(bucket, s3_endpoint, tmp_path):
+    from resnet50_recipe.checkpoint import new_lineage
+    from resnet50_recipe.storage import Uploader
+
+    lineage = new_lineage()
+    store = S3Store(f"s3://{bucket}/r", s3_endpoint)
+    uploader = Uploader(store, tmp_path, keep_last=1, lineage=lineage)
+    uploader.submit(local_checkpoint(tmp_path, 1, 300, lineage))
+    assert uploader.drain(60)
+    # Another writer's file, listed in the pointer (as a race could leave it): never ours to delete.
+    pointer, etag = store.get_json("checkpoints/latest.json")
+    store.client.put_object(Bucket=bucket, Key="r/checkpoints/ckpt-000000000.pt", Body=b"theirs")
+    pointer["checkpoints"].insert(0, {"file": "ckpt-000000000.pt", "step": 0, "epoch": 0, "sha256": "0" * 64,
+                                      "size": 6, "run_id": "someone-else"})
+    uploader._etag = store.put_json("checkpoints/latest.json", pointer, etag)  # as if this uploader wrote it
+    uploader.submit(local_checkpoint(tmp_path, 2, 300, lineage))
+    assert uploader.drain(60) and not uploader.failed
+    uploader.close()
+    names = set(store.list("checkpoints/"))
+    assert "checkpoints/ckpt-000000000.pt" in names  # kept: not this lineage's
+    assert "checkpoints/ckpt-000000001.pt" not in names and "checkpoints/ckpt-000000001.pt.json" not in names
+    assert {"checkpoints/ckpt-000000002.pt", "checkpoints/ckpt-000000002.pt.json"} <= names
