@@ -1,6 +1,7 @@
 """Against the 120 s spot notice: how long a full ResNet-50 checkpoint takes to reach S3, and how long from a
 stop request to "checkpoint uploaded". The store is moto's S3 server on 127.0.0.1 (no network), so this
-measures our pipeline (snapshot, local write, hash, multipart upload, ETag check, conditional pointer put),
+measures our pipeline (snapshot, local write, hash, multipart upload with a CRC64NVME, checksum check against
+the CRC computed in the sha256 pass, sidecar, conditional pointer put),
 not a real link; on EC2 add the size divided by the instance's bandwidth to S3.
 
     python benchmarks/s3_upload.py [--trials 3]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .recipe import RecipeError, shipped_recipes
-from .storage import RemoteError
+from .spot import EXIT_PREEMPTED
+from .storage import RemoteError, RemoteUnavailable, is_transient
 
 # Shortcut flags named as in the guide; each is a `--set` in disguise and shows in the resolved recipe.
 SHORTCUTS = {"data": "data.path", "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
@@ -244,8 +245,11 @@ def cmd_runs(args) -> int:
         if not runs:
             print(f"no runs under {args.remote}")
         return 0
-    fetched = pull_run(store, Path(args.out))
+    fetched, refused = pull_run(store, Path(args.out))
     print(f"fetched {len(fetched)} files from {args.remote} into {args.out}")
+    if refused:  # named in the warnings above; nothing was written for them
+        print(f"refused {len(refused)} object(s) whose keys would land outside {args.out}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -649,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
                "explain": cmd_explain, "report": cmd_report}[args.command]
     try:
         return handler(args)
+    except RemoteUnavailable as e:  # the store kept failing at start-up with errors that pass: a restart retries
+        print(f"resnet50-recipe: error: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (RecipeError, RemoteError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
             PermissionError, UnicodeDecodeError, ValueError) as e:
         # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
@@ -659,6 +666,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if not is_transient(e):  # a bug: keep the traceback
+            raise
+        print(f"resnet50-recipe: error: the store failed at start-up ({e}); a restart tries again", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def check_inputs(recipe: Recipe, rt: Runtime, control: StopControl) -> Inputs:
         check_stop(control, "checking the remote")
         store = S3Store(cc.remote, cc.endpoint_url, cc.checksum)
         if rt.is_main:
-            store.preflight()  # a wrong bucket or a missing permission fails here, before any work
+            store.preflight(cc.startup_retry_s)  # a wrong bucket or a missing permission fails here, before any work
     return Inputs(data_dir, classes, train_set, val_set, num_batches, num_batches // tc.accum_steps,
                   samples_per_batch, samples_per_batch * tc.accum_steps, store)
 
@@ -305,7 +305,7 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
         current = ckpt.lineage_of(manifest)
         if store is not None:
             check_stop(control, "fetching from the remote")
-            remote, _ = store.manifest()
+            remote, _ = store.manifest(rebuild=True)  # a lost latest.json: from the sidecars
             theirs = ckpt.lineage_of(remote)
             if theirs is not None and (current is None or (theirs["run_id"] != current["run_id"]
                                                            and theirs["started"] > current["started"])):

@@ -168,6 +168,8 @@ class CheckpointConfig:
     remote: Optional[str] = None
     endpoint_url: Optional[str] = None
     checksum: Literal["when_supported", "when_required"] = "when_supported"
+    # How long a start retries a store failing with errors that pass (network, 5xx, throttling) before exit 75.
+    startup_retry_s: float = field(default=300.0, metadata=_range(0))
     upload_timeout_s: float = field(default=600.0, metadata=_range(0, lo_open=True))
     stop_timeout_s: float = field(default=100.0, metadata=_range(0, lo_open=True))
     spot_notice: Literal["auto", "on", "off"] = "auto"
