@@ -510,6 +510,42 @@ def upload_launch_files(api: Api, plan: Plan) -> str:
     return f"s3://{plan.bucket}/{plan.wheel_key}"
 
 
+UPLOAD_RULE_ID = "resnet50-recipe-abort-incomplete-uploads"
+
+
+def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
+    """Step 6b: parts of a multipart upload cut off by a preemption are billed until aborted. The run aborts its
+    own at start; the bucket's AbortIncompleteMultipartUpload rule catches what a run never restarted leaves.
+    Without one over the run's prefix the launch says so, and with `set_rule` adds one to the bucket's rules
+    (a put replaces the whole configuration, so the existing rules are kept in it)."""
+    from botocore.exceptions import ClientError
+
+    rules = []
+    try:
+        rules = (api("s3", "get_bucket_lifecycle_configuration", Bucket=plan.bucket) or {}).get("Rules", [])
+    except ClientError as e:
+        if error_code(e) != "NoSuchLifecycleConfiguration":
+            say(f"could not read the lifecycle rules of s3://{plan.bucket} ({error_code(e)}); see aws/README.md for "
+                "the AbortIncompleteMultipartUpload rule")
+            return
+    key = f"{plan.prefix}/"
+    for rule in rules:
+        where = rule.get("Filter", {})
+        prefix = where.get("Prefix", where.get("And", {}).get("Prefix", rule.get("Prefix", "")))
+        if rule.get("Status") == "Enabled" and "AbortIncompleteMultipartUpload" in rule and key.startswith(prefix):
+            return
+    if not set_rule:
+        say(f"s3://{plan.bucket} has no AbortIncompleteMultipartUpload lifecycle rule over {key}: parts of an upload "
+            "cut off by a preemption are billed until aborted; --abort-incomplete-uploads adds one over the runs' "
+            "prefix (1 day)")
+        return
+    root = plan.prefix.rpartition("/")[0]  # where every run of this --bucket lives
+    rule = {"ID": UPLOAD_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": f"{root}/" if root else ""},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
+    api("s3", "put_bucket_lifecycle_configuration", Bucket=plan.bucket,
+        LifecycleConfiguration={"Rules": [r for r in rules if r.get("ID") != UPLOAD_RULE_ID] + [rule]})
+
+
 def instance_params(plan: Plan, api: Api, image_id: str, root_device: str, profile: str, package: str) -> dict:
     """Step 7: run_instances' arguments, but the type and AZ: a persistent spot request that stops on an
     interruption, IMDSv2, the rendered user data, and tags on the instance, its request and its volumes."""
@@ -572,13 +608,14 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
            subnet: str | None = None, key_name: str | None = None, security_groups: list[str] = (),
            data: str | None = None, volume: str | None = None, ami: str | None = None,
            package: str | None = None, disk_gb: int | None = None, budget_usd: float | None = None,
-           push: str | None = None, private: bool = False, keep_instance: bool = False, dry_run: bool = False,
-           api: Api | None = None, out=print) -> dict:
+           push: str | None = None, private: bool = False, keep_instance: bool = False,
+           abort_incomplete_uploads: bool = False, dry_run: bool = False, api: Api | None = None, out=print) -> dict:
     """Launch a persistent spot instance that trains `recipe_source` and mirrors the run to `bucket`/NAME.
 
     Steps: (1) plan: validate the recipe, the name, the data, the package (2) rank the instance types against
     the spot quota and the budget (3) find the AMI, refuse a run that has a live instance (4) store the Hub token
-    (--push) (5) the run's IAM role and profile (6) upload the recipe and the wheel (7) run_instances' arguments
+    (--push) (5) the run's IAM role and profile (6) upload the recipe and the wheel, and offer (or set) the
+    bucket's rule for cut-off multipart uploads (7) run_instances' arguments
     (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity. Returns
     what was launched. With `dry_run`, prints each call instead of making it.
     """
@@ -599,7 +636,9 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     profile, created = ensure_instance_profile(api, plan.name, policy_document(
         plan.bucket, plan.prefix, plan.reads, region=api.region, run=plan.name, token=plan.token_parameter,
         release=not plan.keep_instance))
-    params = instance_params(plan, api, image_id, root_device, profile, upload_launch_files(api, plan))
+    package = upload_launch_files(api, plan)
+    offer_upload_rule(api, plan, abort_incomplete_uploads, say)
+    params = instance_params(plan, api, image_id, root_device, profile, package)
     for key, value in (("KeyName", key_name), ("SecurityGroupIds", list(security_groups)), ("SubnetId", subnet)):
         if value:
             params[key] = value

@@ -485,6 +485,8 @@ def add_aws(sub) -> None:
     q.add_argument("--private", action="store_true", help="with --push: a private repository")
     q.add_argument("--keep-instance", action="store_true", help="at the end power the instance off instead of "
                    "cancelling its spot request and terminating it (it then bills its disk until aws stop)")
+    q.add_argument("--abort-incomplete-uploads", action="store_true", help="add a lifecycle rule to the bucket "
+                   "that aborts multipart uploads unfinished after a day under the runs' prefix (offered when missing)")
     place = q.add_mutually_exclusive_group()
     place.add_argument("--az", default="auto", help="availability zone; auto (default): the cheapest with capacity")
     place.add_argument("--subnet", help="launch into this subnet (its AZ) instead")
@@ -538,7 +540,8 @@ def cmd_aws(args) -> int:
                                   key_name=args.key_name, security_groups=args.security_groups, data=args.data,
                                   volume=args.volume, ami=args.ami, package=args.package, disk_gb=args.disk_gb,
                                   budget_usd=args.budget_usd, push=args.push, private=args.private,
-                                  keep_instance=args.keep_instance, dry_run=args.dry_run)
+                                  keep_instance=args.keep_instance,
+                                  abort_incomplete_uploads=args.abort_incomplete_uploads, dry_run=args.dry_run)
             if args.follow and not args.dry_run:
                 aws.follow(args.name or launched["run"], args.region, args.interval)
         elif args.aws_command == "status" and args.follow:

@@ -99,6 +99,30 @@ def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_ins
     assert b"name: smoke" in recipe
 
 
+def test_launch_offers_then_sets_the_rule_for_cut_off_multipart_uploads_keeping_the_buckets_rules(cloud, tmp_path):
+    s3, name = cloud["s3"], cloud["bucket"]
+    wheel = tmp_path / "resnet50_recipe-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK wheel bytes")
+    said = []
+    launch(cloud, package=str(wheel), out=said.append)
+    assert any("no AbortIncompleteMultipartUpload lifecycle rule over runs/r1/" in line and
+               "--abort-incomplete-uploads" in line for line in said), said
+    with pytest.raises(s3.exceptions.ClientError):  # offered, not set
+        s3.get_bucket_lifecycle_configuration(Bucket=name)
+    logs = {"ID": "expire-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 30}}
+    s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": [logs]})
+    said.clear()
+    launch(cloud, name="r2", package=str(wheel), abort_incomplete_uploads=True, out=said.append)
+    rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=name)["Rules"]}
+    assert rules["expire-logs"]["Expiration"]["Days"] == 30  # the bucket's own rule is kept
+    added = rules[aws.UPLOAD_RULE_ID]
+    assert added["Filter"]["Prefix"] == "runs/" and added["AbortIncompleteMultipartUpload"] == {
+        "DaysAfterInitiation": 1}  # every run under --bucket s3://BUCKET/runs
+    assert not any("AbortIncompleteMultipartUpload" in line for line in said)
+    launch(cloud, name="r3", package=str(wheel), out=said.append)  # covered now: nothing to offer
+    assert not any("AbortIncompleteMultipartUpload" in line for line in said), said
+
+
 def test_the_spot_options_are_what_run_instances_is_given(cloud, tmp_path):
     """moto keeps the lifecycle but not the spot options themselves: read them off the request that was sent."""
     sent = []
