@@ -73,11 +73,14 @@ def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_ins
     assert objects == [{"Sid": "RunPrefixObjects", "Effect": "Allow",
                         "Resource": f"arn:aws:s3:::{cloud['bucket']}/runs/r1/*",
                         "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]}]
+    # Listing unfinished uploads (to abort the run's own at start) has no s3:prefix condition in AWS: the bucket.
+    uploads = next(s for s in policy["Statement"] if s["Action"] == "s3:ListBucketMultipartUploads")
+    assert uploads["Resource"] == f"arn:aws:s3:::{cloud['bucket']}" and "Condition" not in uploads
     listing = next(s for s in policy["Statement"] if s["Action"] == "s3:ListBucket")
     assert listing["Condition"] == {"StringLike": {"s3:prefix": ["runs/r1", "runs/r1/*"]}}
     assert {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} \
         == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
-            "ec2:DescribeSpotPriceHistory", "ec2:DescribeSpotInstanceRequests", "ec2:CancelSpotInstanceRequests",
+            "s3:ListBucketMultipartUploads", "ec2:DescribeSpotPriceHistory", "ec2:DescribeSpotInstanceRequests", "ec2:CancelSpotInstanceRequests",
             "ec2:TerminateInstances"}
     profiles = iam.list_instance_profiles()["InstanceProfiles"]
     assert [(p["InstanceProfileName"], [r["RoleName"] for r in p["Roles"]]) for p in profiles] == \
@@ -295,7 +298,8 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
                      "ec2.describe_instances", "ssm.get_parameter", "ec2.describe_images", "iam.get_role",
                      "iam.create_role", "iam.put_role_policy", "iam.get_instance_profile",
                      "iam.create_instance_profile", "iam.add_role_to_instance_profile", "s3.put_object",
-                     "s3.upload_file", "ec2.run_instances"]
+                     "s3.upload_file", "s3.get_bucket_lifecycle_configuration", "ec2.run_instances"]
+    assert "# s3://my-bucket has no AbortIncompleteMultipartUpload lifecycle rule over runs/imagenet-100ep/" in out
     # This checkout is an editable install: the plan says so, and a wheel of it goes through the run's prefix.
     assert "# package: resnet50-recipe 0.1.0 runs from a checkout (an editable install" in out
     assert "PACKAGE=s3://my-bucket/runs/imagenet-100ep/launch/resnet50_recipe-0.1.0-py3-none-any.whl" in out
