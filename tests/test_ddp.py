@@ -56,9 +56,11 @@ def assert_close(a, b):
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-5, rtol=1e-4), key
 
 
-def test_two_processes_match_one_with_the_same_global_batch(data, tmp_path):
-    one = run(args_for(data, tmp_path / "one", 1), 1)
-    two = run(args_for(data, tmp_path / "two", 2), 2)
+@pytest.mark.parametrize("repeats", [1, 3], ids=["plain", "aug-repeats-3"])
+def test_two_processes_match_one_with_the_same_global_batch(repeats, data, tmp_path):
+    # With repeated augmentation too: each (epoch, index, repeat) key gives the same pixels whichever rank has it.
+    one = run(args_for(data, tmp_path / "one", 1, **{"data.aug_repeats": repeats}), 1)
+    two = run(args_for(data, tmp_path / "two", 2, **{"data.aug_repeats": repeats}), 2)
     assert one.wait(timeout=300) == 0, one.stdout.read()
     assert two.wait(timeout=300) == 0, two.stdout.read()
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
