@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from resnet50_recipe import checkpoint as ckpt
 from resnet50_recipe import load_recipe
-from resnet50_recipe.engine import Progress, build_trainer, snapshot, train_one_epoch
-from resnet50_recipe.runtime import setup
+from resnet50_recipe.store.checkpoints import Writer, checkpoint_name, commit, save_atomic
+from resnet50_recipe.train.run import Progress
+from resnet50_recipe.train.runtime import setup
+from resnet50_recipe.train.state import snapshot
+from resnet50_recipe.train.step import build_trainer, train_one_epoch
 
 
 def main() -> None:
@@ -46,12 +48,12 @@ def main() -> None:
     for trial in range(args.trials):
         folder = root / f"sync-{trial}"
         start = time.perf_counter()
-        entry = ckpt.save_atomic(take(), folder / ckpt.checkpoint_name(trial))
-        ckpt.commit(folder, entry, None, keep_last=1)
+        entry = save_atomic(take(), folder / checkpoint_name(trial))
+        commit(folder, entry, None, keep_last=1)
         sync_stall.append(time.perf_counter() - start)
         size = entry["size"]
 
-        writer = ckpt.Writer(root / f"bg-{trial}", keep_last=1)
+        writer = Writer(root / f"bg-{trial}", keep_last=1)
         start = time.perf_counter()
         writer.submit(take())
         bg_stall.append(time.perf_counter() - start)

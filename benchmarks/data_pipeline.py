@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from resnet50_recipe.bench_data import measure
-from resnet50_recipe.images import resize
+from resnet50_recipe.data.bench import measure
+from resnet50_recipe.data.images import resize
 from resnet50_recipe.recipe import load_recipe
 
 CROP_ONLY = ["augment.auto_augment=null", "augment.color_jitter=null"]

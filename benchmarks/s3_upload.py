@@ -23,11 +23,14 @@ import boto3
 import torch
 from moto.server import ThreadedMotoServer
 
-from resnet50_recipe import checkpoint as ckpt
 from resnet50_recipe import load_recipe
-from resnet50_recipe.engine import Progress, build_trainer, snapshot, train_one_epoch
-from resnet50_recipe.runtime import setup
-from resnet50_recipe.storage import S3Store, Uploader
+from resnet50_recipe.store.checkpoints import Writer
+from resnet50_recipe.store.s3 import S3Store
+from resnet50_recipe.store.uploader import Uploader
+from resnet50_recipe.train.run import Progress
+from resnet50_recipe.train.runtime import setup
+from resnet50_recipe.train.state import snapshot
+from resnet50_recipe.train.step import build_trainer, train_one_epoch
 
 
 def main() -> None:
@@ -56,7 +59,7 @@ def main() -> None:
         run = Path(tempfile.mkdtemp(prefix="s3-bench-"))
         store = S3Store(f"s3://bench/run-{trial}", endpoint)
         uploader = Uploader(store, run, keep_last=2)
-        writer = ckpt.Writer(run / "checkpoints", keep_last=2, on_commit=uploader.submit)
+        writer = Writer(run / "checkpoints", keep_last=2, on_commit=uploader.submit)
         t.global_step = trial + 1
         stop_requested = time.perf_counter()  # as the loop does on a stop: snapshot, write, upload, wait
         writer.submit(snapshot(t, 0, 0, Progress(), [str(i) for i in range(1000)]))

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from data_pipeline import photo_like
 
-from resnet50_recipe.data import usable_cores
-from resnet50_recipe.images import verify, write_images
-from resnet50_recipe.prepare import folder_jobs
-from resnet50_recipe.sources import archive_items, imagenet_wnids
+from resnet50_recipe.data.images import verify, write_images
+from resnet50_recipe.data.pipeline import usable_cores
+from resnet50_recipe.data.prepare import folder_jobs
+from resnet50_recipe.data.sources import archive_items, imagenet_wnids
 
 
 def write_archive(path: Path, images: int, size: tuple[int, int], classes: int = 10) -> float:

@@ -3,11 +3,14 @@
     from resnet50_recipe import load_recipe, train
     summary = train(load_recipe("smoke"), output="runs/smoke")
 """
-__version__ = "0.1.0"
 
-from .recipe import Recipe, RecipeError, load_recipe, to_yaml  # noqa: E402
-from .engine import evaluate_checkpoint, train  # noqa: E402
-from .hub import export, push  # noqa: E402
+from resnet50_recipe.errors import UserError
+from resnet50_recipe.inspect.evaluate import evaluate_checkpoint
+from resnet50_recipe.publish.export import export
+from resnet50_recipe.publish.push import push
+from resnet50_recipe.recipe import Recipe, RecipeError, load_recipe, to_yaml
+from resnet50_recipe.train.run import train
+from resnet50_recipe.version import __version__
 
-__all__ = ["Recipe", "RecipeError", "load_recipe", "to_yaml", "train", "evaluate_checkpoint", "export", "push",
-           "__version__"]
+__all__ = ["Recipe", "RecipeError", "UserError", "load_recipe", "to_yaml", "train", "evaluate_checkpoint", "export",
+           "push", "__version__"]

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from resnet50_recipe.cli import main
 
 sys.exit(main())

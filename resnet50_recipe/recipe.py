@@ -5,6 +5,7 @@ resolves `extends:` overlays, applies `--set section.key=value` overrides, and v
 and range before any work starts, so a typo fails in a second instead of after an hour of training.
 Defaults live here and nowhere else.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,16 +21,25 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from resnet50_recipe.errors import RecipeError
+
+__all__ = ["RecipeError", "IMAGENET_MEAN", "IMAGENET_STD",
+           "ModelConfig", "SyntheticConfig", "DataConfig", "ProgressiveConfig",
+           "AugmentConfig", "MixupConfig", "LossConfig", "OptimConfig", "SchedConfig", "EmaConfig", "TrainConfig",
+           "CheckpointConfig", "LogConfig", "ExportConfig", "Recipe", "parse_scalar", "shipped_recipes",
+           "resolve_recipe_path", "load_recipe", "to_dict", "to_yaml", "scaled_lr", "RESUME_SAFE", "recipe_diff",
+           "check_names"]
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN, repeated to keep timm out of recipe loading
+
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run: unknown key, wrong type, value out of range, missing file."""
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
     return {"range": (lo, hi, lo_open, hi_open)}
+
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class ModelConfig:
     aa_layer: Optional[Literal["blurpool"]] = None
 
 
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     classes: int = field(default=10, metadata=_range(2, 1000))
@@ -49,6 +60,7 @@ class SyntheticConfig:
     val_per_class: int = field(default=50, metadata=_range(1))
     size: int = field(default=64, metadata=_range(16, 1024))
     seed: int = 0
+
 
 
 @dataclass(frozen=True)
@@ -61,12 +73,14 @@ class DataConfig:
     pin_memory: bool = True
 
 
+
 @dataclass(frozen=True)
 class ProgressiveConfig:
     min_size: int = field(default=160, metadata=_range(16, 4096))
     start_epoch: int = field(default=0, metadata=_range(0))
     end_epoch: int = field(default=1, metadata=_range(0))
     multiple: int = field(default=32, metadata=_range(1, 512))
+
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ class AugmentConfig:
     draft_decode: bool = True
 
 
+
 @dataclass(frozen=True)
 class MixupConfig:
     mixup_alpha: float = field(default=0.0, metadata=_range(0))
@@ -99,11 +114,13 @@ class MixupConfig:
     mode: Literal["batch", "pair", "elem"] = "batch"
 
 
+
 @dataclass(frozen=True)
 class LossConfig:
     kind: Literal["ce", "bce"] = "ce"
     label_smoothing: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
     bce_target_thresh: Optional[float] = field(default=None, metadata=_range(0, 1))
+
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,7 @@ class OptimConfig:
     fused: Literal["auto", "on", "off"] = "auto"
 
 
+
 @dataclass(frozen=True)
 class SchedConfig:
     kind: Literal["cosine", "step", "poly"] = "cosine"
@@ -132,12 +150,14 @@ class SchedConfig:
     cooldown_epochs: int = field(default=0, metadata=_range(0))
 
 
+
 @dataclass(frozen=True)
 class EmaConfig:
     enabled: bool = False
     decay: float = field(default=0.9998, metadata=_range(0, 1, hi_open=True))
     warmup: bool = False
     every: int = field(default=1, metadata=_range(1))
+
 
 
 @dataclass(frozen=True)
@@ -156,6 +176,7 @@ class TrainConfig:
     sync_bn: bool = False
     stop_sync_every: int = field(default=5, metadata=_range(1))
     budget_usd: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+
 
 
 @dataclass(frozen=True)
@@ -177,6 +198,7 @@ class CheckpointConfig:
     spot_poll_s: float = field(default=5.0, metadata=_range(0, lo_open=True))
 
 
+
 @dataclass(frozen=True)
 class LogConfig:
     every_steps: int = field(default=50, metadata=_range(1))
@@ -184,6 +206,7 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "resnet50-recipe"
     wandb_entity: Optional[str] = None
+
 
 
 @dataclass(frozen=True)
@@ -195,6 +218,7 @@ class ExportConfig:
     license: str = "apache-2.0"
     dataset: Optional[str] = None
     label_names: Optional[str] = None
+
 
 
 @dataclass(frozen=True)
@@ -215,6 +239,7 @@ class Recipe:
     export: ExportConfig = ExportConfig()
 
 
+
 # ---------------------------------------------------------------------------------------------------------
 # YAML
 
@@ -223,10 +248,10 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 scalars: `1e-4` is a float (YAML 1.1 wants `1.0e-4`, which nobody writes), and
     only true/false are booleans, so `spot_notice: off` stays the string it looks like."""
 
-
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
 
@@ -236,6 +261,7 @@ _Loader.add_implicit_resolver(
                r"|^[-+]?\.\d+(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."),
 )
+
 
 
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -249,8 +275,8 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
-
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
 
 
 def parse_scalar(text: str, where: str = "--set") -> Any:
@@ -262,6 +288,7 @@ def parse_scalar(text: str, where: str = "--set") -> Any:
     except (yaml.YAMLError, RecipeError) as e:
         raise RecipeError(f"{where}: {text!r} is not a valid YAML value ({str(e).splitlines()[0]}); quote a string "
                           "that holds YAML syntax, e.g. --set 'augment.auto_augment=\"rand-m9\"'") from None
+
 
 
 def _read_yaml(path: Path) -> dict:
@@ -286,6 +313,7 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+
 # ---------------------------------------------------------------------------------------------------------
 # Finding recipes
 
@@ -294,6 +322,7 @@ def shipped_recipes() -> dict[str, Path]:
     """Name -> path of every recipe that ships inside the package."""
     folder = importlib.resources.files("resnet50_recipe.recipes")
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
 
 
 def resolve_recipe_path(source: str | Path, relative_to: Path | None = None) -> Path:
@@ -313,6 +342,7 @@ def resolve_recipe_path(source: str | Path, relative_to: Path | None = None) -> 
     hint = _closest(name, shipped)
     raise RecipeError(f"recipe {str(source)!r} is neither a file nor a shipped recipe; shipped recipes: "
                       f"{', '.join(sorted(shipped))}" + (f" (did you mean {hint!r}?)" if hint else ""))
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,11 +374,13 @@ def load_recipe(source: str | Path | Mapping, overrides: Sequence[str] = ()) -> 
     return recipe
 
 
+
 def _load_file(path: Path, origins: dict[str, str], chain: tuple[Path, ...]) -> dict:
     path = path.resolve()
     if path in chain:
         raise RecipeError(f"{path}: `extends` makes a cycle: {' -> '.join(str(p) for p in chain + (path,))}")
     return _compose(_read_yaml(path), str(path), path.parent, origins, chain + (path,))
+
 
 
 def _compose(data: dict, where: str, folder: Path | None, origins: dict[str, str], chain) -> dict:
@@ -368,6 +400,7 @@ def _compose(data: dict, where: str, folder: Path | None, origins: dict[str, str
     return _merge(merged, data)
 
 
+
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
@@ -378,11 +411,13 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+
 def _record_origins(data: dict, prefix: str, where: str, origins: dict[str, str]) -> None:
     for key, value in data.items():
         origins[prefix + key] = where
         if isinstance(value, dict):
             _record_origins(value, f"{prefix}{key}.", where, origins)
+
 
 
 def _apply_override(data: dict, item: str, origins: dict[str, str]) -> None:
@@ -409,6 +444,7 @@ def _apply_override(data: dict, item: str, origins: dict[str, str]) -> None:
     origins[dotted.strip()] = "--set"
 
 
+
 def _dataclass_of(hint) -> type | None:
     for candidate in (hint, *typing.get_args(hint)):
         if dataclasses.is_dataclass(candidate):
@@ -416,9 +452,11 @@ def _dataclass_of(hint) -> type | None:
     return None
 
 
+
 def _closest(word: str, choices) -> str | None:
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return found[0] if found else None
+
 
 
 def _unknown_key_message(where: str, prefix: str, key: str, valid) -> str:
@@ -427,6 +465,7 @@ def _unknown_key_message(where: str, prefix: str, key: str, valid) -> str:
     suggestion = f"did you mean {(prefix + '.' if prefix else '') + hint!r}? " if hint else ""
     return (f"{where}: unknown key {full!r}; {suggestion}valid keys"
             f"{' in ' + prefix if prefix else ''}: {', '.join(sorted(valid))}")
+
 
 
 def _check_keys(cls, data: dict, prefix: str, where: str) -> None:
@@ -438,6 +477,7 @@ def _check_keys(cls, data: dict, prefix: str, where: str) -> None:
         sub = _dataclass_of(typing.get_type_hints(cls)[key])
         if sub is not None and isinstance(value, dict):
             _check_keys(sub, value, f"{prefix}{key}.", where)
+
 
 
 def _build(cls, data: Any, prefix: str, origins: dict[str, str]):
@@ -452,12 +492,14 @@ def _build(cls, data: Any, prefix: str, origins: dict[str, str]):
     return cls(**kwargs)
 
 
+
 def _where(key: str, origins: dict[str, str]) -> str:
     while key:
         if key in origins:
             return f"{origins[key]}: "
         key = key.rpartition(".")[0]
     return ""
+
 
 
 def _describe(hint) -> str:
@@ -473,6 +515,7 @@ def _describe(hint) -> str:
     if dataclasses.is_dataclass(hint):
         return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
 
 
 def _convert(value: Any, hint, f, key: str, origins: dict[str, str]):
@@ -509,6 +552,7 @@ def _convert(value: Any, hint, f, key: str, origins: dict[str, str]):
     return converted
 
 
+
 def _scalar(value: Any, hint, fail):
     # bool is an int subclass in Python; a YAML `1` for a flag or `true` for a count is a mistake.
     if hint is bool:
@@ -527,6 +571,7 @@ def _scalar(value: Any, hint, fail):
     return value
 
 
+
 def _range_text(f) -> str:
     if not f.metadata.get("range"):
         return ""
@@ -537,6 +582,7 @@ def _range_text(f) -> str:
     if hi is not None:
         parts.append(f"{'<' if hi_open else '<='} {hi}")
     return " " + " and ".join(parts)
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -553,9 +599,11 @@ def to_dict(recipe: Recipe) -> dict:
     return plain(dataclasses.asdict(recipe))
 
 
+
 def to_yaml(recipe: Recipe) -> str:
     """The resolved recipe; loading it back gives an equal Recipe."""
     return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=False)
+
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -573,6 +621,7 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
     return optim.lr_base * (math.sqrt(ratio) if rule == "sqrt" else ratio)
 
 
+
 # Keys that change where or how fast a run goes, not what it computes: they may differ on resume.
 # train.batch_size is per process: what must match is the global batch, checked on its own.
 # data.bad_images changes nothing unless an image is unreadable, and then only whether the run goes on;
@@ -580,6 +629,7 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "data.bad_images", "train.device",
                "train.compile", "train.channels_last", "train.deterministic", "train.stop_sync_every",
                "train.budget_usd", "train.batch_size", "optim.fused", "log.", "checkpoint.", "export.")
+
 
 
 def recipe_diff(old: Mapping, new: Mapping) -> list[str]:
@@ -598,6 +648,7 @@ def recipe_diff(old: Mapping, new: Mapping) -> list[str]:
             if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE) and key not in RESUME_SAFE]
 
 
+
 def check_names(recipe: Recipe) -> None:
     """Checks that need timm's registries: model, optimizer and auto-augment names, and cross-key rules."""
     import timm
@@ -609,7 +660,8 @@ def check_names(recipe: Recipe) -> None:
         raise RecipeError(f"model.name: unknown timm model {recipe.model.name!r}"
                           + (f"; did you mean {hint!r}?" if hint else "; see timm.list_models()"))
     if recipe.model.aa_layer is not None:
-        from .build import model_name
+        # lazy: the model check needs timm, which a recipe loaded for its text alone should not import
+        from resnet50_recipe.model import model_name
         model_name(recipe.model)
     optimizers = timm.optim.list_optimizers()
     if recipe.optim.opt.lower() not in optimizers:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from resnet50_recipe.synthetic import generate
+from resnet50_recipe.data.synthetic import generate
 
 
 def pytest_collection_modifyitems(config, items):

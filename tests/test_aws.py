@@ -3,8 +3,8 @@ moto server on 127.0.0.1 (which shares the in-process state). Never AWS."""
 import base64
 import json
 import os
-import socket
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -16,14 +16,19 @@ import boto3
 import pytest
 import yaml
 from botocore.stub import Stubber
-from moto import mock_aws
-
 from conftest import tiny_overlay
-from resnet50_recipe import aws, load_recipe, ship, train
-from resnet50_recipe.cost import InstanceCost
-from resnet50_recipe.cli import main
-from resnet50_recipe.runlog import read_metrics
+from moto import mock_aws
 from test_resume import MetadataStandIn
+
+from resnet50_recipe import ec2 as ec2_facts
+from resnet50_recipe import load_recipe, train
+from resnet50_recipe.cli import main
+from resnet50_recipe.cloud import api as cloud_api
+from resnet50_recipe.cloud import cost as estimates
+from resnet50_recipe.cloud import instances, ship
+from resnet50_recipe.cloud import launch as launcher
+from resnet50_recipe.train.budget import InstanceCost
+from resnet50_recipe.train.runlog import read_metrics
 
 REGION = "us-east-1"
 
@@ -52,7 +57,7 @@ RELEASE = "resnet50-recipe[aws]==0.1.0"
 
 def launch(cloud, name="r1", **kwargs):
     kwargs = {"ami": cloud["ami"], "region": REGION, "out": lambda *a: None, "package": RELEASE, **kwargs}
-    return aws.launch("smoke", f"s3://{cloud['bucket']}/runs", name=name, **kwargs)
+    return launcher.launch("smoke", f"s3://{cloud['bucket']}/runs", name=name, **kwargs)
 
 
 def live_instances(ec2):
@@ -80,8 +85,8 @@ def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_ins
     assert listing["Condition"] == {"StringLike": {"s3:prefix": ["runs/r1", "runs/r1/*"]}}
     assert {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} \
         == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
-            "s3:ListBucketMultipartUploads", "ec2:DescribeSpotPriceHistory", "ec2:DescribeSpotInstanceRequests", "ec2:CancelSpotInstanceRequests",
-            "ec2:TerminateInstances"}
+            "s3:ListBucketMultipartUploads", "ec2:DescribeSpotPriceHistory", "ec2:DescribeSpotInstanceRequests",
+            "ec2:CancelSpotInstanceRequests", "ec2:TerminateInstances"}
     profiles = iam.list_instance_profiles()["InstanceProfiles"]
     assert [(p["InstanceProfileName"], [r["RoleName"] for r in p["Roles"]]) for p in profiles] == \
         [("resnet50-recipe-r1", ["resnet50-recipe-r1"])]
@@ -93,8 +98,8 @@ def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_ins
     assert instance["MetadataOptions"]["HttpTokens"] == "required"
     assert instance["IamInstanceProfile"]["Arn"].endswith("/resnet50-recipe-r1")
     tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
-    assert tags[aws.TAG_RUN] == "r1" and tags[aws.TAG_REMOTE] == f"s3://{cloud['bucket']}/runs/r1"
-    cheapest = next(iter(aws.spot_prices(aws.Api(REGION), "g4dn.2xlarge")))
+    assert tags[launcher.TAG_RUN] == "r1" and tags[launcher.TAG_REMOTE] == f"s3://{cloud['bucket']}/runs/r1"
+    cheapest = next(iter(ec2_facts.spot_prices(cloud_api.Api(REGION), "g4dn.2xlarge")))
     assert instance["Placement"]["AvailabilityZone"] == cheapest
     # The quota could not be read (moto has no EC2 quotas): warned, and the launch went on.
     assert "could not read the spot vCPU quota L-3819A6DF" in caplog.text
@@ -118,7 +123,7 @@ def test_launch_offers_then_sets_the_rule_for_cut_off_multipart_uploads_keeping_
     launch(cloud, name="r2", package=str(wheel), abort_incomplete_uploads=True, out=said.append)
     rules = {r["ID"]: r for r in s3.get_bucket_lifecycle_configuration(Bucket=name)["Rules"]}
     assert rules["expire-logs"]["Expiration"]["Days"] == 30  # the bucket's own rule is kept
-    added = rules[aws.UPLOAD_RULE_ID]
+    added = rules[launcher.UPLOAD_RULE_ID]
     assert added["Filter"]["Prefix"] == "runs/" and added["AbortIncompleteMultipartUpload"] == {
         "DaysAfterInitiation": 1}  # every run under --bucket s3://BUCKET/runs
     assert not any("AbortIncompleteMultipartUpload" in line for line in said)
@@ -129,7 +134,7 @@ def test_launch_offers_then_sets_the_rule_for_cut_off_multipart_uploads_keeping_
 def test_the_spot_options_are_what_run_instances_is_given(cloud, tmp_path):
     """moto keeps the lifecycle but not the spot options themselves: read them off the request that was sent."""
     sent = []
-    api = aws.Api(REGION)
+    api = cloud_api.Api(REGION)
     api.client("ec2").meta.events.register("provide-client-params.ec2.RunInstances",
                                            lambda params, **kw: sent.append(params))
     wheel = tmp_path / "resnet50_recipe-0.1.0-py3-none-any.whl"
@@ -151,9 +156,9 @@ def test_a_second_launch_reuses_the_role_and_profile_and_moves_the_policy(cloud)
     role_id = iam.get_role(RoleName="resnet50-recipe-r1")["Role"]["RoleId"]
     profile_id = iam.get_instance_profile(InstanceProfileName="resnet50-recipe-r1")["InstanceProfile"][
         "InstanceProfileId"]
-    with pytest.raises(aws.AwsError, match="already has instance"):
+    with pytest.raises(cloud_api.AwsError, match="already has instance"):
         launch(cloud)  # one live instance per run
-    aws.stop("r1", REGION, out=lambda *a: None)
+    instances.stop("r1", REGION, out=lambda *a: None)
     launch(cloud, data=f"s3://{cloud['bucket']}/datasets/imagenette/")
     assert iam.get_role(RoleName="resnet50-recipe-r1")["Role"]["RoleId"] == role_id
     profile = iam.get_instance_profile(InstanceProfileName="resnet50-recipe-r1")["InstanceProfile"]
@@ -172,12 +177,12 @@ def test_an_exceeded_quota_refuses_clearly_and_creates_nothing(cloud):
     ec2 = cloud["ec2"]
     ec2.run_instances(ImageId=cloud["ami"], InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
                       InstanceMarketOptions={"MarketType": "spot"})
-    api = aws.Api(REGION)
+    api = cloud_api.Api(REGION)
     stub = Stubber(api.client("service-quotas"))
     stub.add_response("get_service_quota", {"Quota": {"QuotaCode": "L-3819A6DF", "Value": 8.0, "ServiceCode": "ec2",
                                                       "QuotaName": "All G and VT Spot Instance Requests"}},
                       {"ServiceCode": "ec2", "QuotaCode": "L-3819A6DF"})
-    with stub, pytest.raises(aws.AwsError) as refused:
+    with stub, pytest.raises(cloud_api.AwsError) as refused:
         launch(cloud, instance_type="g4dn.2xlarge", api=api)
     assert "g4dn.2xlarge needs 8 vCPUs and 4 are in use by running spot instances, but the account's quota " \
            "L-3819A6DF (All G and VT Spot Instance Requests) in us-east-1 is 8 vCPUs" in str(refused.value)
@@ -190,8 +195,8 @@ def test_an_exceeded_quota_refuses_clearly_and_creates_nothing(cloud):
 def test_no_capacity_in_the_cheapest_az_moves_to_the_next(cloud):
     """EC2's InsufficientInstanceCapacity cannot be provoked in moto; it is raised for one AZ at the API
     boundary (a botocore before-call hook), and the launch must land in the next AZ."""
-    api = aws.Api(REGION)
-    zones = list(aws.spot_prices(api, "g4dn.2xlarge"))
+    api = cloud_api.Api(REGION)
+    zones = list(ec2_facts.spot_prices(api, "g4dn.2xlarge"))
     api.client("ec2").meta.events.register("before-call.ec2.RunInstances", lambda params, **kw: (
         _raise_capacity() if params["body"].get("Placement.AvailabilityZone") == zones[0] else None))
     result = launch(cloud, api=api)
@@ -212,16 +217,16 @@ def test_stop_cancels_the_request_then_terminates_and_leaves_s3(cloud):
         Type="persistent", InstanceInterruptionBehavior="stop",
         LaunchSpecification={"ImageId": cloud["ami"], "InstanceType": "g4dn.xlarge"},
         TagSpecifications=[{"ResourceType": "spot-instances-request",
-                            "Tags": [{"Key": aws.TAG_RUN, "Value": "r1"}]}])["SpotInstanceRequests"][0]
+                            "Tags": [{"Key": launcher.TAG_RUN, "Value": "r1"}]}])["SpotInstanceRequests"][0]
     before = {o["Key"] for o in cloud["s3"].list_objects_v2(Bucket=cloud["bucket"])["Contents"]}
-    result = aws.stop("r1", REGION, out=lambda *a: None)
+    result = instances.stop("r1", REGION, out=lambda *a: None)
     assert result["cancelled"] == [request["SpotInstanceRequestId"]]
     requests = ec2.describe_spot_instance_requests()["SpotInstanceRequests"]  # moto drops cancelled ones
     assert [r for r in requests if r["State"] != "cancelled"] == []
     assert live_instances(ec2) == [] and len(result["terminated"]) == 2
     assert {o["Key"] for o in cloud["s3"].list_objects_v2(Bucket=cloud["bucket"])["Contents"]} == before
-    with pytest.raises(aws.AwsError, match="no live instance"):
-        aws.stop("r1", REGION, out=lambda *a: None)
+    with pytest.raises(cloud_api.AwsError, match="no live instance"):
+        instances.stop("r1", REGION, out=lambda *a: None)
 
 
 def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_path):
@@ -230,7 +235,7 @@ def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_
     recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{
         "checkpoint.every_epochs": 1, "checkpoint.remote": remote, "export.enabled": "false"}))
     train(recipe, tmp_path / "run", quiet=True)  # a real run syncs its checkpoints and metrics to the prefix
-    status = aws.run_status("r1", REGION)
+    status = instances.run_status("r1", REGION)
     assert status["state"] == "running" and status["remote"] == remote
     assert status["checkpoint"]["epoch"] == 1 and status["checkpoint"]["step"] == 2
     assert datetime.fromisoformat(status["checkpoint"]["time"]) > datetime.now(timezone.utc) - timedelta(minutes=5)
@@ -239,7 +244,7 @@ def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_
     assert status["epochs"] == 1 and status["finished"] and not status["released"]
     assert status["cost_usd_upper_bound"] >= 0 and status["hours_since_launch"] < 0.1
     lines = []
-    aws.print_status(status, out=lines.append)
+    instances.print_status(status, out=lines.append)
     assert "last checkpoint: epoch 1, step 2" in "\n".join(lines) and "finished" in "\n".join(lines)
 
     # The same files as a run 1 epoch into 5 would leave them: no summary yet, an ETA from the epoch time.
@@ -250,19 +255,19 @@ def test_status_reads_the_runs_state_from_s3(cloud, tiny_data, s3_endpoint, tmp_
     s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/recipe.yaml", Body=yaml.safe_dump(resolved))
     resolved["train"]["budget_usd"] = 2.5
     s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/recipe.yaml", Body=yaml.safe_dump(resolved))
-    status = aws.run_status("r1", REGION)
+    status = instances.run_status("r1", REGION)
     epoch_time = [r for r in last if r["kind"] == "epoch"][-1]["epoch_time_s"]
     assert not status["finished"] and status["eta_hours"] == pytest.approx(4 * epoch_time / 3600)
     lines = []
-    aws.print_status({**status, "cost_usd_recorded": 1.0, "price_usd_per_h": 0.25}, out=lines.append)
+    instances.print_status({**status, "cost_usd_recorded": 1.0, "price_usd_per_h": 0.25}, out=lines.append)
     projected = 1.0 + 0.25 * status["eta_hours"]
     assert f"  spent ~$1.00, ~${projected:.2f} projected at the end ($0.2500/h now); budget $2.50: $1.50 left" in lines
 
     # Finished and released (what the end of the run does on EC2): nothing left billing.
     s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps({"stopped": False}))
-    aws.stop("r1", REGION, out=lambda *a: None)
+    instances.stop("r1", REGION, out=lambda *a: None)
     lines = []
-    aws.print_status(aws.run_status("r1", REGION), out=lines.append)
+    instances.print_status(instances.run_status("r1", REGION), out=lines.append)
     assert "  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)" \
         in lines
 
@@ -271,12 +276,12 @@ def test_cost_integrates_the_price_history_and_the_cheapest_az_comes_first():
     t = datetime(2026, 11, 26, tzinfo=timezone.utc)
     history = [{"Timestamp": t - timedelta(hours=5), "SpotPrice": "0.20"},
                {"Timestamp": t + timedelta(hours=1), "SpotPrice": "0.30"}]
-    assert aws.integrate_cost(history, t, t + timedelta(hours=3)) == pytest.approx(0.20 + 2 * 0.30)
+    assert estimates.integrate_cost(history, t, t + timedelta(hours=3)) == pytest.approx(0.20 + 2 * 0.30)
 
 
 def test_price_shows_spot_per_az_on_demand_and_an_estimate(cloud):
     lines = []
-    rows = aws.price(["g4dn.xlarge", "p3.2xlarge"], REGION, load_recipe("imagenet-100ep"), out=lines.append)
+    rows = estimates.price(["g4dn.xlarge", "p3.2xlarge"], REGION, load_recipe("imagenet-100ep"), out=lines.append)
     assert rows[0]["on_demand"] == 0.526 and len(rows[0]["spot"]) >= 2 and rows[0]["gpu"] == "T4"
     hours = 1_281_167 * 100 / (210 * (224 / 160) ** 2) / 3600  # the T4 figure scaled to 160 px
     assert rows[0]["estimate"]["hours"] == pytest.approx(hours)
@@ -303,7 +308,7 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
     # This checkout is an editable install: the plan says so, and a wheel of it goes through the run's prefix.
     assert "# package: resnet50-recipe 0.1.0 runs from a checkout (an editable install" in out
     assert "PACKAGE=s3://my-bucket/runs/imagenet-100ep/launch/resnet50_recipe-0.1.0-py3-none-any.whl" in out
-    assert aws.DLAMI_PARAMETER in out and '"InstanceInterruptionBehavior": "stop"' in out
+    assert launcher.DLAMI_PARAMETER in out and '"InstanceInterruptionBehavior": "stop"' in out
     assert "DATA=s3://my-bucket/imagenet/" in out
 
 
@@ -340,7 +345,7 @@ def render(**settings):
     values = {"RUN": "in1k", "REMOTE": "s3://b/runs/in1k", "REGION": REGION, "PACKAGE": "resnet50-recipe[aws]==0.1",
               "DATA": "s3://b/imagenet.tar", "VOLUME": "", "EPOCHS_NOTE": "100 epochs", "HUB_TOKEN_PARAMETER": "",
               "KEEP_INSTANCE": ""}
-    return aws.render_user_data({**values, **settings})
+    return launcher.render_user_data({**values, **settings})
 
 
 @pytest.mark.parametrize("settings", [{}, {"DATA": "", "VOLUME": "yes", "PACKAGE": "s3://b/w/x-0.1-py3-none-any.whl"},
@@ -424,7 +429,8 @@ def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, 
     preflight and pointer writes work on the run's prefix and are refused next door; of EC2 only the spot price
     history is allowed. (moto does not evaluate the s3:prefix condition on ListBucket, so that part is not shown.)"""
     from conftest import free_port
-    from resnet50_recipe.storage import RemoteError, S3Store
+
+    from resnet50_recipe.store.s3 import RemoteError, S3Store
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -445,7 +451,7 @@ def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, 
         iam = boto3.client("iam", **setup)
         iam.create_user(UserName="instance")
         iam.put_user_policy(UserName="instance", PolicyName="run", PolicyDocument=json.dumps(
-            aws.policy_document("runs-bucket", "runs/r1", [])))
+            launcher.policy_document("runs-bucket", "runs/r1", [])))
         key = iam.create_access_key(UserName="instance")["AccessKey"]
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
@@ -467,7 +473,7 @@ def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, 
 
 
 def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path, monkeypatch):
-    from resnet50_recipe.spot import SpotWatcher, StopControl
+    from resnet50_recipe.train.stop import SpotWatcher, StopControl
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     server = ThreadingHTTPServer(("127.0.0.1", 0), InstanceMetadata)
@@ -497,7 +503,7 @@ def test_a_checkout_is_built_into_a_wheel_and_shipped_through_the_runs_prefix(cl
 
     wheel = zipfile.ZipFile(io.BytesIO(cloud["s3"].get_object(Bucket=cloud["bucket"], Key=key)["Body"].read()))
     names = wheel.namelist()
-    assert "resnet50_recipe/aws_files/user-data.sh" in names and "resnet50_recipe/cost.py" in names
+    assert "resnet50_recipe/cloud/user-data.sh" in names and "resnet50_recipe/train/budget.py" in names
     user_data = instance_user_data(cloud["ec2"], result["instance_id"])
     assert f"PACKAGE=s3://{cloud['bucket']}/{key}\n" in user_data
 
@@ -512,7 +518,7 @@ def test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel
     and from a wheel file (pip records its path). Run in fresh interpreters outside the checkout."""
     wheel = ship.build_wheel(ship._source(), tmp_path / "dist")
     probe = "from resnet50_recipe import ship; p = ship.choose(None); print(p.spec, p.wheel, sep='|')"
-    for how, expected in (("index", f"{aws.ship.DIST}[aws]==0.1.0|None"), ("file", f"None|{wheel}")):
+    for how, expected in (("index", f"{ship.DIST}[aws]==0.1.0|None"), ("file", f"None|{wheel}")):
         target = tmp_path / how
         source = ["--no-index", "--find-links", str(wheel.parent), "resnet50-recipe"] if how == "index" \
             else [str(wheel)]
@@ -526,8 +532,8 @@ def test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel
 def test_a_budget_below_the_estimate_refuses_with_the_estimate_and_the_cheaper_choices(cloud):
     """imagenet-100ep on one T4 is ~87 h: its 300 GB disk alone costs ~$2.84 for as long (moto's spot price is
     $0.00001/h). Four T4s, or the 8-GPU types, finish sooner: those are the cheaper choices the refusal names."""
-    with pytest.raises(aws.AwsError) as refused:
-        aws.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", data=f"s3://{cloud['bucket']}/imagenet/",
+    with pytest.raises(cloud_api.AwsError) as refused:
+        launcher.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", data=f"s3://{cloud['bucket']}/imagenet/",
                    instance_type="g4dn.2xlarge", budget_usd=2, ami=cloud["ami"], region=REGION, package=RELEASE,
                    out=lambda *a: None)
     message = str(refused.value)
@@ -542,19 +548,20 @@ def test_a_budget_below_the_estimate_refuses_with_the_estimate_and_the_cheaper_c
 
 
 def test_auto_ranks_by_cost_to_finish_and_falls_back_to_the_next_type_without_capacity(cloud):
-    api = aws.Api(REGION)
+    api = cloud_api.Api(REGION)
     lines = []
-    plan = aws.plan_launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", "r1", [], "auto",
-                           f"s3://{cloud['bucket']}/imagenet/", None, RELEASE, None, None, None, False, False)
-    priced = {t: aws.spot_prices(api, t) for t in aws.INSTANCE_TYPES if aws.INSTANCE_TYPES[t][0] in aws.THROUGHPUT_224}
-    expected = sorted((aws.cost_to_finish(plan, t, next(iter(p.values()))), t) for t, p in priced.items() if p)
+    plan = launcher.plan_launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", "r1", [], "auto",
+                                f"s3://{cloud['bucket']}/imagenet/", None, RELEASE, None, None, None, False, False)
+    priced = {t: ec2_facts.spot_prices(api, t) for t, row in ec2_facts.INSTANCE_TYPES.items()
+              if row[0] in estimates.THROUGHPUT_224}
+    expected = sorted((launcher.cost_to_finish(plan, t, next(iter(p.values()))), t) for t, p in priced.items() if p)
     first, second = expected[0][1], expected[1][1]
     api.client("ec2").meta.events.register("before-call.ec2.RunInstances", lambda params, **kw: (
         _raise_capacity() if params["body"]["InstanceType"] == first else None))  # no capacity in any AZ
-    result = aws.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", name="r1", data=plan.data,
+    result = launcher.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", name="r1", data=plan.data,
                         instance_type="auto", ami=cloud["ami"], package=RELEASE, api=api, out=lines.append)
     assert result["instance_type"] == second
-    assert len(result["tried"]) == len(aws.spot_prices(api, first))  # every AZ of the first, then the second
+    assert len(result["tried"]) == len(ec2_facts.spot_prices(api, first))  # every AZ of the first, then the second
     ranking = next(line for line in lines if line.startswith("instance types by estimated cost to finish"))
     assert ranking.split(": ", 1)[1].split(", ")[:2] == [f"{t} ~${c:.2f}" for c, t in expected[:2]]
 
@@ -597,7 +604,7 @@ def spot_run(cloud, name="r1"):
     """A run's persistent spot request and its instance, tagged as EC2 tags them from run_instances' TagSpecifications
     (moto starts no request for run_instances, so the test asks for one)."""
     ec2 = cloud["ec2"]
-    tags = [{"Key": aws.TAG_RUN, "Value": name}]
+    tags = [{"Key": launcher.TAG_RUN, "Value": name}]
     request = ec2.request_spot_instances(
         Type="persistent", InstanceInterruptionBehavior="stop",
         LaunchSpecification={"ImageId": cloud["ami"], "InstanceType": "g4dn.xlarge"},
@@ -655,10 +662,10 @@ class FakeCost:
 
 
 def test_the_trainer_checkpoints_and_stops_before_an_epoch_would_pass_the_budget(tiny_data, tmp_path, monkeypatch):
-    from resnet50_recipe import cost
-    from resnet50_recipe.lifecycle import EXIT_BUDGET
+    from resnet50_recipe.errors import EXIT_BUDGET
+    from resnet50_recipe.train import run
 
-    monkeypatch.setattr(cost, "InstanceCost", FakeCost)
+    monkeypatch.setattr(run, "InstanceCost", FakeCost)
     server = ThreadingHTTPServer(("127.0.0.1", 0), MetadataStandIn)  # "on EC2": no notice, the watcher runs
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -732,7 +739,7 @@ def denied(call, **kwargs) -> bool:
         call(**kwargs)
     except ClientError as e:
         # moto answers SSM's JSON protocol with an XML error, which botocore reads as code "403"
-        return aws.error_code(e) in ("AccessDenied", "UnauthorizedOperation") or \
+        return cloud_api.error_code(e) in ("AccessDenied", "UnauthorizedOperation") or \
             e.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     return False
 
@@ -747,12 +754,12 @@ def test_the_run_role_may_release_only_its_own_instance_and_request(cloud, enfor
     assert denied(ec2.cancel_spot_instance_requests, SpotInstanceRequestIds=[other_request])
     assert denied(ec2.run_instances, ImageId=cloud["ami"], InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1)
     assert denied(ec2.stop_instances, InstanceIds=[own_instance])
-    found = ec2.describe_spot_instance_requests(Filters=[{"Name": f"tag:{aws.TAG_RUN}", "Values": ["r1"]}])
+    found = ec2.describe_spot_instance_requests(Filters=[{"Name": f"tag:{launcher.TAG_RUN}", "Values": ["r1"]}])
     assert [r["SpotInstanceRequestId"] for r in found["SpotInstanceRequests"]] == [own_request]
     ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[own_request])
     ec2.terminate_instances(InstanceIds=[own_instance])
     # With --keep-instance the role gets no release permission at all.
-    assert not [s for s in aws.policy_document("b", "runs/r1", [], run="r1", release=False)["Statement"]
+    assert not [s for s in launcher.policy_document("b", "runs/r1", [], run="r1", release=False)["Statement"]
                 if s["Sid"].startswith("Release")]
 
 
@@ -787,7 +794,7 @@ def test_the_token_is_in_no_artefact_of_the_launch(cloud, monkeypatch, tmp_path,
     assert main(["aws", "launch", "smoke", "--bucket", f"s3://{cloud['bucket']}/runs", "--push", "me/x", "--dry-run",
                  "--region", REGION]) == 0
     seen = capsys.readouterr().out
-    assert aws.SECRET in seen  # the dry run shows where the token goes, not the token
+    assert cloud_api.SECRET in seen  # the dry run shows where the token goes, not the token
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".whl" for p in files)
     texts = [seen, caplog.text, instance_user_data(cloud["ec2"], result["instance_id"]),
@@ -814,7 +821,7 @@ def test_follow_redraws_the_status_until_the_run_ends_then_says_where_the_weight
     def finish_the_run(seconds):  # what the instance does between two redraws
         s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
             {"stopped": False, "exit_status": 0, "pushed": "me/resnet50-a3"}))
-    status = aws.follow("r1", REGION, interval=30, out=said.append, stream=drawn, sleep=finish_the_run)
+    status = instances.follow("r1", REGION, interval=30, out=said.append, stream=drawn, sleep=finish_the_run)
     assert drawn.getvalue().count("run r1: instance") == 2 and status["finished"]
     assert said == [f"weights: s3://{cloud['bucket']}/runs/r1/export/ (timm format; resnet50-recipe runs pull "
                     f"s3://{cloud['bucket']}/runs/r1 DIR) and https://huggingface.co/me/resnet50-a3"]
@@ -827,4 +834,4 @@ def test_the_plan_says_how_to_keep_the_global_batch_when_the_batch_does_not_fit_
     assert "g4dn.2xlarge: train.batch_size=512 needs ~27 GiB at 224 px on a T4 (15 GiB, an estimate): " \
            "--set train.batch_size=256 --set train.accum_steps=2 keeps the global batch" in lines
     assert load_recipe("imagenet-100ep").train.batch_size == 128  # the shipped recipes fit: nothing said for them
-    assert aws.batch_advice(load_recipe("imagenet-100ep"), "T4") is None
+    assert estimates.batch_advice(load_recipe("imagenet-100ep"), "T4") is None

@@ -6,10 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet50_recipe.data import (EpochSampler, ImageFolderDataset, class_names, eval_transform, make_loader,
-                                  resolve_data_dir, train_transform)
+from resnet50_recipe.data.pipeline import (
+    EpochSampler,
+    ImageFolderDataset,
+    class_names,
+    eval_transform,
+    make_loader,
+    resolve_data_dir,
+    train_transform,
+)
+from resnet50_recipe.data.synthetic import SHAPES, generate
 from resnet50_recipe.recipe import AugmentConfig, DataConfig, RecipeError
-from resnet50_recipe.synthetic import SHAPES, generate
 
 
 def tree_digest(root: Path) -> str:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from resnet50_recipe.checkpoint import load_state, read_manifest
-from resnet50_recipe.spot import EXIT_PREEMPTED
-from resnet50_recipe.synthetic import generate
 from test_resume import assert_same_tree
+
+from resnet50_recipe.data.synthetic import generate
+from resnet50_recipe.errors import EXIT_PREEMPTED
+from resnet50_recipe.store.checkpoints import load_state, read_manifest
 
 GLOBAL_BATCH = 8
 
@@ -155,7 +155,7 @@ def test_sync_bn_on_cpu_processes_is_a_clear_error(data, tmp_path):
 PROBE = """
 import json, os, sys
 from timm.data import Mixup
-import resnet50_recipe.engine as engine
+import resnet50_recipe.train.run as engine
 
 out, rank = sys.argv[1], os.environ["RANK"]
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from resnet50_recipe.data import DraftResizedCrop, ImageFolderDataset, seeded, train_transform
+from resnet50_recipe.data.pipeline import DraftResizedCrop, ImageFolderDataset, seeded, train_transform
 from resnet50_recipe.recipe import AugmentConfig, load_recipe
 
 

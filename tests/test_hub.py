@@ -4,16 +4,16 @@ import json
 import pytest
 import timm
 import torch
+from conftest import tiny_overlay
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 
-from conftest import tiny_overlay
 from resnet50_recipe import export, load_recipe, push, train
-from resnet50_recipe.build import build_model
-from resnet50_recipe.checkpoint import load_state, read_manifest
 from resnet50_recipe.cli import main
-from resnet50_recipe.data import eval_transform
-from resnet50_recipe.hub import check_export, choose_weights, label_names
+from resnet50_recipe.data.pipeline import eval_transform
+from resnet50_recipe.model import build_model
+from resnet50_recipe.publish.export import choose_weights, label_names, verify_export
+from resnet50_recipe.store.checkpoints import load_state, read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_export_cli_with_chosen_weights(run, tmp_path, capsys):
     assert "hf-hub:me/tiny" in (tmp_path / "raw" / "README.md").read_text()
     assert main(["export", str(out), str(tmp_path / "best"), "--weights", "best"]) == 0
     assert main(["export", str(out), str(tmp_path / "x"), "--weights", "ema"]) == 0
-    check_export(tmp_path / "x")
+    verify_export(tmp_path / "x")
 
 
 def test_weights_auto_picks_the_better_of_ema_and_raw():

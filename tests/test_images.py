@@ -4,10 +4,10 @@ import json
 from PIL import Image
 
 from resnet50_recipe.cli import main
-from resnet50_recipe.data import ImageFolderDataset, class_names, train_transform
-from resnet50_recipe.images import check_image
+from resnet50_recipe.data.images import check_image
+from resnet50_recipe.data.pipeline import ImageFolderDataset, class_names, train_transform
+from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.recipe import AugmentConfig
-from resnet50_recipe.synthetic import generate
 
 
 def plant_problems(root):

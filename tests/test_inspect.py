@@ -7,16 +7,16 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import tiny_overlay
 from PIL import Image
 
-from conftest import tiny_overlay
 from resnet50_recipe import load_recipe, train
-from resnet50_recipe.checkpoint import read_manifest
 from resnet50_recipe.cli import main
-from resnet50_recipe.predict import class_index, explain, grad_cam, load_classifier, predict
-from resnet50_recipe.runlog import read_metrics
-from resnet50_recipe.synthetic import SHAPES, draw_sample
-from resnet50_recipe.watch import read_run, snapshot
+from resnet50_recipe.data.synthetic import SHAPES, draw_sample
+from resnet50_recipe.inspect.predict import class_index, explain, grad_cam, load_classifier, predict
+from resnet50_recipe.inspect.watch import read_run, summarize
+from resnet50_recipe.store.checkpoints import read_manifest
+from resnet50_recipe.train.runlog import read_metrics
 
 
 def scalars(folder, tag):
@@ -158,7 +158,7 @@ def test_watch_once_on_a_finished_run(smoke_run, capsys):
 
 
 def test_watch_a_running_run_in_s3_with_cost(smoke_run, s3_endpoint, bucket, tmp_path, capsys):
-    from resnet50_recipe.storage import S3Store
+    from resnet50_recipe.store.s3 import S3Store
 
     # The run as it stood at step 300 of 736, on an instance whose records carry cost (issue 7's fields).
     records = [r for r in read_metrics(smoke_run.dir / "metrics.jsonl") if r["global_step"] <= 300]
@@ -183,7 +183,7 @@ def test_watch_a_running_run_in_s3_with_cost(smoke_run, s3_endpoint, bucket, tmp
     assert "cost so far $0.42 on g5.xlarge, ~$" in text and "projected at the end ($0.5000/h now)" in text
     assert "budget $1.50: $1.08 left" in text
     # The same run read locally gives the same view, and an ETA from the mean of the last epochs' times.
-    snap = snapshot(read_run(str(run)))
+    snap = summarize(read_run(str(run)))
     epochs = [r for r in records if r["kind"] == "epoch"][-3:]
     expected = (736 - step["global_step"]) * np.mean([r["epoch_time_s"] for r in epochs]) / 46
     assert snap["status"] == "running" and snap["eta_s"] == pytest.approx(expected)

@@ -5,40 +5,47 @@ import random
 import shutil
 
 import numpy as np
-
 import pytest
 import torch
+from conftest import tiny_overlay
 from timm.utils import ModelEmaV3
 
-from conftest import tiny_overlay
-from resnet50_recipe import checkpoint as ckpt
 from resnet50_recipe import load_recipe, train
-from resnet50_recipe.build import build_ema
 from resnet50_recipe.cli import main
-from resnet50_recipe.checkpoint import load_state, read_manifest
-from resnet50_recipe.data import class_names
-from resnet50_recipe.engine import Progress, build_trainer, restore, snapshot
+from resnet50_recipe.data.pipeline import class_names
 from resnet50_recipe.recipe import EmaConfig, RecipeError
-from resnet50_recipe.runtime import Runtime
-from resnet50_recipe.spot import StopControl
+from resnet50_recipe.store.checkpoints import load_state, read_manifest
+from resnet50_recipe.train.components import build_ema
+from resnet50_recipe.train.run import Progress
+from resnet50_recipe.train.runtime import Runtime
+from resnet50_recipe.train.state import (
+    cuda_states_to_apply,
+    rank_rng_state,
+    restore,
+    rng_state,
+    set_rng_state,
+    snapshot,
+)
+from resnet50_recipe.train.step import build_trainer
+from resnet50_recipe.train.stop import StopControl
 
 
 def test_cuda_rng_states_go_to_the_devices_this_process_uses():
     four = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]  # a 4-GPU machine's checkpoint
-    assert ckpt.cuda_states_to_apply(four, [0]).keys() == {0}  # a 1-GPU machine: its one device, no index error
-    assert torch.equal(ckpt.cuda_states_to_apply(four, [0])[0], four[0])
-    assert torch.equal(ckpt.cuda_states_to_apply(four[2:3], [5])[5], four[2])  # rank 2 of the saver, on cuda:5
-    assert ckpt.cuda_states_to_apply([], [0]) == {}  # a CPU checkpoint: the device keeps its seed
-    assert ckpt.rng_state()["cuda"] == [] or len(ckpt.rng_state()["cuda"]) == 1  # only the device in use is saved
+    assert cuda_states_to_apply(four, [0]).keys() == {0}  # a 1-GPU machine: its one device, no index error
+    assert torch.equal(cuda_states_to_apply(four, [0])[0], four[0])
+    assert torch.equal(cuda_states_to_apply(four[2:3], [5])[5], four[2])  # rank 2 of the saver, on cuda:5
+    assert cuda_states_to_apply([], [0]) == {}  # a CPU checkpoint: the device keeps its seed
+    assert rng_state()["cuda"] == [] or len(rng_state()["cuda"]) == 1  # only the device in use is saved
 
 
 @pytest.mark.gpu
 def test_the_cuda_generator_of_the_device_in_use_round_trips():
     torch.cuda.init()
-    state = ckpt.rng_state()
+    state = rng_state()
     assert len(state["cuda"]) == 1  # this process's device only, however many the machine has
     drawn = torch.rand(4, device="cuda")
-    ckpt.set_rng_state(state)
+    set_rng_state(state)
     assert torch.equal(torch.rand(4, device="cuda"), drawn)
 
 
@@ -46,22 +53,22 @@ def test_each_rank_restores_its_own_rng_state_and_a_new_process_count_is_derived
     saved = []
     for rank in range(2):
         torch.manual_seed(100 + rank)
-        saved.append(ckpt.rng_state())
-    state, note = ckpt.rank_rng_state(saved, 1, 2, seed=0, step=7)
+        saved.append(rng_state())
+    state, note = rank_rng_state(saved, 1, 2, seed=0, step=7)
     assert note is None and torch.equal(state["torch"], saved[1]["torch"])
-    state, note = ckpt.rank_rng_state(saved, 0, 1, seed=0, step=7)
+    state, note = rank_rng_state(saved, 0, 1, seed=0, step=7)
     assert torch.equal(state["torch"], saved[0]["torch"]) and "RNG states of 2 process(es) and this run has 1" in note
-    third, note = ckpt.rank_rng_state(saved, 2, 3, seed=0, step=7)
+    third, note = rank_rng_state(saved, 2, 3, seed=0, step=7)
     assert "ranks 2 and up start from streams seeded by (seed, step, rank)" in note
-    assert torch.equal(third["torch"], ckpt.rank_rng_state(saved, 2, 3, seed=0, step=7)[0]["torch"])  # deterministic
-    fourth = ckpt.rank_rng_state(saved, 3, 4, seed=0, step=7)[0]
+    assert torch.equal(third["torch"], rank_rng_state(saved, 2, 3, seed=0, step=7)[0]["torch"])  # deterministic
+    fourth = rank_rng_state(saved, 3, 4, seed=0, step=7)[0]
     assert not torch.equal(third["torch"], fourth["torch"])  # and different on every rank
     draws = []
     for state in (third, third):
-        ckpt.set_rng_state(state)
+        set_rng_state(state)
         draws.append((torch.rand(3), random.random(), np.random.rand()))
     assert torch.equal(draws[0][0], draws[1][0]) and draws[0][1:] == draws[1][1:]
-    legacy = ckpt.rank_rng_state(saved[0], 0, 1, seed=0, step=7)  # a checkpoint from before per-rank states
+    legacy = rank_rng_state(saved[0], 0, 1, seed=0, step=7)  # a checkpoint from before per-rank states
     assert legacy[1] is None and torch.equal(legacy[0]["torch"], saved[0]["torch"])
 
 
@@ -118,7 +125,7 @@ def test_the_gradscaler_state_is_restored_only_when_both_runs_use_one(tiny_data,
 
 
 def stop_after_first_step(monkeypatch, control):
-    from resnet50_recipe.runlog import RunLog
+    from resnet50_recipe.train.runlog import RunLog
 
     log = RunLog.log
 

@@ -13,24 +13,37 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port, tiny_overlay
-from resnet50_recipe import checkpoint as ckpt
-from resnet50_recipe import load_recipe, train
-from resnet50_recipe.checkpoint import CheckpointError, find_latest, load_state, read_manifest
-from resnet50_recipe.lifecycle import EXIT_INCOMPLETE, EXIT_PUBLISH_FAILED, RunLock, RunLocked
-from resnet50_recipe.runlog import RunLog
-from resnet50_recipe.spot import EXIT_PREEMPTED, StopControl
-from resnet50_recipe.storage import S3Store
 from test_resume import assert_same_tree, final_state, overlay, start, without_timing
 from test_storage import remote_args
+
+from resnet50_recipe import load_recipe, train
+from resnet50_recipe.errors import EXIT_INCOMPLETE, EXIT_PREEMPTED, EXIT_PUBLISH_FAILED
+from resnet50_recipe.store.checkpoints import (
+    FORMAT,
+    CheckpointError,
+    Writer,
+    checkpoint_name,
+    commit,
+    find_latest,
+    load_state,
+    new_lineage,
+    read_manifest,
+    save_atomic,
+    start_lineage,
+    verify_checkpoint,
+)
+from resnet50_recipe.store.s3 import S3Store
+from resnet50_recipe.train.lock import RunLock, RunLocked
+from resnet50_recipe.train.runlog import RunLog
+from resnet50_recipe.train.stop import StopControl
 
 HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from resnet50_recipe.synthetic import generate
+    from resnet50_recipe.data.synthetic import generate
     return generate(tmp_path_factory.mktemp("data") / "shapes", classes=4, per_class=48, val_per_class=8, size=32)
 
 
@@ -39,13 +52,13 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 
 def fake_state(step: int, lineage: dict, epoch: int = 0) -> dict:
-    return {"format": ckpt.FORMAT, "global_step": step, "epoch": epoch, "lineage": lineage,
+    return {"format": FORMAT, "global_step": step, "epoch": epoch, "lineage": lineage,
             "weights": torch.full((4,), float(step))}
 
 
 def write_checkpoint(folder: Path, step: int, lineage: dict, keep_last: int = 5, best: dict | None = None) -> dict:
-    entry = ckpt.save_atomic(fake_state(step, lineage), folder / ckpt.checkpoint_name(step))
-    return ckpt.commit(folder, entry, best, keep_last, lineage=lineage)
+    entry = save_atomic(fake_state(step, lineage), folder / checkpoint_name(step))
+    return commit(folder, entry, best, keep_last, lineage=lineage)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -68,7 +81,7 @@ def test_a_second_holder_of_the_run_directory_is_refused_and_a_stale_lock_taken_
 LOCK_THEN_FORK = """
 import os, sys, time
 from pathlib import Path
-from resnet50_recipe.lifecycle import RunLock
+from resnet50_recipe.train.lock import RunLock
 RunLock(Path(sys.argv[1])).acquire()
 if os.fork() == 0:  # a child that outlives its parent, as loader workers do for a while after a SIGKILL
     time.sleep(60)
@@ -112,11 +125,11 @@ def test_a_second_trainer_on_the_same_directory_fails_at_once(tiny_data, tmp_pat
 
 def test_a_new_lineage_sets_the_old_one_aside_and_auto_resume_follows_only_the_new_one(tmp_path):
     folder = tmp_path / "checkpoints"
-    old = ckpt.new_lineage()
+    old = new_lineage()
     for step in (2, 4, 6):
         write_checkpoint(folder, step, old)
-    new = ckpt.new_lineage({"run_id": old["run_id"], "step": 2})
-    ckpt.start_lineage(folder, new)
+    new = new_lineage({"run_id": old["run_id"], "step": 2})
+    start_lineage(folder, new)
     assert find_latest(folder) is None  # the new lineage has nothing yet: not the old step 6
     write_checkpoint(folder, 3, new, keep_last=1)
     write_checkpoint(folder, 4, new, keep_last=1)  # retention of the new lineage...
@@ -127,7 +140,7 @@ def test_a_new_lineage_sets_the_old_one_aside_and_auto_resume_follows_only_the_n
     aside = manifest["lineages"][0]
     assert aside["run_id"] == old["run_id"] and [e["step"] for e in aside["checkpoints"]] == [2, 4, 6]
     for entry in aside["checkpoints"]:  # ...never touches the old lineage's files, which stay verified
-        assert ckpt.verify(folder / aside["folder"] / entry["file"], entry) is None
+        assert verify_checkpoint(folder / aside["folder"] / entry["file"], entry) is None
     # An explicit path into the set-aside lineage loads, checked against the manifest's hashes.
     assert load_state(folder / aside["folder"] / "ckpt-000000006.pt")["global_step"] == 6
 
@@ -140,20 +153,20 @@ def test_best_names_a_file_that_exists_after_a_superseded_snapshot(tmp_path, mon
         if state["global_step"] == 1:
             gate.wait(30)
         return real_save(state, f, *args, **kwargs)
-    monkeypatch.setattr(ckpt.torch, "save", slow_first_save)
-    lineage = ckpt.new_lineage()
-    writer = ckpt.Writer(tmp_path, keep_last=1, lineage=lineage)
+    monkeypatch.setattr(torch, "save", slow_first_save)
+    lineage = new_lineage()
+    writer = Writer(tmp_path, keep_last=1, lineage=lineage)
     writer.submit(fake_state(1, lineage))
     while not writer.waiting or writer.waiting[-1] != 1:
         time.sleep(0.01)  # the first write has started
-    best = {"top1": 0.9, "epoch": 0, "weights": "raw", "file": ckpt.checkpoint_name(2)}
+    best = {"top1": 0.9, "epoch": 0, "weights": "raw", "file": checkpoint_name(2)}
     writer.submit({**fake_state(2, lineage), "best_checkpoint": best, "is_best": True})
     writer.submit({**fake_state(3, lineage), "best_checkpoint": best})  # would supersede the best one
     gate.set()
     assert writer.drain(30)
     manifest = read_manifest(tmp_path)
     assert manifest["step"] == 3 and manifest["best"]["file"] == "ckpt-000000002.pt"
-    assert ckpt.verify(tmp_path / "ckpt-000000002.pt",
+    assert verify_checkpoint(tmp_path / "ckpt-000000002.pt",
                        next(e for e in manifest["checkpoints"] if e["file"] == "ckpt-000000002.pt")) is None
 
 
@@ -230,7 +243,7 @@ def test_a_rollback_then_auto_resume_stays_on_the_new_lineage(tiny_data, tmp_pat
 
 SLOW_SETUP = """
 import sys, time, pathlib
-import resnet50_recipe.lifecycle as lifecycle
+import resnet50_recipe.train.run as lifecycle
 real = lifecycle.ImageFolderDataset
 class SlowScan(real):  # as a scan of 1.28 million files takes its time
     def __init__(self, *args, **kwargs):
@@ -264,7 +277,7 @@ def test_sigterm_during_set_up_exits_75_and_changes_nothing(tiny_data, tmp_path)
 
 SLOW_VAL = """
 import sys, time, pathlib
-import resnet50_recipe.data as data
+import resnet50_recipe.data.pipeline as data
 real = data.ImageFolderDataset.__getitem__
 def slow(self, key):
     if self.root.name == "val" and pathlib.Path(sys.argv[1]).parent.joinpath("slow").exists():
@@ -311,7 +324,7 @@ def test_sigterm_during_a_slow_evaluation_exits_at_once_and_the_resumed_run_is_i
 
 SIGNAL_SEQUENCE = """
 import os, signal, sys, time
-from resnet50_recipe.spot import StopControl, install_signal_handlers
+from resnet50_recipe.train.stop import StopControl, install_signal_handlers
 control = StopControl()
 install_signal_handlers(control)
 control.request_stop("EC2 spot interruption notice", time.time() + 120)  # the watcher's way of asking
@@ -335,7 +348,7 @@ def test_only_a_second_sigint_exits_at_once_whatever_asked_for_the_stop_first():
 def test_a_stop_at_the_epoch_end_is_agreed_once_and_always_checkpointed(tiny_data, tmp_path, monkeypatch):
     """The stop lands just after the epoch end has looked at it: the run goes on to the next step boundary and
     checkpoints there, so the checkpoint is always at the step the run stopped."""
-    import resnet50_recipe.engine as engine
+    import resnet50_recipe.train.run as engine
 
     control, real = StopControl(), engine.agreed_stop
     calls = []
@@ -396,7 +409,7 @@ def test_a_failed_publish_leaves_the_run_complete_and_synced_with_status_3(faili
                                                                            tmp_path, monkeypatch, caplog):
     import huggingface_hub
 
-    from resnet50_recipe import hub
+    from resnet50_recipe.train import run
 
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
 
@@ -405,7 +418,7 @@ def test_a_failed_publish_leaves_the_run_complete_and_synced_with_status_3(faili
     if failing == "push":
         monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)  # the Hub down
     else:
-        monkeypatch.setattr(hub, "export", refuse)  # the disk full by the time the export is written
+        monkeypatch.setattr(run, "export", refuse)  # the disk full by the time the export is written
     recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "p"),
                                                **{"export.repo_id": "someone/tiny"}))
     summary = train(recipe, tmp_path / "run", quiet=True)
@@ -475,7 +488,7 @@ def test_ddp_stop_every_rank_waits_for_rank_0s_checkpoint(data, tmp_path):
     assert {p.name: p.read_text() for p in exits.glob("rank*")} == {"rank0": "75", "rank1": "75"}, output
     folder = out / "checkpoints"
     manifest = read_manifest(folder)
-    assert ckpt.verify(folder / manifest["file"], manifest) is None
+    assert verify_checkpoint(folder / manifest["file"], manifest) is None
     stopped = load_state(folder / manifest["file"])
     assert stopped["step_in_epoch"] > 0 and stopped["global_step"] >= 13
 
@@ -598,8 +611,8 @@ def test_settings_that_would_fail_after_training_fail_before_it(tiny_data, tmp_p
 
 @pytest.mark.parametrize("damage", ["zero-byte", "corrupt"])
 def test_an_unreadable_jpeg_is_one_line_through_a_loader_worker_and_keeps_the_work_done(damage, tmp_path):
-    from resnet50_recipe.data import EpochSampler, scan_images
-    from resnet50_recipe.synthetic import generate
+    from resnet50_recipe.data.pipeline import EpochSampler, scan_images
+    from resnet50_recipe.data.synthetic import generate
 
     root = generate(tmp_path / "data", classes=2, per_class=40, val_per_class=2, size=32)
     samples = scan_images(root / "train", sorted(p.name for p in (root / "train").iterdir()))

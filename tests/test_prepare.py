@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+from conftest import free_port
 from PIL import Image
 
-from conftest import free_port
 from resnet50_recipe.cli import main
-from resnet50_recipe.data import class_names
-from resnet50_recipe.hub import label_names
+from resnet50_recipe.data.pipeline import class_names
+from resnet50_recipe.publish.export import label_names
 
 
 def jpeg_bytes(seed: int, size=(24, 20)) -> bytes:

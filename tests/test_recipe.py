@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from resnet50_recipe.cli import main
-from resnet50_recipe.recipe import (Recipe, RecipeError, load_recipe, parse_scalar, scaled_lr, shipped_recipes,
-                                    to_yaml)
+from resnet50_recipe.recipe import Recipe, RecipeError, load_recipe, parse_scalar, scaled_lr, shipped_recipes, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(shipped_recipes())

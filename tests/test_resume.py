@@ -11,10 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from resnet50_recipe.checkpoint import find_latest, load_state, read_manifest
-from resnet50_recipe.runlog import read_metrics
-from resnet50_recipe.spot import EXIT_PREEMPTED
-from resnet50_recipe.synthetic import generate
+from resnet50_recipe.data.synthetic import generate
+from resnet50_recipe.errors import EXIT_PREEMPTED
+from resnet50_recipe.store.checkpoints import find_latest, load_state, read_manifest
+from resnet50_recipe.train.runlog import read_metrics
 
 TIMING = {"img_per_s", "data_wait", "epoch_time_s", "peak_gpu_mem_gb"}
 
@@ -111,7 +111,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(data, tmp_path):
 SLOW_SECOND_SAVE = """
 import sys, time, io, pathlib
 import torch
-import resnet50_recipe.checkpoint as checkpoint
+import resnet50_recipe.store.checkpoints as checkpoint
 real_save, calls = torch.save, []
 def slow_save(state, f, *args, **kwargs):
     calls.append(1)
@@ -245,7 +245,7 @@ def test_resume_refuses_a_changed_recipe_with_a_diff(data, tmp_path):
 
 SIGNALS = """
 import os, signal, sys, time
-from resnet50_recipe.spot import StopControl, install_signal_handlers
+from resnet50_recipe.train.stop import StopControl, install_signal_handlers
 for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
     control = StopControl()
     install_signal_handlers(control)

@@ -13,12 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import free_port
-from resnet50_recipe.cli import main
-from resnet50_recipe.data import class_names
+from PIL import Image
 from test_prepare import jpeg_bytes, tar_bytes
+
+from resnet50_recipe.cli import main
+from resnet50_recipe.data.pipeline import class_names
 
 # Real ImageNet-1k wnids (class indices 0, 1 and 2 in timm's ImageNetInfo), so the label mapping is real.
 WNIDS = ["n01440764", "n01443537", "n01484850"]

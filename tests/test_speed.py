@@ -5,17 +5,24 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import tiny_overlay
+
 from resnet50_recipe import load_recipe, train
-from resnet50_recipe.build import build_model, build_optimizer
 from resnet50_recipe.cli import main
-from resnet50_recipe.data import (EpochSampler, ImageFolderDataset, class_names, eval_transform, make_loader,
-                                  train_size_at)
-from resnet50_recipe.engine import device_batches, evaluate, make_to_input
+from resnet50_recipe.data.pipeline import (
+    EpochSampler,
+    ImageFolderDataset,
+    class_names,
+    eval_transform,
+    make_loader,
+    train_size_at,
+)
+from resnet50_recipe.model import build_model
 from resnet50_recipe.recipe import RecipeError
-from resnet50_recipe.runlog import read_metrics
-from resnet50_recipe.runtime import setup
+from resnet50_recipe.train.components import build_optimizer
+from resnet50_recipe.train.runlog import read_metrics
+from resnet50_recipe.train.runtime import setup
+from resnet50_recipe.train.step import device_batches, evaluate, make_to_input
 
 PROGRESSIVE = {"augment.train_size": 64, "augment.progressive": "{min_size: 32, start_epoch: 1, end_epoch: 3, "
                "multiple: 16}", "train.epochs": 4, "train.steps_per_epoch": 1, "augment.eval_size": 40}
@@ -127,7 +134,7 @@ def test_bench_step_reports_both_sides_and_their_ratio(capsys):
 def test_the_cuda_step_never_waits_for_the_host():
     """With the fused optimizer (the default on CUDA) and bf16 or fp16 autocast, the only host syncs are the
     loss read at the end of a log window and of the epoch: their count does not grow with the step count."""
-    from resnet50_recipe.engine import build_trainer, train_one_epoch
+    from resnet50_recipe.train.step import build_trainer, train_one_epoch
 
     recipe = load_recipe("smoke", ["train.device=cuda", "log.every_steps=1000", "ema.every=2"])
     rt = setup(recipe.train, recipe.seed)

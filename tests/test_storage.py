@@ -12,14 +12,15 @@ import time
 
 import boto3
 import pytest
-
 from conftest import free_port, tiny_overlay
-from resnet50_recipe import load_recipe, train
-from resnet50_recipe.checkpoint import find_latest, read_manifest
-from resnet50_recipe.cli import main
-from resnet50_recipe.spot import EXIT_PREEMPTED
-from resnet50_recipe.storage import RemoteError, RemoteUnavailable, S3Store, fetch_latest
 from test_resume import assert_same_tree, final_state, last_step, overlay, start, without_timing
+
+from resnet50_recipe import load_recipe, train
+from resnet50_recipe.cli import main
+from resnet50_recipe.errors import EXIT_PREEMPTED
+from resnet50_recipe.store.checkpoints import find_latest, read_manifest
+from resnet50_recipe.store.lineage import fetch_latest
+from resnet50_recipe.store.s3 import RemoteError, RemoteUnavailable, S3Store
 
 
 def remote_args(bucket, endpoint, run):
@@ -28,7 +29,7 @@ def remote_args(bucket, endpoint, run):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from resnet50_recipe.synthetic import generate
+    from resnet50_recipe.data.synthetic import generate
     return generate(tmp_path_factory.mktemp("data") / "shapes", classes=4, per_class=48, val_per_class=8, size=32)
 
 
@@ -242,14 +243,14 @@ def missing_key_is_403(parsed, http_response, **kwargs):
 
 def local_checkpoint(run_dir, step, size, lineage):
     """A committed local "checkpoint" of random bytes: the uploader moves bytes, whatever they are."""
-    from resnet50_recipe import checkpoint as ckpt
+    from resnet50_recipe.store.checkpoints import checkpoint_name, commit, sha256_of
 
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ckpt.checkpoint_name(step)
+    path = folder / checkpoint_name(step)
     path.write_bytes(os.urandom(size))
-    entry = {"file": path.name, "step": step, "epoch": 0, "sha256": ckpt.sha256_of(path), "size": size}
-    return ckpt.commit(folder, entry, None, keep_last=2, lineage=lineage)
+    entry = {"file": path.name, "step": step, "epoch": 0, "sha256": sha256_of(path), "size": size}
+    return commit(folder, entry, None, keep_last=2, lineage=lineage)
 
 
 def crc64nvme(data: bytes) -> str:
@@ -262,8 +263,8 @@ def crc64nvme(data: bytes) -> str:
 def test_uploads_carry_a_full_object_crc64nvme(bucket, s3_endpoint, tmp_path):
     from boto3.s3.transfer import TransferConfig
 
-    from resnet50_recipe.checkpoint import new_lineage
-    from resnet50_recipe.storage import Uploader
+    from resnet50_recipe.store.checkpoints import new_lineage
+    from resnet50_recipe.store.uploader import Uploader
 
     store = S3Store(f"s3://{bucket}/r", s3_endpoint)
     store.preflight()
@@ -283,8 +284,8 @@ def test_uploads_carry_a_full_object_crc64nvme(bucket, s3_endpoint, tmp_path):
 
 
 def test_an_object_rewritten_after_upload_is_caught(bucket, s3_endpoint, tmp_path, caplog):
-    from resnet50_recipe.checkpoint import new_lineage
-    from resnet50_recipe.storage import Uploader
+    from resnet50_recipe.store.checkpoints import new_lineage
+    from resnet50_recipe.store.uploader import Uploader
 
     store = S3Store(f"s3://{bucket}/r", s3_endpoint)
     other = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
@@ -311,8 +312,8 @@ def test_an_object_rewritten_after_upload_is_caught(bucket, s3_endpoint, tmp_pat
 def test_a_store_without_flexible_checksums_falls_back_to_reading_back(bucket, s3_endpoint, tmp_path, caplog):
     import logging
 
-    from resnet50_recipe.checkpoint import new_lineage
-    from resnet50_recipe.storage import Uploader
+    from resnet50_recipe.store.checkpoints import new_lineage
+    from resnet50_recipe.store.uploader import Uploader
 
     caplog.set_level(logging.INFO, logger="resnet50_recipe")
     store = S3Store(f"s3://{bucket}/r", s3_endpoint)
@@ -457,8 +458,8 @@ def test_a_stale_multipart_upload_is_aborted_at_start(bucket, s3_endpoint, caplo
 
 
 def test_a_second_writer_on_one_prefix_is_stopped(bucket, s3_endpoint, tmp_path, caplog):
-    from resnet50_recipe.checkpoint import new_lineage
-    from resnet50_recipe.storage import Uploader
+    from resnet50_recipe.store.checkpoints import new_lineage
+    from resnet50_recipe.store.uploader import Uploader
 
     lineage = new_lineage()  # two machines resuming the same run onto one prefix
     store = S3Store(f"s3://{bucket}/r", s3_endpoint)
@@ -490,15 +491,14 @@ def test_runs_pull_refuses_keys_outside_the_destination(bucket, s3_endpoint, tmp
 
 
 def test_a_fresh_machine_fetches_the_best_checkpoint_too(bucket, s3_endpoint, tmp_path):
-    from resnet50_recipe import checkpoint as ckpt
-    from resnet50_recipe.checkpoint import new_lineage
-    from resnet50_recipe.storage import Uploader
+    from resnet50_recipe.store.checkpoints import commit, new_lineage, verify_checkpoint
+    from resnet50_recipe.store.uploader import Uploader
 
     lineage = new_lineage()
     run = tmp_path / "run"
     first = local_checkpoint(run, 1, 700, lineage)
     second = local_checkpoint(run, 2, 900, lineage)
-    manifest = ckpt.commit(run / "checkpoints", {k: second[k] for k in ("file", "step", "epoch", "sha256", "size")},
+    manifest = commit(run / "checkpoints", {k: second[k] for k in ("file", "step", "epoch", "sha256", "size")},
                            {"file": first["file"], "top1": 0.9}, keep_last=1, lineage=lineage)
     store = S3Store(f"s3://{bucket}/r", s3_endpoint)
     uploader = Uploader(store, run, keep_last=1, lineage=lineage)
@@ -509,12 +509,12 @@ def test_a_fresh_machine_fetches_the_best_checkpoint_too(bucket, s3_endpoint, tm
     assert fetch_latest(store, fresh, newer_than=-1, keep_last=1)
     local = read_manifest(fresh)
     assert local["step"] == 2 and local["best"]["file"] == first["file"]
-    assert ckpt.verify(fresh / first["file"], first["checkpoints"][0]) is None  # the best, fetched and checked
+    assert verify_checkpoint(fresh / first["file"], first["checkpoints"][0]) is None  # the best, fetched and checked
 
 
 def test_retention_deletes_only_the_lineages_own_files_after_the_pointer_moved(bucket, s3_endpoint, tmp_path):
-    from resnet50_recipe.checkpoint import new_lineage
-    from resnet50_recipe.storage import Uploader
+    from resnet50_recipe.store.checkpoints import new_lineage
+    from resnet50_recipe.store.uploader import Uploader
 
     lineage = new_lineage()
     store = S3Store(f"s3://{bucket}/r", s3_endpoint)

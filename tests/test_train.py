@@ -1,15 +1,16 @@
 import json
+
 import pytest
 import torch
-
 from conftest import tiny_overlay
+
 from resnet50_recipe import evaluate_checkpoint, load_recipe, train
-from resnet50_recipe.checkpoint import load_state, read_manifest
 from resnet50_recipe.cli import main
+from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.recipe import shipped_recipes
-from resnet50_recipe.runlog import RunLog, read_metrics
-from resnet50_recipe.spot import StopControl
-from resnet50_recipe.synthetic import generate
+from resnet50_recipe.store.checkpoints import load_state, read_manifest
+from resnet50_recipe.train.runlog import RunLog, read_metrics
+from resnet50_recipe.train.stop import StopControl
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,119 @@
+"""TODO docstring (from cli)"""
+
+from __future__ import annotations
+
+import sys
+
+from resnet50_recipe.cli.common import add_set
+
+__all__ = ["add_aws", "cmd_aws"]
+
+
+def add_aws(sub) -> None:
+    p = sub.add_parser("aws", help="price, launch, watch and stop spot training runs on AWS (needs boto3: the "
+                       "[aws] extra)", description="Spot training runs on AWS. Every client honours "
+                       "AWS_ENDPOINT_URL; credentials and region come from boto3's chain. See aws/README.md.")
+    aws_sub = p.add_subparsers(dest="aws_command", required=True)
+    q = aws_sub.add_parser("price", help="spot price per AZ, on-demand price and, with --recipe, hours and cost")
+    q.add_argument("--instance-types", default="g4dn.xlarge,g4dn.2xlarge,g5.xlarge,g5.2xlarge,p3.2xlarge",
+                   help="comma-separated instance types")
+    q.add_argument("--recipe", help="recipe file or shipped name to estimate hours and cost for")
+    q.add_argument("--images", type=int, help="train images per epoch (default: known for ImageNet-1k and the "
+                   "generated data)")
+    add_set(q)
+    q = aws_sub.add_parser("launch", help="launch a persistent spot instance that trains a recipe")
+    q.add_argument("recipe", help="recipe file or shipped name; resolved and checked here, uploaded to the run")
+    q.add_argument("--bucket", required=True, metavar="s3://BUCKET/PREFIX",
+                   help="where runs live; this one goes to PREFIX/NAME")
+    q.add_argument("--name", help="run name (default: the recipe's name)")
+    add_set(q)
+    q.add_argument("--instance-type", default="g4dn.2xlarge", metavar="TYPE[,TYPE...]|auto",
+                   help="one type, several tried in order, or auto: every type that fits the spot quota, ranked by "
+                   "estimated cost to finish (default g4dn.2xlarge)")
+    q.add_argument("--budget-usd", type=float, help="refuse when the estimate (aws price's, with the disk) passes "
+                   "it; on the instance the run checkpoints and stops (exit 4) before it would (train.budget_usd)")
+    q.add_argument("--push", metavar="USER/NAME", help="push the weights to this Hugging Face repository from the "
+                   "instance; the token (HF_TOKEN or your login) goes to SSM Parameter Store, never to S3 or the logs")
+    q.add_argument("--private", action="store_true", help="with --push: a private repository")
+    q.add_argument("--keep-instance", action="store_true", help="at the end power the instance off instead of "
+                   "cancelling its spot request and terminating it (it then bills its disk until aws stop)")
+    q.add_argument("--abort-incomplete-uploads", action="store_true", help="add a lifecycle rule to the bucket "
+                   "that aborts multipart uploads unfinished after a day under the runs' prefix (offered when missing)")
+    place = q.add_mutually_exclusive_group()
+    place.add_argument("--az", default="auto", help="availability zone; auto (default): the cheapest with capacity")
+    place.add_argument("--subnet", help="launch into this subnet (its AZ) instead")
+    q.add_argument("--key-name", help="EC2 key pair for SSH (not needed: status and logs work without)")
+    q.add_argument("--security-group", dest="security_groups", action="append", default=[], metavar="SG_ID")
+    source = q.add_mutually_exclusive_group()
+    source.add_argument("--data", metavar="s3://...", help="dataset: a folder with train/ and val/, or a .tar or "
+                        ".tar.gz of one; copied to the instance's disk once")
+    source.add_argument("--volume", metavar="snap-...", help="dataset: an EBS snapshot whose filesystem holds "
+                        "train/ and val/, attached as a volume")
+    q.add_argument("--ami", help="AMI id, or the name of an SSM parameter holding one (default: the public "
+                   "parameter of the current AWS Deep Learning Base AMI, Ubuntu 22.04)")
+    q.add_argument("--package", help="what the instance pip-installs: a pip spec, a local .whl (uploaded to the "
+                   "run) or an s3://...whl (default: this version from PyPI when it is an exact release installed from "
+                   "an index, else a wheel of it, built and shipped through the run's prefix)")
+    q.add_argument("--disk-gb", type=int, help="root volume size in GB; data copied from S3 and checkpoints live "
+                   "there (default: 300 for ImageNet from S3, else 150)")
+    q.add_argument("--dry-run", action="store_true", help="print every AWS call with its arguments; make none")
+    for command, text in (("status", "instance, spot request, last checkpoint, metrics, cost so far, ETA"),
+                          ("logs", "the instance's console output: setup and training log"),
+                          ("stop", "cancel the persistent spot request and terminate the instance; S3 stays")):
+        q = aws_sub.add_parser(command, help=text)
+        q.add_argument("run", help="run name")
+    for q in (aws_sub.choices["launch"], aws_sub.choices["status"]):
+        q.add_argument("--follow", action="store_true", help="redraw the status, as watch does, until the run ends; "
+                       "then print where the weights are (S3, Hub)")
+        q.add_argument("--interval", type=float, default=60.0, help="with --follow: seconds between redraws")
+    q = aws_sub.add_parser("ls", help="the runs launched by this tool, by tag")
+    for q in aws_sub.choices.values():
+        q.add_argument("--region", help="AWS region (default: boto3's configured region, else us-east-1)")
+
+
+
+def cmd_aws(args) -> int:
+    # lazy: only the command that runs pays for importing torch, timm or boto3
+    from resnet50_recipe.cloud.api import AwsError
+    from resnet50_recipe.cloud.cost import price
+    from resnet50_recipe.cloud.instances import follow, logs, ls, print_status, run_status, stop
+    from resnet50_recipe.cloud.launch import launch
+
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        BotoCoreError = ClientError = AwsError  # noqa: N806  boto3 missing: _boto3() says how to fix it
+    try:
+        if args.aws_command == "price":
+            recipe = None
+            if args.recipe:
+                # lazy: only the command that runs pays for importing torch, timm or boto3
+                from resnet50_recipe.recipe import load_recipe
+                recipe = load_recipe(args.recipe, args.overrides)
+            price([t.strip() for t in args.instance_types.split(",") if t.strip()], args.region, recipe,
+                      args.images)
+        elif args.aws_command == "launch":
+            launched = launch(args.recipe, args.bucket, name=args.name, overrides=args.overrides,
+                                  instance_type=args.instance_type, region=args.region, az=args.az, subnet=args.subnet,
+                                  key_name=args.key_name, security_groups=args.security_groups, data=args.data,
+                                  volume=args.volume, ami=args.ami, package=args.package, disk_gb=args.disk_gb,
+                                  budget_usd=args.budget_usd, push=args.push, private=args.private,
+                                  keep_instance=args.keep_instance,
+                                  abort_incomplete_uploads=args.abort_incomplete_uploads, dry_run=args.dry_run)
+            if args.follow and not args.dry_run:
+                follow(args.name or launched["run"], args.region, args.interval)
+        elif args.aws_command == "status" and args.follow:
+            follow(args.run, args.region, args.interval)
+        elif args.aws_command == "status":
+            print_status(run_status(args.run, args.region))
+        elif args.aws_command == "logs":
+            print(logs(args.run, args.region))
+        elif args.aws_command == "stop":
+            stop(args.run, args.region)
+        else:
+            ls(args.region)
+    except (AwsError, ClientError, BotoCoreError) as e:
+        # AWS refused, or would: one line, exit 1 (2 stays for bad input, raised as ValueError above).
+        print(f"resnet50-recipe: aws {args.aws_command}: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,154 @@
+"""TODO docstring (from cli)"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from resnet50_recipe.cli.common import SHORTCUTS, add_quiet, add_set
+from resnet50_recipe.recipe import shipped_recipes
+
+__all__ = ["add_train", "cmd_train", "relaunch_with_torchrun", "add_eval", "cmd_eval"]
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a recipe", description="Train a recipe: a YAML file or a shipped "
+                       f"recipe name ({', '.join(sorted(shipped_recipes()))}).")
+    p.add_argument("recipe", help="recipe file or shipped recipe name")
+    add_set(p)
+    p.add_argument("--output", help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--resume", default="auto", metavar="auto|PATH",
+                   help="auto (default): continue from the newest valid checkpoint in --output, if any; "
+                        "PATH: continue from that checkpoint")
+    p.add_argument("--no-resume", dest="resume", action="store_const", const="never",
+                   help="start fresh; refuses to replace checkpoints unless --force")
+    p.add_argument("--force", action="store_true", help="with --no-resume: delete the earlier run's checkpoints")
+    p.add_argument("--allow-recipe-change", action="store_true",
+                   help="resume even though the recipe (or the train set) differs from the checkpoint's in "
+                   "result-changing keys; the model architecture and the classes cannot change even then")
+    p.add_argument("--data", help="dataset folder with train/ and val/ (data.path)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", type=int, help="per-process batch size (train.batch_size)")
+    p.add_argument("--lr", type=float, help="absolute learning rate, instead of optim.lr_base scaling (optim.lr)")
+    p.add_argument("--workers", type=int, help="data-loader worker processes (data.workers)")
+    p.add_argument("--remote", help="s3://bucket/prefix to sync checkpoints and run files to, and resume from "
+                   "(checkpoint.remote)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (train.amp); the dtype follows the device unless train.amp_dtype is set")
+    p.add_argument("--nproc-per-node", type=int, metavar="N",
+                   help="run N processes on this machine (one per GPU) by relaunching through torchrun")
+    add_quiet(p, "print only errors and the final result")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+
+
+
+def cmd_train(args) -> int:
+    # lazy: only the command that runs pays for importing torch, timm or boto3
+    from resnet50_recipe.recipe import load_recipe, to_yaml
+    from resnet50_recipe.train.stop import StopControl, install_signal_handlers
+
+    # For the whole command, not only inside train(): a stop while the recipe loads, or after the run has ended
+    # while the process exits (under torchrun, whose SIGTERM would otherwise kill a rank that is done), is a stop.
+    control = StopControl()
+    install_signal_handlers(control)
+    if args.nproc_per_node is not None and args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node {args.nproc_per_node}: expected 1 or more processes")
+    overrides = []
+    for name, key in SHORTCUTS.items():
+        value = getattr(args, name)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.amp is not None:
+        overrides.append(f"train.amp={'true' if args.amp else 'false'}")
+    recipe = load_recipe(args.recipe, overrides + args.overrides)  # the explicit --set wins over shortcuts
+    if args.print_recipe:
+        print(to_yaml(recipe), end="")
+        return 0
+    if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
+        return relaunch_with_torchrun(args, recipe, control)
+    # lazy: only the command that runs pays for importing torch, timm or boto3
+    from resnet50_recipe.train.run import train
+
+    summary = train(recipe, args.output, quiet=args.quiet, resume=args.resume, force=args.force,
+                    allow_recipe_change=args.allow_recipe_change, control=control)
+    if args.quiet and summary["top1"] is not None:
+        print(f"val top-1 {summary['top1']:.4f}")
+    return summary["exit_status"]  # 0, 3, 74 or 75: README's exit-code table
+
+
+
+def relaunch_with_torchrun(args, recipe, control) -> int:
+    """`train --nproc-per-node N` is `torchrun --standalone --nproc-per-node N -m resnet50_recipe train ...`.
+
+    torchrun reports any non-zero worker exit as its own failure (exit 1), so the run's own status is read from
+    the summary.json rank 0 wrote, which is how a preempted job exits 75 as a whole. A signal to this process is
+    passed on to torchrun, which passes it to the workers; torchrun's grace period before SIGKILL is raised to
+    the stop's own deadline (`checkpoint.stop_timeout_s`), so that no rank is killed while it saves.
+    """
+    argv, skip = [], False
+    for item in args.argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            argv.append(item)
+    started = time.time()
+    env = dict(os.environ)
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(recipe.checkpoint.stop_timeout_s) + 10))
+    # A session of its own, so that a Ctrl-C in the terminal reaches torchrun once, through us, and not twice
+    # (a worker counts a second SIGINT as "exit now"). The systemd unit uses KillMode=mixed for the same reason.
+    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={args.nproc_per_node}", "-m", "resnet50_recipe", *argv], env=env,
+                             start_new_session=True)
+    previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    summary = Path(args.output or Path("runs") / recipe.name) / "summary.json"
+    if code != 0 and summary.is_file() and summary.stat().st_mtime >= started:
+        return json.loads(summary.read_text()).get("exit_status", code)
+    return code
+
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on DIR/val")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="dataset folder (default: the one the checkpoint's recipe names)")
+    p.add_argument("--img-size", type=int, help="eval resolution (default: the recipe's augment.eval_size)")
+    p.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the recipe's augment.crop_pct)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the logits of each image and its mirror (default: the recipe's augment.eval_flip)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", dest="json_out", help="where to write the JSON result "
+                   "(default: CHECKPOINT with .eval.json appended)")
+
+
+
+def cmd_eval(args) -> int:
+    # lazy: only the command that runs pays for importing torch, timm or boto3
+    from resnet50_recipe.inspect.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.img_size, args.crop_pct, args.batch_size,
+                                 args.workers, args.device, args.flip)
+    out = Path(args.json_out or f"{args.checkpoint}.eval.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for weights in ("raw", "ema"):
+        if weights in result:
+            r = result[weights]
+            print(f"{weights}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  ({r['count']} images at "
+                  f"{result['img_size']} px, crop {result['crop_pct']}{', flip TTA' if result['flip'] else ''})")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,44 @@
+"""TODO docstring (from hub)"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from resnet50_recipe.publish.card import REPO_PLACEHOLDER
+from resnet50_recipe.publish.export import verify_export
+
+__all__ = ["push"]
+
+log = logging.getLogger(__name__)
+
+
+
+def push(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, commit_message: str | None = None, token: str | None = None) -> str:
+    """Check the export folder, then create the repo (exist_ok) and upload the folder; returns the commit URL.
+
+    The token comes from `token`, HF_TOKEN or the huggingface login cache, as huggingface_hub resolves it;
+    it is never printed or logged.
+    """
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    verify_export(folder)
+    with tempfile.TemporaryDirectory() as staging:
+        # Upload a copy whose model card names the real repo, leaving the export folder as it was checked.
+        staged = Path(staging) / folder.name
+        shutil.copytree(folder, staged)
+        card = staged / "README.md"
+        card.write_text(card.read_text().replace(REPO_PLACEHOLDER, repo_id))
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(staged), repo_type="model", revision=revision,
+                                 create_pr=create_pr,
+                                 commit_message=commit_message or f"Upload {folder.name} from resnet50-recipe")
+    log.info("pushed %s to %s", folder, repo_id)
+    return str(info)

@@ -1,0 +1,165 @@
+"""TODO docstring (from storage)"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path, PurePosixPath
+
+from resnet50_recipe.store.checkpoints import MANIFEST, commit, lineage_of, verify_checkpoint
+from resnet50_recipe.store.s3 import SIDECAR, RemoteError, S3Store
+
+__all__ = ["SYNCED_FILES", "RemoteSuperseded", "claim", "stage_remote", "download_verified", "install_staged",
+           "fetch_latest", "pull_files", "safe_path"]
+
+# wandb.json (the W&B run id) comes back with a resume on a fresh machine, so W&B continues the same run.
+SYNCED_FILES = ("metrics.jsonl", "recipe.yaml", "env.json", "curves.png", "summary.json", "wandb.json")
+class RemoteSuperseded(RemoteError):
+    """The remote pointer belongs to a newer lineage: another run started afresh on this prefix."""
+
+
+log = logging.getLogger(__name__)
+
+
+
+def claim(store: S3Store, lineage: dict) -> None:
+    """Make `lineage` the remote's current one before it uploads anything. The checkpoints of the lineage the
+    pointer named are copied aside into `checkpoints/lineages/<run_id>/` (server-side) and listed under
+    `lineages`, then the pointer names the new lineage, then the originals go: nothing is lost, and no fresh
+    machine resumes the abandoned lineage. A newer lineage already there is never displaced."""
+    for _ in range(3):
+        remote, etag = store.manifest()
+        if remote is None or lineage_of(remote)["run_id"] == lineage["run_id"]:
+            if remote is None:
+                try:
+                    store.put_json(f"checkpoints/{MANIFEST}", {
+                        "lineage": lineage, "run_id": lineage["run_id"], "best": None, "checkpoints": [],
+                        "lineages": []}, None)
+                except store.client.exceptions.ClientError as e:
+                    if e.response["Error"]["Code"] == "PreconditionFailed":
+                        continue  # someone wrote one meanwhile: look at it
+                    raise
+            return
+        theirs = lineage_of(remote)
+        if theirs["started"] > lineage["started"]:
+            raise RemoteSuperseded(f"{store.remote}: the remote checkpoints belong to lineage {theirs['run_id']}, "
+                                   f"started after this run's {lineage['run_id']}: another run has started afresh "
+                                   "on this prefix")
+        folder = f"lineages/{theirs['run_id']}"
+        moved = []
+        for entry in remote["checkpoints"]:
+            try:
+                store.copy(f"checkpoints/{entry['file']}", f"checkpoints/{folder}/{entry['file']}")
+                moved.append(entry)
+            except store.client.exceptions.ClientError as e:
+                if not store.missing(e, f"checkpoints/{entry['file']}"):
+                    raise
+        record = {**theirs, "folder": folder, "checkpoints": moved}
+        try:
+            store.put_json(f"checkpoints/{MANIFEST}", {
+                "lineage": lineage, "run_id": lineage["run_id"], "best": None, "checkpoints": [],
+                "lineages": remote.get("lineages", []) + ([record] if moved else [])}, etag)
+        except store.client.exceptions.ClientError as e:
+            if e.response["Error"]["Code"] == "PreconditionFailed":
+                continue
+            raise
+        for entry in moved:
+            store.delete(f"checkpoints/{entry['file']}")
+            store.delete(f"checkpoints/{entry['file']}{SIDECAR}")
+        log.info("lineage %s: its %d remote checkpoint(s) are kept in %s/checkpoints/%s", theirs["run_id"],
+                 len(moved), store.remote, folder)
+        return
+    raise RemoteError(f"{store.remote}: could not claim the remote latest.json: another writer keeps changing it")
+
+
+
+def stage_remote(store: S3Store, folder: Path, manifest: dict, newer_than: int) -> tuple[Path, dict] | None:
+    """Download the newest checkpoint the remote manifest lists, newer than step `newer_than`, that passes its
+    sha256 check, to a hidden temp file in `folder`; return it with its entry. Nothing is installed: the caller
+    checks the checkpoint against the recipe and data first (`install_staged`). A corrupt or vanished object
+    is reported and the previous one tried."""
+    for entry in sorted(manifest["checkpoints"], key=lambda e: e["step"], reverse=True):
+        if entry["step"] <= newer_than:
+            return None
+        tmp = download_verified(store, folder, entry)
+        if tmp is not None:
+            return tmp, entry
+    return None
+
+
+
+def download_verified(store: S3Store, folder: Path, entry: dict) -> Path | None:
+    """A listed checkpoint downloaded to a hidden temp file in `folder` and checked against its sha256; None,
+    with a warning, when the object is gone or corrupt."""
+    tmp = safe_path(folder, f".{entry['file']}.tmp-{os.getpid()}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    name = f"checkpoints/{entry['file']}"
+    try:
+        store.download_file(name, tmp)
+    except store.client.exceptions.ClientError as e:
+        if not store.missing(e, name):
+            raise
+        log.warning("remote checkpoint %s/%s is listed but gone; trying the previous one", store.remote, name)
+        return None
+    problem = verify_checkpoint(tmp, entry)
+    if problem:
+        log.warning("remote checkpoint %s/%s is %s; trying the previous one", store.remote, name, problem)
+        tmp.unlink()
+        return None
+    return tmp
+
+
+
+def install_staged(store: S3Store, folder: Path, staged: tuple[Path, dict], manifest: dict, keep_last: int) -> None:
+    """Put a staged download in place and record it, in the remote's lineage, in the local manifest, with the
+    remote's best checkpoint, fetched too when it is another file, so that a fresh machine keeps it."""
+    tmp, entry = staged
+    lineage = lineage_of(manifest)
+    best = manifest.get("best") or {}
+    best_entry = next((e for e in manifest["checkpoints"] if e["file"] == best.get("file")), None)
+    fields = ("file", "step", "epoch", "sha256", "size")
+    if best_entry is not None and best_entry["file"] != entry["file"] and best_entry["step"] < entry["step"]:
+        best_tmp = download_verified(store, folder, best_entry)
+        if best_tmp is not None:
+            os.replace(best_tmp, folder / best_entry["file"])
+            commit(folder, {k: best_entry[k] for k in fields}, None, keep_last, lineage=lineage)
+    os.replace(tmp, safe_path(folder, entry["file"]))
+    commit(folder, {k: entry[k] for k in fields}, best or None, keep_last, lineage=lineage)
+    log.info("fetched %s/checkpoints/%s (step %d)", store.remote, entry["file"], entry["step"])
+
+
+
+
+
+
+def fetch_latest(store: S3Store, folder: Path, newer_than: int, keep_last: int) -> bool:
+    """Download the newest remote checkpoint newer than step `newer_than` that passes its sha256 check into
+    the local `folder` and record it in the local manifest, with the best one. Returns whether one was fetched."""
+    manifest, _ = store.manifest(rebuild=True)
+    staged = stage_remote(store, folder, manifest, newer_than) if manifest is not None else None
+    if staged is None:
+        return False
+    install_staged(store, folder, staged, manifest, keep_last)
+    return True
+
+
+
+def pull_files(store: S3Store, run_dir: Path) -> None:
+    """Fetch the run's small files (metrics, recipe, ...) when the local run directory lacks them."""
+    for name in SYNCED_FILES:
+        if not (run_dir / name).exists() and store.exists(name):
+            store.download_file(name, run_dir / name)
+
+
+
+def safe_path(dest: Path, name: str) -> Path:
+    """`dest / name` for a name that came from the store, or ValueError when it could land anywhere else:
+    `..`, an absolute path, an empty segment or a backslash (a separator on Windows)."""
+    parts = name.split("/")
+    if not name or "\\" in name or any(p in ("", ".", "..") for p in parts) or PurePosixPath(name).is_absolute():
+        raise ValueError(f"{name!r}: not a safe relative name under {dest} (no '..', absolute path, empty "
+                         "segment or backslash); refusing to write it")
+    path = dest / PurePosixPath(*parts)
+    if not path.resolve().is_relative_to(dest.resolve()):
+        raise ValueError(f"{name!r}: resolves outside {dest}; refusing to write it")
+    return path
