@@ -23,7 +23,7 @@ from resnet50_recipe.store.checkpoints import Writer, checkpoint_name, commit, s
 from resnet50_recipe.train.run import Progress
 from resnet50_recipe.train.runtime import setup
 from resnet50_recipe.train.state import snapshot
-from resnet50_recipe.train.step import build_trainer, train_one_epoch
+from resnet50_recipe.train.step import build_trainer, train_steps
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     rt = setup(recipe.train, recipe.seed)
     t = build_trainer(recipe, rt, num_classes=1000, updates_per_epoch=10)
     batch = (torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.randint(0, 1000, (2,)), [])
-    train_one_epoch(t, [batch], epoch=0, num_batches=1, log=lambda r: None)  # fills the momentum buffers
+    train_steps(t, [batch], epoch=0, num_batches=1, log=lambda r: None)  # fills the momentum buffers
 
     def take() -> dict:
         return snapshot(t, 0, 0, Progress(), [str(i) for i in range(1000)])

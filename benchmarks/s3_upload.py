@@ -30,7 +30,7 @@ from resnet50_recipe.store.uploader import Uploader
 from resnet50_recipe.train.run import Progress
 from resnet50_recipe.train.runtime import setup
 from resnet50_recipe.train.state import snapshot
-from resnet50_recipe.train.step import build_trainer, train_one_epoch
+from resnet50_recipe.train.step import build_trainer, train_steps
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     rt = setup(recipe.train, recipe.seed)
     t = build_trainer(recipe, rt, num_classes=1000, updates_per_epoch=10)
     batch = (torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), torch.randint(0, 1000, (2,)), [])
-    train_one_epoch(t, [batch], epoch=0, num_batches=1, log=lambda r: None)
+    train_steps(t, [batch], epoch=0, num_batches=1, log=lambda r: None)
 
     uploads, stops, size = [], [], 0
     for trial in range(args.trials):

@@ -1,4 +1,6 @@
-"""TODO docstring (from cost)"""
+"""Facts about EC2 that both sides need: the instance types (GPU, count, vCPUs, list price), the gp3 price and
+the spot price API. The trainer reads them on the instance (train/budget.py), the launcher on the laptop
+(cloud/)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ PRODUCT = "Linux/UNIX"
 
 
 
-# gp3 storage, USD per GB-month (us-east-1 list price, as the guide quotes it; AWS bills it per second of a month
-# of 730 hours). The run's root volume costs this from launch until the instance is terminated.
+# gp3 storage, USD per GB-month (us-east-1 list price, https://aws.amazon.com/ebs/pricing/; AWS bills it per
+# second of a month of 730 hours). The run's root volume costs this from launch until the instance is terminated.
 GP3_USD_PER_GB_MONTH = 0.08
 
 HOURS_PER_MONTH = 730
@@ -23,7 +25,7 @@ HOURS_PER_MONTH = 730
 
 
 # GPU kind, GPUs, vCPUs and on-demand price (USD/h, Linux, us-east-1) per instance type. Prices are AWS's list
-# prices from https://aws.amazon.com/ec2/pricing/on-demand/ as the guide also quotes them (g4dn.xlarge $0.526,
+# prices from https://aws.amazon.com/ec2/pricing/on-demand/ (g4dn.xlarge $0.526,
 # g4dn.2xlarge $0.752); they were not re-read on 2026-11-26 and differ by region: check the page. P4d/P5 prices
 # were cut in 2025 and are left out rather than guessed. Spot prices always come from the API.
 INSTANCE_TYPES = {

@@ -1,4 +1,5 @@
-"""TODO docstring (from build)"""
+"""The model: any timm model from the recipe's `model` section (`build_model`), and the timm name it resolves to
+(`model_name`: a BlurPool variant for `model.aa_layer`). Used by the trainer, the export and `predict`."""
 
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ def test_bench_step_reports_both_sides_and_their_ratio(capsys):
 def test_the_cuda_step_never_waits_for_the_host():
     """With the fused optimizer (the default on CUDA) and bf16 or fp16 autocast, the only host syncs are the
     loss read at the end of a log window and of the epoch: their count does not grow with the step count."""
-    from resnet50_recipe.train.step import build_trainer, train_one_epoch
+    from resnet50_recipe.train.step import build_trainer, train_steps
 
     recipe = load_recipe("smoke", ["train.device=cuda", "log.every_steps=1000", "ema.every=2"])
     rt = setup(recipe.train, recipe.seed)
@@ -142,13 +142,13 @@ def test_the_cuda_step_never_waits_for_the_host():
     batch = (torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8).pin_memory(), torch.arange(8) % 10, [])
 
     def syncs(steps: int) -> int:
-        train_one_epoch(trainer, [batch] * 2, 0, 2, log=lambda r: None)  # warm-up: allocator, cuDNN
+        train_steps(trainer, [batch] * 2, 0, 2, log=lambda r: None)  # warm-up: allocator, cuDNN
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                train_one_epoch(trainer, [batch] * steps, 0, steps, log=lambda r: None)
+                train_steps(trainer, [batch] * steps, 0, steps, log=lambda r: None)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         return sum("synchroniz" in str(w.message) for w in caught)

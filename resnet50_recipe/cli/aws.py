@@ -1,4 +1,4 @@
-"""TODO docstring (from cli)"""
+"""`aws price|launch|status|follow|logs|stop|ls`: parsing and dispatch."""
 
 from __future__ import annotations
 

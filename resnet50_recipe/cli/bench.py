@@ -1,4 +1,4 @@
-"""TODO docstring (from cli)"""
+"""`bench data` and `bench step`: parsing and dispatch."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""TODO docstring (from cli)"""
+"""Arguments several commands share: `--set` overrides and their shortcuts, `--endpoint-url`, `--weights`,
+`--quiet`."""
 
 from __future__ import annotations
 
 __all__ = ["SHORTCUTS", "add_set", "add_endpoint_url", "add_weights", "add_quiet"]
 
-# Shortcut flags named as in the guide; each is a `--set` in disguise and shows in the resolved recipe.
+# Shortcut flags for the settings changed most often (--data, --epochs, ...); each is a `--set` in disguise
+# and shows in the resolved recipe.
 SHORTCUTS = {"data": "data.path", "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "optim.lr",
              "workers": "data.workers", "remote": "checkpoint.remote"}
 

@@ -1,4 +1,4 @@
-"""TODO docstring (from cli)"""
+"""`data synthetic|imagenette|imagenet|verify|resize`: parsing and dispatch."""
 
 from __future__ import annotations
 

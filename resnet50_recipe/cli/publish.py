@@ -1,4 +1,4 @@
-"""TODO docstring (from cli)"""
+"""`export` and `push`: parsing and dispatch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring (from cli)"""
+"""The commands that look at runs: `runs ls/pull`, `watch`, `predict`, `explain`, `report`; parsing and dispatch."""
 
 from __future__ import annotations
 

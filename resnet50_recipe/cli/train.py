@@ -1,4 +1,4 @@
-"""TODO docstring (from cli)"""
+"""`train` (on one process, or relaunched under torchrun with --nproc-per-node) and `eval`: parsing and dispatch."""
 
 from __future__ import annotations
 

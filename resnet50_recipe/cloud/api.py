@@ -1,4 +1,5 @@
-"""TODO docstring (from aws)"""
+"""The AWS calls of the launcher: `Api` (boto3 clients, a dry run that records calls instead of making them),
+error codes, tags, and `AwsError`."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""What EC2 time costs: the instance tables, spot prices, a recipe's estimate, and, on the instance, the cost so
-far of the machine a run trains on and the budget that stops it.
-
-The trainer imports this module on the instance; it needs boto3 only for the spot price, and never the
-launcher (aws.py), which runs on the laptop.
+"""What a run will cost, asked on the laptop: throughput per GPU, a recipe's hours and dollars on each instance type,
+batch-size advice, the cost of a finished run from the price history, and `aws price`. The instance's own cost
+and budget, which the trainer needs, are in train/budget.py; the instance table is in ec2.py.
 """
 
 from __future__ import annotations
@@ -29,9 +27,10 @@ DEFAULT_PRICE_TYPES = ("g4dn.xlarge", "g4dn.2xlarge", "g5.xlarge", "g5.2xlarge",
 THROUGHPUT_224 = {
     "T4": (210, "estimate used by the recipes and README (not measured yet)"),
     "A10G": (420, "estimate: about twice T4 by fp16 tensor-core peak (no published figure found)"),
-    "V100": (1200, "NVIDIA DeepLearningExamples RN50 v1.5, V100 16GB, AMP (shared/reference/anchors.md)"),
-    "A100": (2470, "NVIDIA DeepLearningExamples RN50 v1.5, A100 80GB, AMP (anchors.md)"),
-    "H100": (7000, "MLPerf Training v3.0, 8xH100 at ~56k img/s, MXNet + DALI (anchors.md): an upper bound"),
+    "V100": (1200, "NVIDIA DeepLearningExamples RN50 v1.5, V100 16GB, AMP (https://github.com/NVIDIA/DeepLearningExamples/tree/master/PyTorch/Classification/ConvNets/resnet50v1.5)"),
+    "A100": (2470, "NVIDIA DeepLearningExamples RN50 v1.5, A100 80GB, AMP (same page)"),
+    "H100": (7000, "MLPerf Training v3.0 (https://mlcommons.org/benchmarks/training/), 8xH100 at ~56k img/s, "
+             "MXNet + DALI: an upper bound"),
 }
 
 

@@ -1,4 +1,4 @@
-"""TODO docstring (from aws)"""
+"""The runs `aws launch` started, found by tag: `status` (with cost so far), `follow`, `logs`, `stop`, `ls`."""
 
 from __future__ import annotations
 

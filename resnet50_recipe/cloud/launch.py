@@ -1,12 +1,12 @@
 """AWS spot runs from the command line, on the laptop: price, launch, status, logs, stop, ls. What runs on the
-instance is elsewhere: the cost of its machine in cost.py, the rest in aws/user-data.sh.
+instance is elsewhere: the cost of its machine in train/budget.py, the rest in cloud/user-data.sh.
 
 Every AWS call goes through `Api`, so that `--dry-run` can print each call with its arguments instead of making
 it. Clients are plain boto3 clients: credentials and region come from boto3's chain, and boto3 itself honours
 AWS_ENDPOINT_URL (and AWS_ENDPOINT_URL_<SERVICE>), so the whole CLI runs against a moto server too.
 
-The files a user may read or edit live in the repository's aws/ folder (shipped as `resnet50_recipe.aws_files`):
-the instance's user data and the IAM policy template.
+The files a user may read or edit sit beside this module (package data of `resnet50_recipe.cloud`): the
+instance's user data (user-data.sh) and the IAM policy template (iam-policy.json).
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ log = logging.getLogger(__name__)
 
 
 # The AWS Deep Learning Base AMI (Ubuntu 22.04, NVIDIA driver, x86_64), through its public SSM parameter, so that a
-# launch always gets the current image instead of a hard-coded id that goes stale (the guide's ami-0c02fb55956c7d316).
+# launch always gets the current image instead of a hard-coded AMI id, which goes stale.
 DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 
 
 
-# Spot vCPU quotas per instance family (Service Quotas, service code "ec2"). The guide checked L-34B43A08, the
-# quota for *standard* instances; g4dn counts against the G and VT one.
+# Spot vCPU quotas per instance family (Service Quotas, service code "ec2"). L-34B43A08 is the quota for
+# *standard* instances; g4dn counts against the G and VT one.
 SPOT_QUOTAS = {"g": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
                "vt": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
                "p": ("L-7212CCBC", "All P Spot Instance Requests")}
@@ -94,7 +94,7 @@ def asset(name: str) -> str:
 
 def policy_document(bucket: str, prefix: str, reads: list[tuple[str, str]], region: str = "us-east-1",
                     run: str = "", token: str | None = None, release: bool = True) -> dict:
-    """aws/iam-policy.json filled in: read-write on the run's prefix only, read-only on each (bucket, key or
+    """iam-policy.json filled in: read-write on the run's prefix only, read-only on each (bucket, key or
     prefix) in `reads` (data, a wheel), the spot price history for cost tracking; with `release`, cancelling and
     terminating only what is tagged with the run's name (its own request and instance); with `token`, reading
     only that SSM parameter."""
@@ -229,7 +229,7 @@ def spot_vcpus_in_use(api: Api, family: str) -> int:
 
 
 def render_user_data(settings: dict) -> str:
-    """aws/user-data.sh with its settings block replaced by these values (shell-quoted)."""
+    """user-data.sh with its settings block replaced by these values (shell-quoted)."""
     template = asset("user-data.sh")
     begin, end = "# --- settings: written by `resnet50-recipe aws launch` ---", "# --- end of settings ---"
     head, rest = template.split(begin, 1)

@@ -59,7 +59,7 @@ def choose(package: str | None) -> Package:
                        "release): a wheel of it is built (pip wheel) and shipped through the run's prefix",
                        build_from=source)
     # Installed into site-packages: its own metadata there says how (a checkout's egg-info must not answer).
-    found = list(importlib.metadata.distributions(name=DIST, path=[str(Path(__file__).resolve().parent.parent)]))
+    found = list(importlib.metadata.distributions(name=DIST, path=[str(Path(__file__).resolve().parents[2])]))
     dist = found[0] if found else None
     direct = json.loads(dist.read_text("direct_url.json") or "null") if dist else None
     version = dist.version if dist else __version__
@@ -81,7 +81,7 @@ def choose(package: str | None) -> Package:
 
 def _source() -> Path | None:
     """The checkout this module runs from, when it is one."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
 
 

@@ -1,7 +1,7 @@
 """`bench data`: images/s of a recipe's own training input pipeline (ImageFolderDataset + timm transform +
 DataLoader + uint8 collate, built by the same functions the trainer calls), per worker count.
 
-This is the guide's "is data loading the bottleneck?" check, answered before renting a GPU.
+It answers "is data loading the bottleneck?" before a GPU is rented.
 """
 
 from __future__ import annotations

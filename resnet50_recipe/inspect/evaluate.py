@@ -1,4 +1,5 @@
-"""TODO docstring (from engine)"""
+"""`evaluate_checkpoint` (`resnet50-recipe eval`): a checkpoint's top-1/top-5 on a val folder, with the
+trainer's own evaluation."""
 
 from __future__ import annotations
 

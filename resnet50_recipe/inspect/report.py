@@ -3,7 +3,7 @@
 It holds the recipe and environment, the training curves, per-class accuracy and a confusion matrix from
 evaluating the chosen checkpoint on the val set, the most confident mistakes, and time and cost. The page
 loads nothing from the network: styles are inline and the images sit beside it. The Hub export copies the
-PNGs into its model card when a report exists (hub.py).
+PNGs into its model card when a report exists (publish/card.py).
 """
 
 from __future__ import annotations

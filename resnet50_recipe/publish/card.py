@@ -1,4 +1,5 @@
-"""TODO docstring (from hub)"""
+"""The model card (the export's README.md): what was trained, on what, how well, at what cost, with the recipe and
+the figures of the run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from resnet50_recipe.recipe import Recipe, to_yaml
 __all__ = ["REPO_PLACEHOLDER", "REPORT_PNGS", "model_card"]
 
 REPO_PLACEHOLDER = "YOUR-USER/YOUR-MODEL"
-# From report.py's PNGS, less its curves.png (the card shows the run's own). Its numbers are from the weights
+# From inspect/report.py's PNGS, less its curves.png (the card shows the run's own). Its numbers are from the weights
 # the report evaluated, which are the exported ones when both used the same --weights.
 REPORT_PNGS = {"per_class_accuracy.png": "per-class accuracy on val",
                "confusion_matrix.png": "confusion matrix on val", "mistakes.png": "the most confident mistakes on val"}

@@ -1,4 +1,5 @@
-"""TODO docstring (from hub)"""
+"""`push`: an export folder to the Hugging Face Hub, checked before anything is uploaded, with the model card's
+repo id filled in."""
 
 from __future__ import annotations
 

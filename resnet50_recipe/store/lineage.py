@@ -1,4 +1,6 @@
-"""TODO docstring (from storage)"""
+"""The lineage protocol between a run and its remote copy: claiming the remote for a lineage, setting an old
+lineage aside, fetching the newest verified checkpoint for a resume, and the run's files that travel with it
+(docs/DESIGN.md, "Run lineage")."""
 
 from __future__ import annotations
 

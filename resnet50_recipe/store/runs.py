@@ -1,4 +1,4 @@
-"""TODO docstring (from storage)"""
+"""`runs ls` and `runs pull`: the runs under an S3 prefix, and a verified copy of one of them."""
 
 from __future__ import annotations
 

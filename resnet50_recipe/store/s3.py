@@ -146,7 +146,7 @@ class S3Store:
 
     def exists(self, name: str) -> bool:
         """Asked by listing, which a prefix-scoped s3:ListBucket allows: AWS answers a HEAD of a missing key
-        with 403, not 404, when the caller may not list the bucket without a prefix (aws/README.md)."""
+        with 403, not 404, when the caller may not list the bucket without a prefix (docs/aws.md)."""
         key = self.key(name)  # one key is enough: a key sorts before every other key it is a prefix of
         page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1)
         return any(item["Key"] == key for item in page.get("Contents", []))
@@ -287,7 +287,7 @@ class S3Store:
     def abort_stale_uploads(self) -> int:
         """Abort the multipart uploads under the prefix that began before this store was opened: a process
         killed mid-upload leaves its parts, which S3 bills until they are aborted. Needs
-        s3:ListBucketMultipartUploads; without it the bucket's lifecycle rule does the job (aws/README.md)."""
+        s3:ListBucketMultipartUploads; without it the bucket's lifecycle rule does the job (docs/aws.md)."""
         start = f"{self.prefix}/" if self.prefix else ""
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=start)

@@ -1,4 +1,5 @@
-"""TODO docstring (from storage)"""
+"""The background uploader: each committed local checkpoint goes to the store (upload, verify, sidecar), then the
+remote pointer moves, with a conditional put; the run's files follow. At most one upload is in flight."""
 
 from __future__ import annotations
 

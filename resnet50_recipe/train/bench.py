@@ -2,7 +2,7 @@
 
 Both sides get the same synthetic uint8 batches, already on the device (no decoding, no transfer), and do:
 normalise on the device, forward (under autocast with AMP), cross-entropy, backward (through a GradScaler with
-fp16), and a Nesterov SGD step with the same fused/foreach choice. The trainer's side is `engine.train_one_epoch`
+fp16), and a Nesterov SGD step with the same fused/foreach choice. The trainer's side is `train.step.train_steps`
 itself, so it also pays for what it does every step: the scheduler update, on-device loss accumulation, the step
 timing and the stop check. Trials alternate between the sides and alternate who goes first, so that drift in
 the machine's speed favours neither; the result is the median of each side and their ratio.
@@ -19,7 +19,7 @@ import torch
 from resnet50_recipe.recipe import load_recipe
 from resnet50_recipe.train.components import build_optimizer
 from resnet50_recipe.train.runtime import setup
-from resnet50_recipe.train.step import build_trainer, train_one_epoch
+from resnet50_recipe.train.step import build_trainer, train_steps
 
 __all__ = ["bench_step"]
 
@@ -74,7 +74,7 @@ def bench_step(model: str = "resnet50", img_size: int = 224, batch_size: int = 1
         loss.item()  # the trainer reads its loss once per window too
 
     def ours(n: int) -> None:
-        train_one_epoch(trainer, feed(n), epoch=0, num_batches=n, log=lambda record: None)
+        train_steps(trainer, feed(n), epoch=0, num_batches=n, log=lambda record: None)
 
     cuda = rt.device.type == "cuda"
     sides = {"bare": bare, "trainer": ours}

@@ -1,4 +1,6 @@
-"""TODO docstring (from cost)"""
+"""What the machine a run trains on costs, on the instance: `InstanceCost` (fields for every metrics record) and
+`Budget` (`train.budget_usd`: stop with a checkpoint before the next epoch would pass it), and `budget_text`
+for `watch` and `aws status`. The prices come from ec2.py; the launcher (cloud/) is never imported."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 
-# The StopControl reason of a budget stop; the summary and the exit status (lifecycle.EXIT_BUDGET) key on it.
+# The StopControl reason of a budget stop; the summary and the exit status (errors.EXIT_BUDGET) key on it.
 BUDGET_REASON = "train.budget_usd"
 
 

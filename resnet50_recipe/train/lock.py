@@ -1,4 +1,5 @@
-"""TODO docstring (from lifecycle)"""
+"""The run-directory lock: one trainer per run directory, held with `flock` on `<run>/.lock`, naming its holder in
+a refusal; a dead holder's lock is taken over, and forked children (loader workers) do not keep it."""
 
 from __future__ import annotations
 

@@ -1,15 +1,17 @@
-"""The phases of a run around the training loop, in the order `engine.train` calls them (docs/DESIGN.md,
-"The run's phases"):
+"""The run, in the order it happens: `train` is the outline, one call per phase, and the phases follow it here
+in the same order and with the same numbers as in docs/DESIGN.md ("The run's phases").
 
-1. `check_inputs`: everything a start can fail on (data, batch arithmetic, export settings, the remote), checked
-   before anything is written, so a bad start leaves the run directory as it was;
-2. `open_run`: the run-directory lock, the resume decision and the run's lineage, checks of the checkpoint
-   against the recipe and data, and only then the first writes;
-3. `Services`: the checkpoint writer, the S3 uploader and the spot watcher, with bounded drains;
-4. (the epoch loop and the `Checkpointer`, in engine.py);
-5. `exit_status` and `finish_sync`: what a stop or a finish leaves behind, and the status the process exits with.
-
-The signal handlers are installed by `engine.train` before phase 1, so a stop is honoured at every point.
+0. signals: `install_signal_handlers`, before any set-up work, so that a stop is honoured at every point;
+1. inputs, `check_inputs`: everything a start can fail on (data, batch arithmetic, export settings, the remote),
+   checked before anything is written, so that a bad start leaves the run directory as it was;
+2. open the run, `open_run`: the run-directory lock, the resume decision and the run's lineage, the checkpoint
+   checked against the recipe and the data, and only then the first writes (`write_start`);
+3. build, `build_loop`: samplers, loaders, the trainer, the checkpoint restored;
+4. services, `Services`: the checkpoint writer, the S3 uploader and the spot watcher, with bounded drains;
+5. the epoch loop, `run_epochs`: `run_epoch` (the steps, in step.py), `end_epoch` (evaluate, log, the one stop
+   agreement, the checkpoint cadence), with the `Checkpointer`;
+6. stop and drain, `stop_and_drain`: a stop's checkpoint on disk and in S3 by the deadline;
+7. finish, `finish`: the summary, the last sync, export and push, and `exit_status`.
 """
 
 from __future__ import annotations
@@ -57,8 +59,7 @@ from resnet50_recipe.store.checkpoints import (
 from resnet50_recipe.store.lineage import claim, install_staged, pull_files, stage_remote
 from resnet50_recipe.store.s3 import S3Store
 from resnet50_recipe.store.uploader import Uploader
-from resnet50_recipe.train import budget as cost
-from resnet50_recipe.train.budget import BUDGET_REASON
+from resnet50_recipe.train.budget import BUDGET_REASON, Budget, InstanceCost
 from resnet50_recipe.train.lock import RunLock
 from resnet50_recipe.train.runlog import RunLog, check_replaceable, clear_run_dir
 from resnet50_recipe.train.runtime import Runtime, setup, write_json
@@ -72,16 +73,15 @@ from resnet50_recipe.train.state import (
     set_rng_state,
     snapshot,
 )
-from resnet50_recipe.train.step import Trainer, agreed_stop, build_trainer, evaluate, train_one_epoch
+from resnet50_recipe.train.step import Trainer, agreed_stop, build_trainer, evaluate, train_steps
 from resnet50_recipe.train.stop import StopControl, install_signal_handlers, restore_signal_handlers, start_spot_watcher
 
 __all__ = ["train", "SetupStopped", "check_stop", "Inputs", "check_inputs", "check_export_settings", "Run",
-           "open_run", "decide", "check_resumable", "train_set_change", "prepare", "Loop", "Outcome", "build",
-           "Services", "Checkpointer", "run_epochs", "train_epoch", "end_epoch", "evaluate_epoch", "stop_and_drain",
+           "open_run", "decide", "check_resumable", "train_set_change", "write_start", "Loop", "Outcome", "build_loop",
+           "Services", "Checkpointer", "run_epochs", "run_epoch", "end_epoch", "evaluate_epoch", "stop_and_drain",
            "finish", "publish_run", "make_summary", "exit_status"]
 
 log = logging.getLogger(__name__)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -91,7 +91,7 @@ log = logging.getLogger(__name__)
 def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = False, resume: str = "auto",
           force: bool = False, allow_recipe_change: bool = False, control: StopControl | None = None) -> dict:
     """Train `recipe` in the run directory `output` (default runs/<recipe name>); return the summary, whose
-    `exit_status` is what `resnet50-recipe train` exits with (README, "Exit codes").
+    `exit_status` is what `resnet50-recipe train` exits with (docs/exit-codes.md).
 
     `resume`: "auto" continues the run's current lineage from its newest valid checkpoint, locally or in S3,
     when there is one; "never" starts a new lineage (refusing to replace checkpoints unless `force`); a path
@@ -107,7 +107,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
         inputs = check_inputs(recipe, rt, control)  # 1. every check that needs no checkpoint; nothing written
         run = open_run(recipe, rt, inputs, output, resume, force, allow_recipe_change, control, say)  # 2.
-        loop = build(recipe, rt, inputs, run, say, quiet)  # 3. loaders, trainer, the checkpoint restored
+        loop = build_loop(recipe, rt, inputs, run, say, quiet)  # 3. loaders, trainer, the checkpoint restored
         services = Services(run, recipe, rt, inputs, control, loop.runlog)  # 4. writer, uploader, spot watcher
         outcome = run_epochs(loop, Checkpointer(loop, services, control), control)  # 5. the epoch loop
         unfinished = stop_and_drain(loop, services, outcome, control)  # 6. a stop's checkpoint made safe
@@ -124,16 +124,13 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         restore_signal_handlers(handlers)  # after the last sync
 
 
-
 class SetupStopped(Exception):
     """A stop request arrived before training began: nothing was changed, so the run exits 75 at once."""
-
 
 
 def check_stop(control: StopControl, where: str) -> None:
     if control.stop.is_set():
         raise SetupStopped(f"stopped during set-up ({control.reason}), before {where}; nothing was changed")
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,7 +149,6 @@ class Inputs:
     samples_per_batch: int  # one micro-batch over every process
     global_batch: int
     store: object | None  # storage.S3Store when checkpoint.remote is set
-
 
 
 def check_inputs(recipe: Recipe, rt: Runtime, control: StopControl) -> Inputs:
@@ -195,7 +191,6 @@ def check_inputs(recipe: Recipe, rt: Runtime, control: StopControl) -> Inputs:
                   samples_per_batch, samples_per_batch * tc.accum_steps, store)
 
 
-
 def check_export_settings(recipe: Recipe, classes: list[str]) -> None:
     """The export and push settings, which would otherwise fail only after the whole run has trained."""
     ec = recipe.export
@@ -226,6 +221,9 @@ def check_export_settings(recipe: Recipe, classes: list[str]) -> None:
                               "`resnet50-recipe push`")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 2. Open the run
+
 
 @dataclass
 class Run:
@@ -244,7 +242,6 @@ class Run:
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
-
 
 
 def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | None, resume: str, force: bool,
@@ -267,12 +264,12 @@ def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | N
         except BaseException as e:
             if run is not None:
                 run.close()
-            decision = {"error": f"{type(e).__name__}: {e}"}
+            decision = {"error": f"{type(e).__name__}: {e}", "stopped": isinstance(e, SetupStopped)}
             rt.broadcast(decision)
             raise
     decision = rt.broadcast(decision)
     if "error" in decision:
-        if decision["error"].startswith("SetupStopped"):
+        if decision["stopped"]:
             raise SetupStopped(decision["error"])
         raise RuntimeError(f"rank 0 could not open the run: {decision['error']}")
     if run is None:
@@ -281,7 +278,6 @@ def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | N
             run.resume_path = Path(decision["path"])
             run.state = load_state(run.resume_path)
     return run
-
 
 
 def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, force: bool,
@@ -346,8 +342,7 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
             staged[0].unlink(missing_ok=True)
         raise
     check_stop(control, "writing the run directory")
-    prepare(run, manifest, damaged, staged, remote, resume, force, recipe, inputs, say)
-
+    write_start(run, manifest, damaged, staged, remote, resume, force, recipe, inputs, say)
 
 
 def check_resumable(run: Run, recipe: Recipe, inputs: Inputs, allow_recipe_change: bool) -> None:
@@ -389,7 +384,6 @@ def check_resumable(run: Run, recipe: Recipe, inputs: Inputs, allow_recipe_chang
                           "match it, or pass --allow-recipe-change")
 
 
-
 def train_set_change(state: dict, inputs: Inputs) -> str | None:
     """How the train set differs from the checkpoint's (its image count and file-list hash); None when it does
     not, or when the checkpoint predates the record."""
@@ -400,8 +394,7 @@ def train_set_change(state: dict, inputs: Inputs) -> str | None:
             f"the same {now['images']} images in number, but other files")
 
 
-
-def prepare(run: Run, manifest: dict | None, damaged: bool, staged, remote: dict | None, resume: str, force: bool,
+def write_start(run: Run, manifest: dict | None, damaged: bool, staged, remote: dict | None, resume: str, force: bool,
             recipe: Recipe, inputs: Inputs, say) -> None:
     """The first writes, once everything is checked: the run directory, the lineage, the fetched checkpoint."""
     folder, cc = run.folder, recipe.checkpoint
@@ -433,8 +426,8 @@ def prepare(run: Run, manifest: dict | None, damaged: bool, staged, remote: dict
     run.out.mkdir(parents=True, exist_ok=True)
 
 
-
-
+# ---------------------------------------------------------------------------------------------------------
+# 3. Build
 
 
 @dataclass
@@ -459,7 +452,6 @@ class Loop:
     loader_size: int | None = None
 
 
-
 @dataclass
 class Outcome:
     """How the epoch loop ended: at the end, or stopped with a checkpoint at (epoch, batches done)."""
@@ -468,8 +460,7 @@ class Outcome:
     during: str | None = None  # "training" or "evaluation"
 
 
-
-def build(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet: bool) -> Loop:
+def build_loop(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet: bool) -> Loop:
     """The build phase: samplers and loaders, the trainer, the checkpoint restored, the run's log opened."""
     tc, n = recipe.train, inputs.samples_per_batch
     train_sampler = EpochSampler(len(inputs.train_set), recipe.seed, shuffle=True, rank=rt.rank,
@@ -516,9 +507,8 @@ def build(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet: boo
     return loop
 
 
-
 # ---------------------------------------------------------------------------------------------------------
-# 3. Services
+# 4. Services
 
 
 class Services:
@@ -538,9 +528,9 @@ class Services:
                                   self.uploader.submit if self.uploader else None, run.lineage)
         self.watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s)
         if self.watcher is not None:  # on EC2: every metrics line also says what the instance costs
-            runlog.extra = cost.InstanceCost(self.watcher, run.out / "metrics.jsonl")
+            runlog.extra = InstanceCost(self.watcher, run.out / "metrics.jsonl")
             if recipe.train.budget_usd is not None:
-                self.budget = cost.Budget(recipe.train.budget_usd, runlog.extra)
+                self.budget = Budget(recipe.train.budget_usd, runlog.extra)
 
     def drain(self, deadline: float) -> list[str]:
         """Wait, until `deadline` (epoch seconds) at most, for the checkpoint on disk and then in S3; return what
@@ -567,6 +557,9 @@ class Services:
         if self.uploader is not None:
             self.uploader.close()
 
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The epoch loop
 
 
 class Checkpointer:
@@ -631,7 +624,6 @@ class Checkpointer:
         return self.services.drain(time.time() + self.loop.recipe.checkpoint.stop_timeout_s)
 
 
-
 def run_epochs(loop: Loop, checkpointer: Checkpointer, control: StopControl) -> Outcome:
     """The epoch loop. A stop during training ends it with a checkpoint at the step boundary; a stop during
     evaluation with the epoch-end state and the epoch's record, which the resumed run evaluates first."""
@@ -643,7 +635,7 @@ def run_epochs(loop: Loop, checkpointer: Checkpointer, control: StopControl) -> 
             return stopped
     for epoch in range(loop.start_epoch, loop.recipe.train.epochs):
         first_batch = loop.start_batch if epoch == loop.start_epoch else 0
-        record = train_epoch(loop, checkpointer, epoch, first_batch, control)
+        record = run_epoch(loop, checkpointer, epoch, first_batch, control)
         if isinstance(record, Outcome):
             return record
         stopped = end_epoch(loop, checkpointer, record, control)
@@ -652,8 +644,7 @@ def run_epochs(loop: Loop, checkpointer: Checkpointer, control: StopControl) -> 
     return Outcome()
 
 
-
-def train_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch: int,
+def run_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch: int,
                 control: StopControl) -> dict | Outcome:
     """Train one epoch from `first_batch`; its record, or the Outcome of a stop (checkpoint submitted)."""
     recipe, rt, t, inputs, tc = loop.recipe, loop.rt, loop.t, loop.inputs, loop.recipe.train
@@ -680,7 +671,7 @@ def train_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch:
                          f"{record['loss']:.4f} lr {record['lr']:.4g} {record['img_per_s']:.0f} img/s "
                          f"data-wait {record['data_wait']:.0%}")
         try:
-            stats = train_one_epoch(t, loop.train_loader, epoch, inputs.num_batches, log_step,
+            stats = train_steps(t, loop.train_loader, epoch, inputs.num_batches, log_step,
                                     bar if loop.show_bar else None, control.stop, first_batch,
                                     lambda done: checkpointer.after_step(epoch, done))
         except UnreadableImage as e:  # bad input met mid-run: keep the work done so far, then say what is wrong
@@ -697,7 +688,6 @@ def train_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch:
     return {"kind": "epoch", "epoch": epoch, "global_step": t.global_step, "train_loss": stats["train_loss"],
             "lr": t.optimizer.param_groups[0]["lr"], "train_size": stats["input_size"],
             "epoch_time_s": time.time() - epoch_start}
-
 
 
 def end_epoch(loop: Loop, checkpointer: Checkpointer, record: dict, control: StopControl) -> Outcome | None:
@@ -732,7 +722,6 @@ def end_epoch(loop: Loop, checkpointer: Checkpointer, record: dict, control: Sto
     return None
 
 
-
 def evaluate_epoch(loop: Loop, control: StopControl) -> dict | None:
     """Raw and EMA top-1/top-5 on val; None when a stop cut the evaluation short."""
     t, flip = loop.t, loop.recipe.augment.eval_flip
@@ -754,6 +743,9 @@ def evaluate_epoch(loop: Loop, control: StopControl) -> dict | None:
     return scores
 
 
+# ---------------------------------------------------------------------------------------------------------
+# 6. Stop and drain
+
 
 def stop_and_drain(loop: Loop, services: Services, outcome: Outcome, control: StopControl) -> list[str]:
     """After a stop: wait for its checkpoint on disk and in S3, until the deadline at most (the spot notice's,
@@ -771,6 +763,9 @@ def stop_and_drain(loop: Loop, services: Services, outcome: Outcome, control: St
              + (f"; the resumed run evaluates epoch {outcome.at[0]} first" if outcome.during == "evaluation" else ""))
     return unfinished
 
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Finish
 
 
 def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[str], control: StopControl) -> dict:
@@ -816,7 +811,6 @@ def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[st
     return summary
 
 
-
 def publish_run(loop: Loop) -> dict:
     """Export, then push when export.repo_id is set; an error is reported with the command that retries it."""
 
@@ -841,7 +835,6 @@ def publish_run(loop: Loop) -> dict:
     return {"pushed": ec.repo_id}
 
 
-
 def make_summary(recipe: Recipe, t: Trainer, history: list[dict], best: dict | None, wall_time_s: float,
                  n_params: int, num_classes: int, stopped: bool, rt: Runtime) -> dict:
     evaluated = [r for r in history if "top1" in r]
@@ -858,7 +851,6 @@ def make_summary(recipe: Recipe, t: Trainer, history: list[dict], best: dict | N
     }
 
 
-
 def _epoch_line(r: dict, epochs: int) -> str:
     line = f"epoch {r['epoch'] + 1}/{epochs}: train loss {r['train_loss']:.4f}"
     if "top1" in r:
@@ -866,11 +858,6 @@ def _epoch_line(r: dict, epochs: int) -> str:
     if "ema_top1" in r:
         line += f", EMA top-1 {r['ema_top1']:.4f}"
     return line + f" ({r['epoch_time_s']:.1f} s)"
-
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 5. The end
 
 
 def exit_status(summary: dict) -> int:

@@ -161,7 +161,7 @@ def versions() -> dict:
 def git_commit() -> str | None:
     """The commit of this package's own checkout; None for an installed copy, even one that happens to sit
     inside some other git repository (a virtualenv in a user's project, say)."""
-    checkout = Path(__file__).resolve().parent.parent
+    checkout = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=checkout, capture_output=True,
                              text=True, timeout=5)

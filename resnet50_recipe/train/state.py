@@ -1,4 +1,6 @@
-"""TODO docstring (from checkpoint, engine)"""
+"""The training state a checkpoint holds: `snapshot` (a CPU copy at a step boundary, pickle-free) and `restore`,
+the RNG states by rank, each rank's BatchNorm statistics, and the loop's `Progress`. The files themselves are
+written by store/checkpoints.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring (from engine)"""
+"""The step: the `Trainer` (model, EMA, optimizer, scheduler, scaler, loss, Mixup) built from a recipe, batches on
+the device, `train_steps` over one epoch's batches, the stop checks between steps, and `evaluate`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from resnet50_recipe.recipe import Recipe, RecipeError, scaled_lr
 from resnet50_recipe.train.components import build_ema, build_loss, build_mixup, build_optimizer, build_scheduler
 from resnet50_recipe.train.runtime import Runtime
 
-__all__ = ["Trainer", "make_to_input", "device_batches", "prepare_model", "build_trainer", "train_one_epoch",
+__all__ = ["Trainer", "make_to_input", "device_batches", "prepare_model", "build_trainer", "train_steps",
            "optimizer_step", "should_stop", "agreed_stop", "evaluate"]
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epo
 # One epoch
 
 
-def train_one_epoch(t: Trainer, batches: Iterable, epoch: int, num_batches: int, log, progress=None,
+def train_steps(t: Trainer, batches: Iterable, epoch: int, num_batches: int, log, progress=None,
                     stop: threading.Event | None = None, start_batch: int = 0,
                     after_step: Callable[[int], None] | None = None) -> dict:
     """Run micro-batches `start_batch` to `num_batches` of the epoch (a whole number of optimizer steps).

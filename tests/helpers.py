@@ -1,0 +1,203 @@
+"""Plain helpers shared by more than one test file: import them from here (`from helpers import ...`), never from
+another test file or from conftest.py, which holds the fixtures only. tests/test_helpers_layout.py checks this."""
+import io
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from resnet50_recipe.store.checkpoints import load_state, read_manifest
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes and ports
+
+
+def tiny_overlay(data_dir, **extra) -> list[str]:
+    """Shrinks any recipe to a 2-step, 32 px run on generated data: what the recipe tests train."""
+    overrides = {
+        "data.path": str(data_dir), "data.synthetic": "null", "data.workers": 0,
+        "train.epochs": 1, "train.steps_per_epoch": 2, "train.batch_size": 4, "train.accum_steps": 1,
+        "augment.train_size": 32, "augment.progressive": "null", "augment.eval_size": 32, "log.every_steps": 1,
+        "train.device": "cpu",
+    }
+    overrides.update(extra)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remote_args(bucket, endpoint, run):
+    return {"checkpoint.remote": f"s3://{bucket}/runs/{run}", "checkpoint.endpoint_url": endpoint}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact resume across real processes (test_resume, test_storage, test_lifecycle, test_ddp)
+
+TIMING = {"img_per_s", "data_wait", "epoch_time_s", "peak_gpu_mem_gb"}
+
+
+def overlay(data, **extra):
+    """The smoke recipe, deterministic on CPU, 3 epochs of 24 steps, exercising every RNG stream."""
+    settings = {
+        "data.path": data, "data.synthetic": "null", "data.workers": 1, "train.device": "cpu",
+        "train.deterministic": "true", "train.epochs": 3, "train.batch_size": 8, "augment.train_size": 32,
+        "augment.eval_size": 32, "log.every_steps": 5, "checkpoint.every_epochs": 1, "checkpoint.keep_last": 2,
+        "mixup.mixup_alpha": 0.2, "mixup.cutmix_alpha": 1.0, "augment.re_prob": 0.25, "model.drop_path": 0.1,
+        "checkpoint.spot_notice": "off",
+    }
+    settings.update(extra)
+    args = []
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def start(out, args, **popen):
+    command = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(out)] + args
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def last_step(out) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    steps = [json.loads(line)["global_step"] for line in lines if line.endswith("}")]
+    return steps[-1] if steps else -1
+
+
+def final_state(out) -> dict:
+    folder = out / "checkpoints"
+    return load_state(folder / read_manifest(folder)["file"])
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records if r.get("kind") != "start"]
+
+
+def assert_same_tree(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDP through torchrun (test_ddp, test_lifecycle)
+
+GLOBAL_BATCH = 8
+
+
+def args_for(data, out, processes, **extra):
+    """A norm-per-sample model (ConvNeXt's LayerNorm), so 2 x 4 images per step is the same math as 1 x 8."""
+    settings = {"model.name": "test_convnext", "model.drop_path": 0.0, "data.path": data, "data.synthetic": "null",
+                "data.workers": 0, "train.device": "cpu", "train.deterministic": "true", "train.epochs": 2,
+                "train.steps_per_epoch": 10, "train.batch_size": GLOBAL_BATCH // processes,
+                "augment.train_size": 32, "augment.eval_size": 32, "log.every_steps": 1,
+                "checkpoint.every_epochs": 1, "checkpoint.spot_notice": "off", "train.stop_sync_every": 1,
+                "export.enabled": "false"}
+    settings.update(extra)
+    command = ["train", "smoke", "--output", str(out)]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={value}"]
+    return command
+
+
+def worker_pids(root: int) -> dict[int, int]:
+    """rank -> pid of the training workers below `root` (the CLI, then torchrun, then the workers)."""
+    found, stack = {}, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            stack.append(child)
+            try:
+                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            rank = [e for e in env if e.startswith(b"RANK=")]
+            if rank and b"LOCAL_RANK=" in b"\0".join(env):
+                found[int(rank[0][5:])] = child
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The EC2 instance metadata service (test_resume, test_aws)
+
+
+class MetadataStandIn(BaseHTTPRequestHandler):
+    """IMDSv2 as amazon-ec2-metadata-mock serves it: a token first, then 404 until a notice is posted."""
+    token = "AQAEAtest-token=="
+    notice: dict | None = None
+    rebalance: dict | None = None
+    requests: list = []
+
+    def do_PUT(self):
+        if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+            self._send(200, self.token)
+        else:
+            self._send(400, "missing X-aws-ec2-metadata-token-ttl-seconds")
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
+            return self._send(401, "")
+        body = {"/latest/meta-data/spot/instance-action": type(self).notice,
+                "/latest/meta-data/events/recommendations/rebalance": type(self).rebalance}.get(self.path)
+        self._send(200, json.dumps(body)) if body else self._send(404, "Not Found")
+
+    def _send(self, code, body):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generated archives (test_prepare, test_sources)
+
+
+def jpeg_bytes(seed: int, size=(24, 20)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def tar_bytes(files: dict[str, bytes], mode: str = "w") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, data in files.items():
+            add_file(tar, name, data)
+    return buf.getvalue()
