@@ -113,3 +113,10 @@ def test_every_module_defines_all():
             defined |= {a.asname or a.name for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
                         for a in n.names}
             assert set(declared) <= defined, f"{path}: __all__ names {set(declared) - defined}, not defined there"
+
+
+def test_no_function_is_over_80_lines():
+    long = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})"
+            for path in MODULES.values() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, f"functions over 80 lines: {long}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from resnet50_recipe.recipe import Recipe, to_yaml
 
-__all__ = ["REPO_PLACEHOLDER", "REPORT_PNGS", "model_card"]
+__all__ = ["REPO_PLACEHOLDER", "REPORT_PNGS", "model_card", "card_data"]
 
 REPO_PLACEHOLDER = "YOUR-USER/YOUR-MODEL"
 # From inspect/report.py's PNGS, less its curves.png (the card shows the run's own). Its numbers are from the weights
@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 def model_card(recipe: Recipe, state: dict, kind: str, path: Path, run_dir: Path, repo_id: str | None,
                license: str, dataset: str | None) -> str:
     """README.md: Hub front matter (library, tags, license, datasets, model-index) and a plain-text body."""
-    from huggingface_hub import EvalResult, ModelCardData
-
     evaluated = [r for r in state["metrics"] if "top1" in r]
     last = evaluated[-1] if evaluated else {}
     top1 = last.get("ema_top1" if kind == "ema" else "top1")
@@ -34,13 +32,7 @@ def model_card(recipe: Recipe, state: dict, kind: str, path: Path, run_dir: Path
     dataset_id = dataset or ("imagenet-1k" if len(state["class_names"]) == 1000 else None)
     dataset_name = dataset_id or f"{len(state['class_names'])}-class ImageFolder"
     name = (repo_id or REPO_PLACEHOLDER).split("/")[-1]
-    results = [EvalResult(task_type="image-classification", dataset_type=dataset_id or "imagefolder",
-                          dataset_name=dataset_name, dataset_split="validation", metric_type="accuracy",
-                          metric_name=metric, metric_value=round(value, 4))
-               for metric, value in (("top-1", top1), ("top-5", top5)) if value is not None]
-    data = ModelCardData(library_name="timm", license=license, tags=["image-classification", "timm"],
-                         datasets=[dataset_id] if dataset_id else None, model_name=name,
-                         eval_results=results or None)
+    front_matter = card_data(name, license, dataset_id, dataset_name, top1, top5)
     env = state.get("versions", {})
     hardware = ", ".join(env.get("gpus") or []) or f"CPU ({env.get('platform', 'unknown platform')})"
     summary = _read_json(run_dir / "summary.json")
@@ -52,7 +44,7 @@ def model_card(recipe: Recipe, state: dict, kind: str, path: Path, run_dir: Path
                       if (run_dir / "report" / name).is_file())
     analysis = f"\n## Analysis\n\nFrom `resnet50-recipe report` on the run.\n\n{figures}" if figures else ""
     return f"""---
-{data.to_yaml()}
+{front_matter}
 ---
 
 # {name}
@@ -105,6 +97,21 @@ logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))
 - Trained from scratch with the recipe above; compare with published weights before relying on it.
 """
 
+
+
+def card_data(name: str, license: str, dataset_id: str | None, dataset_name: str, top1: float | None,
+              top5: float | None) -> str:
+    """The card's YAML front matter: what the Hub indexes (library, tags, license, datasets, the model-index with
+    the val top-1 and top-5)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = [EvalResult(task_type="image-classification", dataset_type=dataset_id or "imagefolder",
+                          dataset_name=dataset_name, dataset_split="validation", metric_type="accuracy",
+                          metric_name=metric, metric_value=round(value, 4))
+               for metric, value in (("top-1", top1), ("top-5", top5)) if value is not None]
+    return ModelCardData(library_name="timm", license=license, tags=["image-classification", "timm"],
+                         datasets=[dataset_id] if dataset_id else None, model_name=name,
+                         eval_results=results or None).to_yaml()
 
 
 def _duration(seconds: float) -> str:

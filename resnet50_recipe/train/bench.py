@@ -21,7 +21,7 @@ from resnet50_recipe.train.components import build_optimizer
 from resnet50_recipe.train.runtime import setup
 from resnet50_recipe.train.step import build_trainer, train_steps
 
-__all__ = ["bench_step"]
+__all__ = ["bench_step", "time_sides"]
 
 
 def bench_step(model: str = "resnet50", img_size: int = 224, batch_size: int = 128, amp: bool = True,
@@ -77,24 +77,7 @@ def bench_step(model: str = "resnet50", img_size: int = 224, batch_size: int = 1
         train_steps(trainer, feed(n), epoch=0, num_batches=n, log=lambda record: None)
 
     cuda = rt.device.type == "cuda"
-    sides = {"bare": bare, "trainer": ours}
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    peak: dict[str, float] = {name: 0.0 for name in sides}
-    for run in sides.values():  # compilation, cuDNN autotuning, allocator growth
-        run(warmup)
-    order = list(sides)
-    for _ in range(trials):
-        for name in order:
-            if cuda:
-                torch.cuda.synchronize(rt.device)
-                torch.cuda.reset_peak_memory_stats(rt.device)
-            start = time.perf_counter()
-            sides[name](steps)
-            if cuda:
-                torch.cuda.synchronize(rt.device)
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(rt.device) / 2**30)
-            rates[name].append(steps * batch_size / (time.perf_counter() - start))
-        order.reverse()
+    rates, peak = time_sides({"bare": bare, "trainer": ours}, rt.device, warmup, steps, trials, batch_size)
     bare_median, ours_median = statistics.median(rates["bare"]), statistics.median(rates["trainer"])
     return {
         "model": model, "img_size": img_size, "batch_size": batch_size, "amp": str(rt.amp_dtype).replace(
@@ -110,3 +93,28 @@ def bench_step(model: str = "resnet50", img_size: int = 224, batch_size: int = 1
         "bare_peak_mem_gb": round(peak["bare"], 2) if cuda else None,
         "torch": str(torch.__version__), "timm": timm.__version__,
     }
+
+
+def time_sides(sides: dict, device: torch.device, warmup: int, steps: int, trials: int,
+               batch_size: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Images/s of each side per trial, and each side's peak GPU memory (GiB). Trials alternate the sides and
+    who goes first, so that drift in the machine's speed favours neither."""
+    cuda = device.type == "cuda"
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    peak: dict[str, float] = {name: 0.0 for name in sides}
+    for run in sides.values():  # compilation, cuDNN autotuning, allocator growth
+        run(warmup)
+    order = list(sides)
+    for _ in range(trials):
+        for name in order:
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            sides[name](steps)
+            if cuda:
+                torch.cuda.synchronize(device)
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) / 2**30)
+            rates[name].append(steps * batch_size / (time.perf_counter() - start))
+        order.reverse()
+    return rates, peak
