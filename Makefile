@@ -6,7 +6,7 @@ else
 PYTHON := .venv/bin/python
 endif
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install:
 ifndef VIRTUAL_ENV
@@ -19,6 +19,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q
+
+# The fast tier: every module of the package in under 3 minutes on 2 CPU cores, for the edit-test loop. It leaves
+# out the tests marked slow (tests/conftest.py says which and why); `make test` runs everything.
+test-fast: install
+	$(PYTHON) -m pytest -q -m "not slow and not gpu"
 
 # The CPU rows of BENCHMARKS.md's step table: our step against a bare loop, ResNet-18 and ResNet-50 at 64 px.
 bench: install

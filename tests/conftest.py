@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import free_port
 
 from resnet50_recipe.data.synthetic import generate
 
@@ -32,26 +33,6 @@ def smoke_run(tmp_path_factory):
     recipe = load_recipe("smoke", [f"data.path={base / 'shapes'}"])
     summary = train(recipe, base / "run", quiet=True)
     return SimpleNamespace(dir=base / "run", data=base / "shapes", summary=summary, recipe=recipe)
-
-
-def tiny_overlay(data_dir, **extra) -> list[str]:
-    """Shrinks any recipe to a 2-step, 32 px run on generated data: what the recipe tests train."""
-    overrides = {
-        "data.path": str(data_dir), "data.synthetic": "null", "data.workers": 0,
-        "train.epochs": 1, "train.steps_per_epoch": 2, "train.batch_size": 4, "train.accum_steps": 1,
-        "augment.train_size": 32, "augment.progressive": "null", "augment.eval_size": 32, "log.every_steps": 1,
-        "train.device": "cpu",
-    }
-    overrides.update(extra)
-    return [f"{k}={v}" for k, v in overrides.items()]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

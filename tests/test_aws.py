@@ -16,9 +16,8 @@ import boto3
 import pytest
 import yaml
 from botocore.stub import Stubber
-from conftest import tiny_overlay
+from helpers import MetadataStandIn, free_port, tiny_overlay
 from moto import mock_aws
-from test_resume import MetadataStandIn
 
 from resnet50_recipe import ec2 as ec2_facts
 from resnet50_recipe import load_recipe, train
@@ -172,8 +171,8 @@ def test_a_second_launch_reuses_the_role_and_profile_and_moves_the_policy(cloud)
 
 
 def test_an_exceeded_quota_refuses_clearly_and_creates_nothing(cloud):
-    """moto has no EC2 quotas, so this one client answers through botocore's Stubber: the guide's 8 vCPUs,
-    with a 4-vCPU spot instance already running."""
+    """moto has no EC2 quotas, so this one client answers through botocore's Stubber: a spot quota of 8
+    vCPUs (one g4dn.2xlarge), with a 4-vCPU spot instance already running."""
     ec2 = cloud["ec2"]
     ec2.run_instances(ImageId=cloud["ami"], InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1,
                       InstanceMarketOptions={"MarketType": "spot"})
@@ -324,7 +323,7 @@ def test_the_dry_run_in_the_readmes_is_what_the_command_prints(capsys, monkeypat
     printed = capsys.readouterr().out.split("\n# <")[0].rstrip()
     timestamps = re.compile(r"\d{4}-\d\d-\d\d[ T][\d:.]+(\+00:00|Z)")
     root = Path(__file__).parent.parent
-    for readme in (root / "README.md", root / "aws" / "README.md"):
+    for readme in (root / "docs" / "aws.md",):  # the one page that shows the listing; README.md links to it
         before, rest = readme.read_text().split(f"$ {command} --dry-run\n", 1)
         shown, after = rest.split("\n```", 1)
         if os.environ.get("REGENERATE_README") == "1":  # REGENERATE_README=1 pytest -k readmes rewrites the blocks
@@ -428,8 +427,6 @@ def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, 
     """moto with IAM enforced (after 4 set-up calls), a user holding exactly the run's policy: the trainer's S3
     preflight and pointer writes work on the run's prefix and are refused next door; of EC2 only the spot price
     history is allowed. (moto does not evaluate the s3:prefix condition on ListBucket, so that part is not shown.)"""
-    from conftest import free_port
-
     from resnet50_recipe.store.s3 import RemoteError, S3Store
 
     port = free_port()
@@ -534,8 +531,8 @@ def test_a_budget_below_the_estimate_refuses_with_the_estimate_and_the_cheaper_c
     $0.00001/h). Four T4s, or the 8-GPU types, finish sooner: those are the cheaper choices the refusal names."""
     with pytest.raises(cloud_api.AwsError) as refused:
         launcher.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", data=f"s3://{cloud['bucket']}/imagenet/",
-                   instance_type="g4dn.2xlarge", budget_usd=2, ami=cloud["ami"], region=REGION, package=RELEASE,
-                   out=lambda *a: None)
+                        instance_type="g4dn.2xlarge", budget_usd=2, ami=cloud["ami"], region=REGION, package=RELEASE,
+                        out=lambda *a: None)
     message = str(refused.value)
     assert message.startswith("--budget-usd 2: the estimate for imagenet-100ep passes it (g4dn.2xlarge ~$2.84: ")
     assert "within the budget: p5.48xlarge ~$0.01, p4d.24xlarge ~$0.03, g4dn.12xlarge ~$0.71, g5.2xlarge ~$1.42" \
@@ -559,7 +556,7 @@ def test_auto_ranks_by_cost_to_finish_and_falls_back_to_the_next_type_without_ca
     api.client("ec2").meta.events.register("before-call.ec2.RunInstances", lambda params, **kw: (
         _raise_capacity() if params["body"]["InstanceType"] == first else None))  # no capacity in any AZ
     result = launcher.launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", name="r1", data=plan.data,
-                        instance_type="auto", ami=cloud["ami"], package=RELEASE, api=api, out=lines.append)
+                             instance_type="auto", ami=cloud["ami"], package=RELEASE, api=api, out=lines.append)
     assert result["instance_type"] == second
     assert len(result["tried"]) == len(ec2_facts.spot_prices(api, first))  # every AZ of the first, then the second
     ranking = next(line for line in lines if line.startswith("instance types by estimated cost to finish"))

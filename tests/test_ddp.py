@@ -10,33 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import assert_same_tree
+from helpers import GLOBAL_BATCH, args_for, assert_same_tree, worker_pids
 
 from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.errors import EXIT_PREEMPTED
 from resnet50_recipe.store.checkpoints import load_state, read_manifest
 
-GLOBAL_BATCH = 8
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data") / "shapes", classes=4, per_class=48, val_per_class=7, size=32)
-
-
-def args_for(data, out, processes, **extra):
-    """A norm-per-sample model (ConvNeXt's LayerNorm), so 2 x 4 images per step is the same math as 1 x 8."""
-    settings = {"model.name": "test_convnext", "model.drop_path": 0.0, "data.path": data, "data.synthetic": "null",
-                "data.workers": 0, "train.device": "cpu", "train.deterministic": "true", "train.epochs": 2,
-                "train.steps_per_epoch": 10, "train.batch_size": GLOBAL_BATCH // processes,
-                "augment.train_size": 32, "augment.eval_size": 32, "log.every_steps": 1,
-                "checkpoint.every_epochs": 1, "checkpoint.spot_notice": "off", "train.stop_sync_every": 1,
-                "export.enabled": "false"}
-    settings.update(extra)
-    command = ["train", "smoke", "--output", str(out)]
-    for key, value in settings.items():
-        command += ["--set", f"{key}={value}"]
-    return command
 
 
 def run(command, processes):
@@ -72,27 +55,6 @@ def test_two_processes_match_one_with_the_same_global_batch(repeats, data, tmp_p
     reference = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert abs(summary["top1"] - reference["top1"]) < 1e-9
     assert any(r["kind"] == "epoch" for r in epochs)
-
-
-def worker_pids(root: int) -> dict[int, int]:
-    """rank -> pid of the training workers below `root` (the CLI, then torchrun, then the workers)."""
-    found, stack = {}, [root]
-    while stack:
-        pid = stack.pop()
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            continue
-        for child in map(int, children):
-            stack.append(child)
-            try:
-                env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            rank = [e for e in env if e.startswith(b"RANK=")]
-            if rank and b"LOCAL_RANK=" in b"\0".join(env):
-                found[int(rank[0][5:])] = child
-    return found
 
 
 def sigterm_rank_1_after(process, out, steps: int, timeout: float = 120) -> None:

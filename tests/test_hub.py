@@ -4,7 +4,7 @@ import json
 import pytest
 import timm
 import torch
-from conftest import tiny_overlay
+from helpers import tiny_overlay
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 

@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import tiny_overlay
+from helpers import tiny_overlay
 from PIL import Image
 
 from resnet50_recipe import load_recipe, train

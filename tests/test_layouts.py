@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overlay
+from helpers import tiny_overlay
 from timm.utils import ModelEmaV3
 
 from resnet50_recipe import load_recipe, train

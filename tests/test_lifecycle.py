@@ -13,9 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, tiny_overlay
-from test_resume import assert_same_tree, final_state, overlay, start, without_timing
-from test_storage import remote_args
+from helpers import (
+    args_for,
+    assert_same_tree,
+    final_state,
+    free_port,
+    overlay,
+    remote_args,
+    start,
+    tiny_overlay,
+    without_timing,
+    worker_pids,
+)
 
 from resnet50_recipe import load_recipe, train
 from resnet50_recipe.errors import EXIT_INCOMPLETE, EXIT_PREEMPTED, EXIT_PUBLISH_FAILED
@@ -167,7 +176,7 @@ def test_best_names_a_file_that_exists_after_a_superseded_snapshot(tmp_path, mon
     manifest = read_manifest(tmp_path)
     assert manifest["step"] == 3 and manifest["best"]["file"] == "ckpt-000000002.pt"
     assert verify_checkpoint(tmp_path / "ckpt-000000002.pt",
-                       next(e for e in manifest["checkpoints"] if e["file"] == "ckpt-000000002.pt")) is None
+                                  next(e for e in manifest["checkpoints"] if e["file"] == "ckpt-000000002.pt")) is None
 
 
 def test_a_damaged_manifest_names_the_cause_and_the_safe_way_out(tiny_data, tmp_path):
@@ -460,8 +469,6 @@ if os.environ.get("LOCAL_RANK") is not None:  # torchrun's workers only
 
 
 def test_ddp_stop_every_rank_waits_for_rank_0s_checkpoint(data, tmp_path):
-    from test_ddp import args_for, worker_pids
-
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SLOW_STOP_SAVE)

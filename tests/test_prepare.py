@@ -9,34 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
-from conftest import free_port
-from PIL import Image
+from helpers import free_port, jpeg_bytes, tar_bytes
 
 from resnet50_recipe.cli import main
 from resnet50_recipe.data.pipeline import class_names
 from resnet50_recipe.publish.export import label_names
-
-
-def jpeg_bytes(seed: int, size=(24, 20)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def tar_bytes(files: dict[str, bytes], mode: str = "w") -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tar:
-        for name, data in files.items():
-            add_file(tar, name, data)
-    return buf.getvalue()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Imagenette over HTTP

@@ -1,81 +1,24 @@
 """Preemption: exact mid-epoch resume across real processes, SIGKILL during a save, the EC2 spot notice."""
-import json
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
-import torch
+from helpers import MetadataStandIn, assert_same_tree, final_state, last_step, overlay, start, without_timing
 
 from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.errors import EXIT_PREEMPTED
-from resnet50_recipe.store.checkpoints import find_latest, load_state, read_manifest
+from resnet50_recipe.store.checkpoints import find_latest, read_manifest
 from resnet50_recipe.train.runlog import read_metrics
-
-TIMING = {"img_per_s", "data_wait", "epoch_time_s", "peak_gpu_mem_gb"}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data") / "shapes", classes=4, per_class=48, val_per_class=8, size=32)
-
-
-def overlay(data, **extra):
-    """The smoke recipe, deterministic on CPU, 3 epochs of 24 steps, exercising every RNG stream."""
-    settings = {
-        "data.path": data, "data.synthetic": "null", "data.workers": 1, "train.device": "cpu",
-        "train.deterministic": "true", "train.epochs": 3, "train.batch_size": 8, "augment.train_size": 32,
-        "augment.eval_size": 32, "log.every_steps": 5, "checkpoint.every_epochs": 1, "checkpoint.keep_last": 2,
-        "mixup.mixup_alpha": 0.2, "mixup.cutmix_alpha": 1.0, "augment.re_prob": 0.25, "model.drop_path": 0.1,
-        "checkpoint.spot_notice": "off",
-    }
-    settings.update(extra)
-    args = []
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    return args
-
-
-def start(out, args, **popen):
-    command = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(out)] + args
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def last_step(out) -> int:
-    try:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-    except FileNotFoundError:
-        return -1
-    steps = [json.loads(line)["global_step"] for line in lines if line.endswith("}")]
-    return steps[-1] if steps else -1
-
-
-def final_state(out) -> dict:
-    folder = out / "checkpoints"
-    return load_state(folder / read_manifest(folder)["file"])
-
-
-def without_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records if r.get("kind") != "start"]
-
-
-def assert_same_tree(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            assert_same_tree(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(data, tmp_path):
@@ -163,37 +106,6 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(data, tmp_pa
     path, state = find_latest(folder)
     assert path != newest and state["global_step"] == manifest["checkpoints"][-2]["step"]
     assert f"skipping checkpoint {newest} (truncated" in caplog.text
-
-
-class MetadataStandIn(BaseHTTPRequestHandler):
-    """IMDSv2 as amazon-ec2-metadata-mock serves it: a token first, then 404 until a notice is posted."""
-    token = "AQAEAtest-token=="
-    notice: dict | None = None
-    rebalance: dict | None = None
-    requests: list = []
-
-    def do_PUT(self):
-        if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-            self._send(200, self.token)
-        else:
-            self._send(400, "missing X-aws-ec2-metadata-token-ttl-seconds")
-
-    def do_GET(self):
-        type(self).requests.append(self.path)
-        if self.headers.get("X-aws-ec2-metadata-token") != self.token:
-            return self._send(401, "")
-        body = {"/latest/meta-data/spot/instance-action": type(self).notice,
-                "/latest/meta-data/events/recommendations/rebalance": type(self).rebalance}.get(self.path)
-        self._send(200, json.dumps(body)) if body else self._send(404, "Not Found")
-
-    def _send(self, code, body):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body.encode())
-
-    def log_message(self, *args):
-        pass
 
 
 def test_spot_notice_checkpoints_and_exits_75_within_seconds(data, tmp_path):

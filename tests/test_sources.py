@@ -13,9 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from helpers import free_port, jpeg_bytes, tar_bytes
 from PIL import Image
-from test_prepare import jpeg_bytes, tar_bytes
 
 from resnet50_recipe.cli import main
 from resnet50_recipe.data.pipeline import class_names

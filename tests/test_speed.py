@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_overlay
+from helpers import tiny_overlay
 
 from resnet50_recipe import load_recipe, train
 from resnet50_recipe.cli import main

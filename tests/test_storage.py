@@ -12,8 +12,17 @@ import time
 
 import boto3
 import pytest
-from conftest import free_port, tiny_overlay
-from test_resume import assert_same_tree, final_state, last_step, overlay, start, without_timing
+from helpers import (
+    assert_same_tree,
+    final_state,
+    free_port,
+    last_step,
+    overlay,
+    remote_args,
+    start,
+    tiny_overlay,
+    without_timing,
+)
 
 from resnet50_recipe import load_recipe, train
 from resnet50_recipe.cli import main
@@ -21,10 +30,6 @@ from resnet50_recipe.errors import EXIT_PREEMPTED
 from resnet50_recipe.store.checkpoints import find_latest, read_manifest
 from resnet50_recipe.store.lineage import fetch_latest
 from resnet50_recipe.store.s3 import RemoteError, RemoteUnavailable, S3Store
-
-
-def remote_args(bucket, endpoint, run):
-    return {"checkpoint.remote": f"s3://{bucket}/runs/{run}", "checkpoint.endpoint_url": endpoint}
 
 
 @pytest.fixture(scope="module")

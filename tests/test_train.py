@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overlay
+from helpers import tiny_overlay
 
 from resnet50_recipe import evaluate_checkpoint, load_recipe, train
 from resnet50_recipe.cli import main

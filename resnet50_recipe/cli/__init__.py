@@ -33,7 +33,7 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet50-recipe", description="Train timm ImageNet classifiers from "
-                                     "validated YAML recipes. See README.md for the recipes and their sources.")
+                                     "validated YAML recipes. See docs/recipes.md for the recipes and their sources.")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_train, add_eval, add_export, add_push, add_runs, add_data, add_bench, add_aws, add_watch,
                 add_predict, add_explain, add_report):

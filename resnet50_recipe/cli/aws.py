@@ -12,7 +12,7 @@ __all__ = ["add_aws", "cmd_aws"]
 def add_aws(sub) -> None:
     p = sub.add_parser("aws", help="price, launch, watch and stop spot training runs on AWS (needs boto3: the "
                        "[aws] extra)", description="Spot training runs on AWS. Every client honours "
-                       "AWS_ENDPOINT_URL; credentials and region come from boto3's chain. See aws/README.md.")
+                       "AWS_ENDPOINT_URL; credentials and region come from boto3's chain. See docs/aws.md.")
     aws_sub = p.add_subparsers(dest="aws_command", required=True)
     q = aws_sub.add_parser("price", help="spot price per AZ, on-demand price and, with --recipe, hours and cost")
     q.add_argument("--instance-types", default="g4dn.xlarge,g4dn.2xlarge,g5.xlarge,g5.2xlarge,p3.2xlarge",
@@ -94,12 +94,12 @@ def cmd_aws(args) -> int:
                       args.images)
         elif args.aws_command == "launch":
             launched = launch(args.recipe, args.bucket, name=args.name, overrides=args.overrides,
-                                  instance_type=args.instance_type, region=args.region, az=args.az, subnet=args.subnet,
-                                  key_name=args.key_name, security_groups=args.security_groups, data=args.data,
-                                  volume=args.volume, ami=args.ami, package=args.package, disk_gb=args.disk_gb,
-                                  budget_usd=args.budget_usd, push=args.push, private=args.private,
-                                  keep_instance=args.keep_instance,
-                                  abort_incomplete_uploads=args.abort_incomplete_uploads, dry_run=args.dry_run)
+                              instance_type=args.instance_type, region=args.region, az=args.az, subnet=args.subnet,
+                              key_name=args.key_name, security_groups=args.security_groups, data=args.data,
+                              volume=args.volume, ami=args.ami, package=args.package, disk_gb=args.disk_gb,
+                              budget_usd=args.budget_usd, push=args.push, private=args.private,
+                              keep_instance=args.keep_instance,
+                              abort_incomplete_uploads=args.abort_incomplete_uploads, dry_run=args.dry_run)
             if args.follow and not args.dry_run:
                 follow(args.name or launched["run"], args.region, args.interval)
         elif args.aws_command == "status" and args.follow:

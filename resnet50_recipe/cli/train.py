@@ -79,7 +79,7 @@ def cmd_train(args) -> int:
                     allow_recipe_change=args.allow_recipe_change, control=control)
     if args.quiet and summary["top1"] is not None:
         print(f"val top-1 {summary['top1']:.4f}")
-    return summary["exit_status"]  # 0, 3, 74 or 75: README's exit-code table
+    return summary["exit_status"]  # 0, 3, 74 or 75: docs/exit-codes.md
 
 
 

@@ -452,7 +452,7 @@ def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
         rules = (api("s3", "get_bucket_lifecycle_configuration", Bucket=plan.bucket) or {}).get("Rules", [])
     except ClientError as e:
         if error_code(e) != "NoSuchLifecycleConfiguration":
-            say(f"could not read the lifecycle rules of s3://{plan.bucket} ({error_code(e)}); see aws/README.md for "
+            say(f"could not read the lifecycle rules of s3://{plan.bucket} ({error_code(e)}); see docs/aws.md for "
                 "the AbortIncompleteMultipartUpload rule")
             return
     key = f"{plan.prefix}/"
@@ -575,7 +575,7 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     reservation, itype, tried = place(api, params, ranked, zones, created)
     if dry_run:
         for i, (key, text) in enumerate(api.texts, 1):
-            source = "aws/user-data.sh rendered" if key == "UserData" else "the resolved recipe"
+            source = "resnet50_recipe/cloud/user-data.sh rendered" if key == "UserData" else "the resolved recipe"
             out(f"\n# <{key} {i}>: {source}\n{text.rstrip()}")
         return {"run": plan.name, "remote": plan.remote, "dry_run": True, "user_data": params["UserData"]}
     if reservation is None:

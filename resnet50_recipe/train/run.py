@@ -525,7 +525,7 @@ class Services:
             if local is not None and local.get("file"):
                 self.uploader.submit(local)  # a checkpoint written while the store was out of reach goes up now
         self.writer = Writer(run.folder, cc.keep_last, cc.keep_best,
-                                  self.uploader.submit if self.uploader else None, run.lineage)
+                             self.uploader.submit if self.uploader else None, run.lineage)
         self.watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s)
         if self.watcher is not None:  # on EC2: every metrics line also says what the instance costs
             runlog.extra = InstanceCost(self.watcher, run.out / "metrics.jsonl")
