@@ -10,8 +10,9 @@ with a comment naming these constants) and by docs/exit-codes.md.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "RecipeError", "EXIT_FINISHED", "EXIT_BUG", "EXIT_BAD_INPUT", "EXIT_PUBLISH_FAILED",
-           "EXIT_BUDGET", "EXIT_INCOMPLETE", "EXIT_PREEMPTED", "EXIT_INTERRUPTED"]
+__all__ = ["UserError", "RecipeError", "MissingInput", "ExistingOutput", "EXIT_FINISHED", "EXIT_BUG",
+           "EXIT_FAILED", "EXIT_BAD_INPUT", "EXIT_PUBLISH_FAILED", "EXIT_BUDGET", "EXIT_INCOMPLETE",
+           "EXIT_PREEMPTED", "EXIT_INTERRUPTED"]
 
 
 class UserError(ValueError):
@@ -22,9 +23,20 @@ class RecipeError(UserError):
     """A recipe that cannot run: unknown key, wrong type, value out of range, missing file."""
 
 
+# Bad input that is also the OSError a caller may already catch: `except FileNotFoundError` and
+# `pytest.raises(FileExistsError)` still match, and the CLI still reads it as a UserError.
+class MissingInput(UserError, FileNotFoundError):
+    """A file or folder the user named, or one it must hold, is not there."""
+
+
+class ExistingOutput(UserError, FileExistsError):
+    """The output the user named already holds something this command will not replace without being told."""
+
+
 # The systemd unit restarts on 74 and 75 only: nothing else is fixed by starting again.
 EXIT_FINISHED = 0
 EXIT_BUG = 1  # an exception that is not a UserError (a bug, or a full disk): the traceback says where
+EXIT_FAILED = 1  # a command's own "no", in one line: `data verify` left problems to fix, AWS refused an `aws` command
 EXIT_BAD_INPUT = 2
 EXIT_PUBLISH_FAILED = 3  # trained, complete and synced; the export or the Hub push failed: retry those by hand
 EXIT_BUDGET = 4  # stopped with a checkpoint, complete and synced, because train.budget_usd would be passed

@@ -23,10 +23,9 @@ from resnet50_recipe.cli.runs import (
     cmd_watch,
 )
 from resnet50_recipe.cli.train import add_eval, add_train, cmd_eval, cmd_train
-from resnet50_recipe.errors import EXIT_PREEMPTED
-from resnet50_recipe.recipe import RecipeError
+from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from resnet50_recipe.store.checkpoints import CheckpointError
-from resnet50_recipe.store.s3 import RemoteError, RemoteUnavailable, is_transient
+from resnet50_recipe.store.s3 import RemoteUnavailable, is_transient
 
 __all__ = ["build_parser", "main"]
 
@@ -61,18 +60,16 @@ def main(argv: list[str] | None = None) -> int:
     except RemoteUnavailable as e:  # the store kept failing at start-up with errors that pass: a restart retries
         print(f"resnet50-recipe: error: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (RecipeError, RemoteError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError, UnicodeDecodeError, ValueError) as e:
-        # Bad input: one clear line, no traceback. Anything else is a bug and keeps its traceback.
+    except UserError as e:  # bad input: one clear line, no traceback; anything else is a bug and keeps its own
         print(f"resnet50-recipe: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except CheckpointError as e:  # a full or failing disk: nothing saved is lost, and a restart would not help
         print(f"resnet50-recipe: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BUG
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:
-        if not is_transient(e):  # a bug: keep the traceback
+        if not is_transient(e):  # a bug: keep the traceback (Python exits 1, EXIT_BUG)
             raise
         print(f"resnet50-recipe: error: the store failed at start-up ({e}); a restart tries again", file=sys.stderr)
         return EXIT_PREEMPTED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from resnet50_recipe.cli.common import add_set
+from resnet50_recipe.errors import EXIT_FAILED, EXIT_FINISHED
 
 __all__ = ["add_aws", "cmd_aws"]
 
@@ -113,7 +114,7 @@ def cmd_aws(args) -> int:
         else:
             ls(args.region)
     except (AwsError, ClientError, BotoCoreError) as e:
-        # AWS refused, or would: one line, exit 1 (2 stays for bad input, raised as ValueError above).
+        # AWS refused, or would: one line, exit 1 (2 stays for bad input, raised as UserError above).
         print(f"resnet50-recipe: aws {args.aws_command}: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_FINISHED

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from resnet50_recipe.cli.common import add_set
+from resnet50_recipe.errors import EXIT_FINISHED, UserError
 
 __all__ = ["add_bench", "cmd_bench_step", "cmd_bench"]
 
@@ -55,14 +56,14 @@ def cmd_bench_step(args) -> int:
                    args.device, args.steps, args.warmup, args.trials)
     if args.json:
         print(json.dumps(r))
-        return 0
+        return EXIT_FINISHED
     mem = (f"; peak memory {r['trainer_peak_mem_gb']} GB (trainer) vs {r['bare_peak_mem_gb']} GB (bare)"
            if r["trainer_peak_mem_gb"] is not None else "")
     print(f"{r['model']} at {r['img_size']} px, batch {r['batch_size']}, amp {r['amp']}, channels_last "
           f"{r['channels_last']}, compile {r['compile']}, on {r['card']} ({r['device']}, {r['threads']} threads)\n"
           f"trainer {r['trainer_img_per_s']:.1f} img/s, bare loop {r['bare_img_per_s']:.1f} img/s: ratio "
           f"{r['ratio']:.3f} (median of paired trials {r['median_paired_ratio']:.3f}){mem}")
-    return 0
+    return EXIT_FINISHED
 
 
 
@@ -77,7 +78,7 @@ def cmd_bench(args) -> int:
     try:
         workers = [int(w) for w in args.workers.split(",")]
     except ValueError:
-        raise ValueError(f"--workers {args.workers!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+        raise UserError(f"--workers {args.workers!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
     modes = {"recipe": [None], "draft": [True], "full": [False], "both": [False, True]}[args.decode]
     for draft in modes:
         results = []
@@ -87,4 +88,4 @@ def cmd_bench(args) -> int:
             print(f"{'draft' if r['draft_decode'] else 'full'} decode, {r['train_size']} px, {w} workers: "
                   f"{r['img_s']:.0f} img/s ({r['img_s'] / max(1, w):.0f} per worker)", flush=True)
         print(verdict(results, args.target))
-    return 0
+    return EXIT_FINISHED

@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 from resnet50_recipe.cli.common import add_endpoint_url, add_quiet
+from resnet50_recipe.errors import EXIT_FAILED, EXIT_FINISHED, UserError
 
 __all__ = ["add_data", "cmd_data"]
 
@@ -87,7 +88,7 @@ def cmd_data(args) -> int:
         out = generate(args.out, classes=args.classes, per_class=args.per_class, val_per_class=args.val_per_class,
                        size=args.size, seed=args.seed)
         print(f"wrote {out}: {args.classes} classes, {args.per_class} train + {args.val_per_class} val images each")
-        return 0
+        return EXIT_FINISHED
     if args.data_command == "verify":
         # lazy: only the command that runs pays for importing torch, timm or boto3
         from resnet50_recipe.data.images import verify
@@ -100,7 +101,7 @@ def cmd_data(args) -> int:
             print(f"{p['kind']}: {p['path']}: {p['detail']}{fixed}")
         print(f"wrote {args.report or Path(args.dir) / 'verify.json'}")
         left = [p for p in result["problems"] if not p.get("fixed")]
-        return 1 if left or "class_mismatch" in result or "empty_classes" in result else 0
+        return EXIT_FAILED if left or "class_mismatch" in result or "empty_classes" in result else EXIT_FINISHED
     if args.data_command == "resize":
         # lazy: only the command that runs pays for importing torch, timm or boto3
         from resnet50_recipe.data.images import resize
@@ -108,7 +109,7 @@ def cmd_data(args) -> int:
         counts = resize(Path(args.dir), Path(args.out), args.short_side, args.quality, args.workers, args.quiet)
         print(f"wrote {args.out}: " + "; ".join(f"{split}: " + ", ".join(f"{v} {k}" for k, v in c.items())
                                                  for split, c in counts.items()))
-        return 0
+        return EXIT_FINISHED
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.data.prepare import prepare_imagenet, prepare_imagenet_from, prepare_imagenette
     from resnet50_recipe.data.sources import IMAGENET_ARCHIVES
@@ -116,7 +117,7 @@ def cmd_data(args) -> int:
     if args.data_command == "imagenette":
         given = [(name, value) for name, value in (("md5", args.md5), ("sha256", args.sha256)) if value]
         if len(given) > 1:
-            raise ValueError("--md5 and --sha256: give one checksum, not both")
+            raise UserError("--md5 and --sha256: give one checksum, not both")
         counts = prepare_imagenette(Path(args.out), args.size, args.url, given[0] if given else None,
                                             verify=not args.no_checksum, archive_dir=args.archive_dir,
                                             quiet=args.quiet)
@@ -134,12 +135,12 @@ def cmd_data(args) -> int:
             for kind, flag in (("train", "train_tar"), ("val", "val_tar"), ("devkit", "devkit")):
                 given = getattr(args, flag)
                 if not given and not args.source:
-                    raise ValueError(f"data imagenet: say where {IMAGENET_ARCHIVES[kind][0]} is "
-                                     f"(--{flag.replace('_', '-')} or --from)")
+                    raise UserError(f"data imagenet: say where {IMAGENET_ARCHIVES[kind][0]} is "
+                                    f"(--{flag.replace('_', '-')} or --from)")
                 archives[kind] = given or f"{args.source.rstrip('/')}/{IMAGENET_ARCHIVES[kind][0]}"
             counts = prepare_imagenet(Path(args.out), archives["train"], archives["val"], archives["devkit"],
                                               verify_md5=args.verify_md5, partial=args.partial,
                                               endpoint_url=args.endpoint_url, **written)
     print(f"wrote {args.out}: " + "; ".join(f"{split}: {c['classes']} classes, {c['images']} images"
                                            for split, c in counts.items()))
-    return 0
+    return EXIT_FINISHED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from resnet50_recipe.cli.common import add_weights
+from resnet50_recipe.errors import EXIT_FINISHED
 
 __all__ = ["add_export", "cmd_export", "add_push", "cmd_push"]
 
@@ -26,7 +27,7 @@ def cmd_export(args) -> int:
 
     out = export(args.source, args.out, args.weights, args.label_names, args.repo_id, args.license, args.dataset)
     print(f"wrote {out}; it loads with timm.create_model('local-dir:{out}', pretrained=True)")
-    return 0
+    return EXIT_FINISHED
 
 
 
@@ -48,4 +49,4 @@ def cmd_push(args) -> int:
     push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
          commit_message=args.commit_message)
     print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id}")
-    return 0
+    return EXIT_FINISHED

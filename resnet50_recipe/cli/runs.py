@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from resnet50_recipe.cli.common import add_endpoint_url, add_weights
+from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_FINISHED
 
 __all__ = ["add_runs", "cmd_runs", "add_watch", "cmd_watch", "add_predict", "cmd_predict", "add_explain",
            "cmd_explain", "add_report", "cmd_report"]
@@ -40,13 +41,13 @@ def cmd_runs(args) -> int:
             print(f"{r['run']}  epoch {r['epoch']}  step {r['step']}  top-1 {top1}  best {best}  {state}")
         if not runs:
             print(f"no runs under {args.remote}")
-        return 0
+        return EXIT_FINISHED
     fetched, refused = pull_run(store, Path(args.out))
     print(f"fetched {len(fetched)} files from {args.remote} into {args.out}")
     if refused:  # named in the warnings above; nothing was written for them
         print(f"refused {len(refused)} object(s) whose keys would land outside {args.out}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    return EXIT_FINISHED
 
 
 
@@ -66,7 +67,7 @@ def cmd_watch(args) -> int:
     from resnet50_recipe.inspect.watch import watch
 
     watch(args.run, interval=args.interval, once=args.once, endpoint_url=args.endpoint_url)
-    return 0
+    return EXIT_FINISHED
 
 
 
@@ -87,12 +88,12 @@ def cmd_predict(args) -> int:
     results = predict(args.model, args.images, top=args.top, weights=args.weights)
     if args.json:
         print(json.dumps(results, indent=2))
-        return 0
+        return EXIT_FINISHED
     for r in results:
         print(r["image"])
         for t in r["top"]:
             print(f"  {t['prob']:7.2%}  {t['label']} ({t['index']})")
-    return 0
+    return EXIT_FINISHED
 
 
 
@@ -113,7 +114,7 @@ def cmd_explain(args) -> int:
 
     r = explain(args.model, args.image, args.out, args.target, weights=args.weights)
     print(f"wrote {r['out']}: Grad-CAM for {r['label']} ({r['index']}, p={r['prob']:.2%})")
-    return 0
+    return EXIT_FINISHED
 
 
 
@@ -137,4 +138,4 @@ def cmd_report(args) -> int:
     page = report(args.run, weights=args.weights, data=args.data, out=args.out, batch_size=args.batch_size,
                   workers=args.workers, device=args.device)
     print(f"wrote {page}")
-    return 0
+    return EXIT_FINISHED

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from resnet50_recipe.cli.common import SHORTCUTS, add_quiet, add_set
+from resnet50_recipe.errors import EXIT_FINISHED, UserError
 from resnet50_recipe.recipe import shipped_recipes
 
 __all__ = ["add_train", "cmd_train", "relaunch_with_torchrun", "add_eval", "cmd_eval"]
@@ -58,7 +59,7 @@ def cmd_train(args) -> int:
     control = StopControl()
     install_signal_handlers(control)
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node {args.nproc_per_node}: expected 1 or more processes")
+        raise UserError(f"--nproc-per-node {args.nproc_per_node}: expected 1 or more processes")
     overrides = []
     for name, key in SHORTCUTS.items():
         value = getattr(args, name)
@@ -69,7 +70,7 @@ def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, overrides + args.overrides)  # the explicit --set wins over shortcuts
     if args.print_recipe:
         print(to_yaml(recipe), end="")
-        return 0
+        return EXIT_FINISHED
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return relaunch_with_torchrun(args, recipe, control)
     # lazy: only the command that runs pays for importing torch, timm or boto3
@@ -79,7 +80,7 @@ def cmd_train(args) -> int:
                     allow_recipe_change=args.allow_recipe_change, control=control)
     if args.quiet and summary["top1"] is not None:
         print(f"val top-1 {summary['top1']:.4f}")
-    return summary["exit_status"]  # 0, 3, 74 or 75: docs/exit-codes.md
+    return summary["exit_status"]  # one of errors.py's EXIT_*: docs/exit-codes.md
 
 
 
@@ -151,4 +152,4 @@ def cmd_eval(args) -> int:
             print(f"{weights}: top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  ({r['count']} images at "
                   f"{result['img_size']} px, crop {result['crop_pct']}{', flip TTA' if result['flip'] else ''})")
     print(f"wrote {out}")
-    return 0
+    return EXIT_FINISHED

@@ -10,6 +10,7 @@ from datetime import datetime
 
 from resnet50_recipe.cloud.api import Api
 from resnet50_recipe.ec2 import INSTANCE_TYPES, spot_prices
+from resnet50_recipe.errors import UserError
 
 __all__ = ["DEFAULT_PRICE_TYPES", "THROUGHPUT_224", "GPU_MEMORY_GIB", "GIB_PER_IMAGE_224_AMP", "GIB_FIXED",
            "DATASET_IMAGES", "integrate_cost", "estimate", "batch_advice", "recipe_images", "price"]
@@ -110,8 +111,8 @@ def price(instance_types: list[str], region: str | None = None, recipe=None, ima
     estimated hours and cost; return the rows."""
     unknown = [t for t in instance_types if t not in INSTANCE_TYPES]
     if unknown or not instance_types:
-        raise ValueError(f"--instance-types: {', '.join(unknown) or 'none given'}: not an instance type this "
-                         f"command knows (its GPU, vCPUs and throughput); known: {', '.join(INSTANCE_TYPES)}")
+        raise UserError(f"--instance-types: {', '.join(unknown) or 'none given'}: not an instance type this "
+                        f"command knows (its GPU, vCPUs and throughput); known: {', '.join(INSTANCE_TYPES)}")
     api = api or Api(region)
     images = images or (recipe_images(recipe) if recipe is not None else None)
     rows = []

@@ -10,6 +10,7 @@ from pathlib import Path
 from resnet50_recipe.cloud.api import TAG_LAUNCHED, TAG_REMOTE, TAG_RUN, Api, AwsError, tag
 from resnet50_recipe.cloud.cost import integrate_cost
 from resnet50_recipe.ec2 import PRODUCT
+from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_FINISHED, EXIT_PUBLISH_FAILED
 from resnet50_recipe.store.s3 import S3Store
 from resnet50_recipe.train.budget import budget_text
 from resnet50_recipe.train.runlog import read_metrics
@@ -170,7 +171,8 @@ def print_status(status: dict, out=print) -> None:
         out(f"  ETA: {status['eta_hours']:.1f} h of training (mean of the last epochs' times)")
     out(f"  files: {status['remote']}")
 
-ENDED = (0, 2, 3, 4)  # the exit statuses after which the unit starts the trainer no more
+# The exit statuses after which the unit starts the trainer no more (user-data.sh's RestartPreventExitStatus, and 0)
+ENDED = (EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_PUBLISH_FAILED, EXIT_BUDGET)
 
 
 

@@ -31,6 +31,7 @@ from resnet50_recipe.cloud.cost import (
 from resnet50_recipe.cloud.instances import run_instances_of
 from resnet50_recipe.cloud.ship import Package
 from resnet50_recipe.ec2 import INSTANCE_TYPES, ebs_cost, spot_prices
+from resnet50_recipe.errors import UserError
 from resnet50_recipe.recipe import load_recipe, to_yaml
 from resnet50_recipe.store.s3 import parse_remote
 
@@ -72,8 +73,8 @@ def run_location(remote_root: str, name: str) -> tuple[str, str, str]:
 
     bucket, prefix = parse_remote(remote_root)
     if not re.fullmatch(r"[A-Za-z0-9._/-]*", prefix):
-        raise ValueError(f"--bucket {remote_root}: use letters, digits and . _ / - in the prefix (it goes into the "
-                         "instance's systemd unit)")
+        raise UserError(f"--bucket {remote_root}: use letters, digits and . _ / - in the prefix (it goes into the "
+                        "instance's systemd unit)")
     run_prefix = f"{prefix}/{name}" if prefix else name
     return bucket, run_prefix, f"s3://{bucket}/{run_prefix}"
 
@@ -81,8 +82,8 @@ def run_location(remote_root: str, name: str) -> tuple[str, str, str]:
 
 def check_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}", name or ""):
-        raise ValueError(f"run name {name!r}: use 1-40 letters, digits, '-' or '_' (it names the IAM role, the "
-                         "tags and the S3 prefix)")
+        raise UserError(f"run name {name!r}: use 1-40 letters, digits, '-' or '_' (it names the IAM role, the "
+                        "tags and the S3 prefix)")
     return name
 
 
@@ -278,22 +279,22 @@ def plan_launch(recipe_source: str, bucket: str, name: str | None, overrides: li
         overrides = [*overrides, f"train.budget_usd={budget_usd}"]
     if push:
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", push):
-            raise ValueError(f"--push {push!r}: expected a Hugging Face repository id, USER/NAME")
+            raise UserError(f"--push {push!r}: expected a Hugging Face repository id, USER/NAME")
         overrides = [*overrides, f"export.repo_id={push}", f"export.private={str(private).lower()}",
                      "export.enabled=true"]
     recipe = load_recipe(recipe_source, list(overrides))
     name = check_name(name or recipe.name)
     run_bucket, run_prefix, remote = run_location(bucket, name)
     if data and volume:
-        raise ValueError("--data and --volume both name the dataset; give one")
+        raise UserError("--data and --volume both name the dataset; give one")
     if data is None and volume is None and recipe.data.synthetic is None:
-        raise ValueError(f"recipe {recipe.name!r} reads a dataset: pass --data s3://... (a folder with train/ and "
-                         "val/, or a .tar/.tar.gz of one) or --volume snap-... (an EBS snapshot holding them)")
+        raise UserError(f"recipe {recipe.name!r} reads a dataset: pass --data s3://... (a folder with train/ and "
+                        "val/, or a .tar/.tar.gz of one) or --volume snap-... (an EBS snapshot holding them)")
     if volume and not re.fullmatch(r"snap-[0-9a-f]+", volume):
-        raise ValueError(f"--volume {volume!r}: expected an EBS snapshot id, snap-...")
+        raise UserError(f"--volume {volume!r}: expected an EBS snapshot id, snap-...")
     types = [t.strip() for t in instance_type.split(",") if t.strip()]
     if not types or ("auto" in types and len(types) > 1):
-        raise ValueError(f"--instance-type {instance_type!r}: one type, a comma-separated list, or auto")
+        raise UserError(f"--instance-type {instance_type!r}: one type, a comma-separated list, or auto")
     chosen = ship.choose(package)
     reads = [parse_remote(data)] if data else []
     if chosen.spec and chosen.spec.startswith("s3://"):
@@ -405,8 +406,8 @@ def hub_token() -> str:
         except ImportError:
             token = None
     if not token:
-        raise ValueError("--push needs a Hugging Face token with write access: set HF_TOKEN or run "
-                         "`huggingface-cli login`")
+        raise UserError("--push needs a Hugging Face token with write access: set HF_TOKEN or run "
+                        "`huggingface-cli login`")
     return token
 
 

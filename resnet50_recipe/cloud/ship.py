@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from resnet50_recipe.errors import MissingInput, UserError
 from resnet50_recipe.version import __version__
 
 __all__ = ["DIST", "Package", "choose", "build_wheel"]
@@ -50,7 +51,7 @@ def choose(package: str | None) -> Package:
     if package:
         if package.endswith(".whl") and not package.startswith("s3://"):
             if not Path(package).is_file():
-                raise FileNotFoundError(f"--package {package}: no such wheel")
+                raise MissingInput(f"--package {package}: no such wheel")
             return Package("--package: this wheel, through the run's prefix", wheel=Path(package))
         return Package("--package", spec=package)
     source = _source()
@@ -72,8 +73,8 @@ def choose(package: str | None) -> Package:
         return Package(f"{DIST} {version} was installed from the wheel {where.name}: that wheel is shipped",
                        wheel=where)
     if where is None or not (where / "pyproject.toml").is_file():
-        raise ValueError(f"{DIST} {version} is not a PyPI release and its source was not found to build a wheel "
-                         "from: pass --package (a .whl, an s3://...whl or a pip spec)")
+        raise UserError(f"{DIST} {version} is not a PyPI release and its source was not found to build a wheel "
+                        "from: pass --package (a .whl, an s3://...whl or a pip spec)")
     return Package(f"{DIST} {version} was installed from {where} (not a PyPI release): a wheel of it is built "
                    "(pip wheel) and shipped through the run's prefix", build_from=where)
 

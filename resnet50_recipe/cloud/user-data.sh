@@ -42,9 +42,11 @@ if [ "${1:-}" = "--end" ]; then
     AWS=$(command -v aws || echo "$HOME_DIR/awscli/bin/aws")
     # Whatever fails here, the machine must not keep running: power off (it then costs only its disk).
     trap 'say "ending the run failed at line $LINENO: powering off (aws stop deletes the instance)"; systemctl poweroff; exit 1' ERR
+    # The numbers are resnet50_recipe/errors.py's: 0 EXIT_FINISHED, 3 EXIT_PUBLISH_FAILED, 4 EXIT_BUDGET,
+    # 2 EXIT_BAD_INPUT.
     case "$status" in
         0 | 3 | 4) ;;
-        2)  # bad input: the log goes to S3 first, since the machine it is on is about to go
+        2)  # EXIT_BAD_INPUT: the log goes to S3 first, since the machine it is on is about to go
             { journalctl -u resnet50-recipe-train.service --no-pager -o cat 2> /dev/null || true; } \
                 | "$AWS" s3 cp --only-show-errors - "$REMOTE/logs/train-exit-2.log" ;;
         *) exit 0 ;;  # a crash or a stop: the unit decides about restarts; nothing to end
@@ -54,7 +56,7 @@ if [ "${1:-}" = "--end" ]; then
         systemctl poweroff
         exit 0
     fi
-    # The run's files must be in S3 before the disk that also holds them goes away.
+    # The run's files must be in S3 before the disk that also holds them goes away (2: EXIT_BAD_INPUT, none yet).
     if [ "$status" != 2 ] && ! "$AWS" s3 ls "$REMOTE/summary.json" > /dev/null; then
         say "exit $status but $REMOTE/summary.json is not in S3: powering off instead of terminating"
         systemctl poweroff
@@ -104,14 +106,15 @@ WorkingDirectory=$HOME_DIR
 ExecStartPre=$HOME_DIR/setup.sh --setup
 TimeoutStartSec=infinity
 ExecStart=$VENV/bin/resnet50-recipe train $HOME_DIR/recipe.yaml $data_arg --output $RUN_DIR --remote $REMOTE --resume auto
-# 75: stopped with a checkpoint (a signal, the spot notice); 74: a checkpoint or the run's files had not reached
-# S3 by the deadline. Neither is a failure, and both are restarted; after a spot notice the machine stops within
-# two minutes, so the restart waits that long instead of starting to be killed.
+# The numbers are resnet50_recipe/errors.py's EXIT_* constants (README, "Exit codes").
+# 75 EXIT_PREEMPTED: stopped with a checkpoint (a signal, the spot notice); 74 EXIT_INCOMPLETE: a checkpoint or
+# the run's files had not reached S3 by the deadline. Neither is a failure, and both are restarted; after a spot
+# notice the machine stops within two minutes, so the restart waits that long instead of starting to be killed.
 SuccessExitStatus=74 75
 RestartForceExitStatus=74 75
 Restart=on-failure
-# 2: bad input; 3: trained and synced, but the export or the Hub push failed; 4: stopped by train.budget_usd
-# (README, "Exit codes").
+# 2 EXIT_BAD_INPUT: bad input; 3 EXIT_PUBLISH_FAILED: trained and synced, but the export or the Hub push failed;
+# 4 EXIT_BUDGET: stopped by train.budget_usd (README, "Exit codes").
 RestartPreventExitStatus=2 3 4
 RestartSec=120
 # The trainer alone gets SIGTERM (its loader workers and torchrun's ranks hear it from their parent), within
@@ -119,9 +122,9 @@ RestartSec=120
 KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec=110
-# Finished (0), finished with a failed export or push (3), over budget (4) or bad input (2): release the
-# instance and its spot request (or power off with --keep-instance). (a doubled dollar sign is systemd's escape
-# for one, left for the shell to expand)
+# Finished (0 EXIT_FINISHED), finished with a failed export or push (3 EXIT_PUBLISH_FAILED), over budget
+# (4 EXIT_BUDGET) or bad input (2 EXIT_BAD_INPUT): release the instance and its spot request (or power off with
+# --keep-instance). (a doubled dollar sign is systemd's escape for one, left for the shell to expand)
 ExecStopPost=/bin/sh -c '$HOME_DIR/setup.sh --end "\$\$EXIT_STATUS"'
 StandardOutput=journal+console
 StandardError=journal+console
@@ -135,7 +138,8 @@ EOF
     exit 0
 fi
 
-# Any failure exits 1, which the unit retries (tar's 2 must not read as the trainer's "bad input").
+# Any failure exits 1 (EXIT_BUG's number), which the unit retries (tar's 2 must not read as the trainer's
+# EXIT_BAD_INPUT).
 trap 'say "failed at line $LINENO"; exit 1' ERR
 
 # The AWS CLI for S3 transfers: the AMI's, or one in its own virtualenv (never mixed with the training one).

@@ -19,6 +19,7 @@ from resnet50_recipe.data.pipeline import (
     train_transform,
     usable_cores,
 )
+from resnet50_recipe.errors import UserError
 from resnet50_recipe.recipe import Recipe
 
 __all__ = ["T4_IMG_S", "measure", "verdict"]
@@ -38,8 +39,8 @@ def measure(root: Path, recipe: Recipe, workers: int, batches: int = 20, draft: 
                                  recipe.data.bad_images)
     batch_size = batch_size or recipe.train.batch_size
     if len(dataset) < batch_size:
-        raise ValueError(f"{split}: {len(dataset)} images, fewer than one batch of {batch_size}; "
-                         "pass --batch-size")
+        raise UserError(f"{split}: {len(dataset)} images, fewer than one batch of {batch_size}; "
+                        "pass --batch-size")
     sampler = EpochSampler(len(dataset), recipe.seed)
     loader = make_loader(dataset, sampler, batch_size, workers, drop_last=True, pin_memory=False,
                          seed=recipe.seed)

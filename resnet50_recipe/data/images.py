@@ -17,6 +17,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm import tqdm
 
 from resnet50_recipe.data.pipeline import IMAGE_EXTENSIONS, default_workers
+from resnet50_recipe.errors import MissingInput, UserError
 
 __all__ = ["JPEG_EXTENSIONS", "FIXABLE", "list_images", "check_image", "fix_image", "verify", "write_image",
            "write_images", "resize"]
@@ -38,7 +39,7 @@ def list_images(root: Path) -> dict[str, dict[str, list[Path]]]:
                            and f.name.lower().endswith(IMAGE_EXTENSIONS))
             for d in sorted((root / split).iterdir()) if d.is_dir() and not d.name.startswith(".")}
     if not splits:
-        raise FileNotFoundError(f"{root}: no train/ or val/ folder; expected DIR/train/<class>/*.jpg")
+        raise MissingInput(f"{root}: no train/ or val/ folder; expected DIR/train/<class>/*.jpg")
     return splits
 
 
@@ -238,9 +239,9 @@ def resize(root: Path, out: Path, short_side: int = 256, quality: int = 90, work
     already there skipped; the split is renamed to out/<split> when complete."""
     root, out = Path(root), Path(out)
     if short_side < 16:
-        raise ValueError(f"--short-side {short_side}: expected at least 16 pixels")
+        raise UserError(f"--short-side {short_side}: expected at least 16 pixels")
     if root.resolve() == out.resolve():
-        raise ValueError(f"{out}: the resized copy must go to another folder than {root}")
+        raise UserError(f"{out}: the resized copy must go to another folder than {root}")
     counts = {}
     for split, classes in list_images(root).items():
         if (out / split).is_dir():
@@ -254,8 +255,8 @@ def resize(root: Path, out: Path, short_side: int = 256, quality: int = 90, work
         results = write_images(jobs, workers, len(jobs), f"resize {split}", quiet)
         failed = [r[len("failed: "):] for r in results if r.startswith("failed: ")]
         if failed:
-            raise ValueError(f"{root / split}: {len(failed)} images could not be read, e.g. {failed[0]}; run "
-                             f"`resnet50-recipe data verify {root} --fix` or remove them, then rerun to finish")
+            raise UserError(f"{root / split}: {len(failed)} images could not be read, e.g. {failed[0]}; run "
+                            f"`resnet50-recipe data verify {root} --fix` or remove them, then rerun to finish")
         partial.rename(out / split)
         counts[split] = {k: results.count(k) for k in ("resized", "copied", "skipped")}
     return counts

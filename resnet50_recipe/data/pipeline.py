@@ -26,6 +26,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import functional as F
 
 from resnet50_recipe.data.synthetic import generate
+from resnet50_recipe.errors import MissingInput, UserError
 from resnet50_recipe.recipe import AugmentConfig, DataConfig, RecipeError
 
 __all__ = ["IMAGE_EXTENSIONS", "mix_seed", "seeded", "find_classes", "scan_images", "class_names", "Sample",
@@ -70,11 +71,11 @@ def seeded(seed: int):
 
 def find_classes(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"{split_dir}: folder not found; expected an ImageFolder with one sub-folder per "
-                                "class (DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)")
+        raise MissingInput(f"{split_dir}: folder not found; expected an ImageFolder with one sub-folder per "
+                           "class (DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg)")
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise FileNotFoundError(f"{split_dir}: no class folders; expected {split_dir}/<class>/*.jpg")
+        raise MissingInput(f"{split_dir}: no class folders; expected {split_dir}/<class>/*.jpg")
     return classes
 
 
@@ -85,7 +86,7 @@ def scan_images(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
         files = sorted(e.path for e in os.scandir(split_dir / name)
                        if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise FileNotFoundError(f"{split_dir / name}: class folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise MissingInput(f"{split_dir / name}: class folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         samples += [(f, label) for f in files]
     return samples
 
@@ -96,8 +97,8 @@ def class_names(root: Path) -> list[str]:
     train, val = find_classes(root / "train"), find_classes(root / "val")
     if train != val:
         only_train, only_val = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-        raise ValueError(f"{root}: train/ and val/ have different classes: only in train: {only_train[:10]}, "
-                         f"only in val: {only_val[:10]}" + ("" if only_train or only_val else " (order differs)"))
+        raise UserError(f"{root}: train/ and val/ have different classes: only in train: {only_train[:10]}, "
+                        f"only in val: {only_val[:10]}" + ("" if only_train or only_val else " (order differs)"))
     return train
 
 
@@ -173,7 +174,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(UserError):
     """An image the loader cannot decode: bad input, reported in one line.
 
     Raised in a loader worker, it reaches the main process re-made by torch from a message that carries the
@@ -371,8 +372,8 @@ def resolve_data_dir(data: DataConfig) -> Path:
                           "val/<class>/*.jpg) or --set data.path=DIR")
     path = Path(data.path).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data.path {str(path)!r}: folder not found; expected DIR/train/<class>/*.jpg "
-                                "and DIR/val/<class>/*.jpg")
+        raise MissingInput(f"data.path {str(path)!r}: folder not found; expected DIR/train/<class>/*.jpg "
+                           "and DIR/val/<class>/*.jpg")
     return path
 
 

@@ -26,7 +26,8 @@ from resnet50_recipe.data import sources
 from resnet50_recipe.data.images import verify, write_images
 from resnet50_recipe.data.pipeline import IMAGE_EXTENSIONS, usable_cores
 from resnet50_recipe.data.sources import IMAGENET_ARCHIVES, LazyMember
-from resnet50_recipe.store.s3 import RemoteError, S3Store
+from resnet50_recipe.errors import MissingInput, UserError
+from resnet50_recipe.store.s3 import RemoteRefused, S3Store
 
 __all__ = ["IMAGENETTE", "IMAGENET_COUNTS", "file_digest", "check_digest", "download", "prepare_imagenette",
            "count_images", "parse_devkit", "prepare_imagenet", "prepare_imagenet_from", "write_imagenet",
@@ -65,14 +66,14 @@ def file_digest(path: Path, algorithm: str = "md5", quiet: bool = True) -> str:
 
 
 def check_digest(path: Path, expected: tuple[str, str] | None, quiet: bool = True) -> None:
-    """`expected` is (algorithm, hex digest); a mismatch is a ValueError naming both digests."""
+    """`expected` is (algorithm, hex digest); a mismatch is a UserError naming both digests."""
     if expected is None:
         return
     algorithm, want = expected
     got = file_digest(path, algorithm, quiet)
     if got != want.lower():
-        raise ValueError(f"{path}: {algorithm} {got} does not match the expected {want}; the file is damaged or "
-                         "not the official one")
+        raise UserError(f"{path}: {algorithm} {got} does not match the expected {want}; the file is damaged or "
+                        "not the official one")
 
 
 
@@ -84,7 +85,7 @@ def download(url: str, dest: Path, expected: tuple[str, str] | None, retries: in
         try:
             check_digest(dest, expected, quiet)
         except ValueError as e:
-            raise ValueError(f"{e}; delete it to download it again") from None
+            raise UserError(f"{e}; delete it to download it again") from None
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -108,11 +109,11 @@ def download(url: str, dest: Path, expected: tuple[str, str] | None, retries: in
         except urllib.error.HTTPError as e:
             if e.code == 416 and have:  # nothing left to fetch: an earlier run got it all
                 break
-            raise ValueError(f"{url}: HTTP {e.code} {e.reason}") from None
+            raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             if attempt == retries - 1:
-                raise ValueError(f"{url}: download failed after {retries} tries ({e}); rerun to resume from "
-                                 f"{part.stat().st_size if part.exists() else 0} bytes") from None
+                raise UserError(f"{url}: download failed after {retries} tries ({e}); rerun to resume from "
+                                f"{part.stat().st_size if part.exists() else 0} bytes") from None
             log.warning("%s: transfer interrupted (%s); resuming", url, e)
             time.sleep(min(2 ** attempt - 1, 30))
     try:
@@ -135,7 +136,7 @@ def prepare_imagenette(out: Path, size: str = "160", url: str | None = None, exp
 
     `expected` defaults to the pinned MD5 of `size`, which a mirror serving the same file also passes."""
     if size not in IMAGENETTE:
-        raise ValueError(f"imagenette size {size!r}: expected one of {', '.join(IMAGENETTE)}")
+        raise UserError(f"imagenette size {size!r}: expected one of {', '.join(IMAGENETTE)}")
     out = Path(out)
     if _finished(out):
         return count_images(out)
@@ -153,11 +154,11 @@ def prepare_imagenette(out: Path, size: str = "160", url: str | None = None, exp
                 tar.extract(member, scratch, **_safe())
     except (tarfile.TarError, EOFError, OSError) as e:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise ValueError(f"{archive}: cannot extract it ({e}); delete it to download it again") from None
+        raise UserError(f"{archive}: cannot extract it ({e}); delete it to download it again") from None
     roots = [p for p in scratch.rglob("train") if p.is_dir() and (p.parent / "val").is_dir()]
     if len(roots) != 1:
         shutil.rmtree(scratch)
-        raise ValueError(f"{archive}: expected one folder holding train/ and val/ in the archive, found {len(roots)}")
+        raise UserError(f"{archive}: expected one folder holding train/ and val/ in the archive, found {len(roots)}")
     for split in ("val", "train"):  # train last: both exist only once both moved
         if not (out / split).exists():
             (roots[0].parent / split).rename(out / split)
@@ -214,14 +215,14 @@ def parse_devkit(devkit) -> tuple[dict[int, str], list[int]]:
                     files[name] = tar.extractfile(member).read()
     missing = {"data/meta.mat", "data/ILSVRC2012_validation_ground_truth.txt"} - set(files)
     if missing:
-        raise ValueError(f"{devkit}: not an ILSVRC2012 devkit: no {', '.join(sorted(missing))} inside")
+        raise UserError(f"{devkit}: not an ILSVRC2012 devkit: no {', '.join(sorted(missing))} inside")
     synsets = scipy.io.loadmat(io.BytesIO(files["data/meta.mat"]), squeeze_me=True)["synsets"]
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
     truth = [int(line) for line in files["data/ILSVRC2012_validation_ground_truth.txt"].decode().split()]
     unknown = sorted(set(truth) - set(id_to_wnid))
     if unknown:
-        raise ValueError(f"{devkit}: the val ground truth names ILSVRC2012_IDs that are no leaf synset in "
-                         f"meta.mat: {unknown[:10]}")
+        raise UserError(f"{devkit}: the val ground truth names ILSVRC2012_IDs that are no leaf synset in "
+                        f"meta.mat: {unknown[:10]}")
     return id_to_wnid, truth
 
 
@@ -233,7 +234,7 @@ class _Source:
     def __init__(self, location: str, endpoint_url: str | None = None):
         self.location, self.endpoint_url = str(location), endpoint_url
         if not self.is_s3 and not Path(self.location).is_file():
-            raise FileNotFoundError(f"{self.location}: archive not found")
+            raise MissingInput(f"{self.location}: archive not found")
 
     @property
     def is_s3(self) -> bool:
@@ -250,9 +251,9 @@ class _Source:
         try:
             return store.client.get_object(Bucket=store.bucket, Key=store.key(name))["Body"]
         except store.client.exceptions.NoSuchKey:
-            raise FileNotFoundError(f"{self.location}: no such object") from None
+            raise MissingInput(f"{self.location}: no such object") from None
         except (ClientError, BotoCoreError) as e:
-            raise RemoteError(f"{self.location}: cannot read it ({e})") from None
+            raise RemoteRefused(f"{self.location}: cannot read it ({e})") from None
 
     def __str__(self) -> str:
         return self.location
@@ -294,7 +295,7 @@ def prepare_imagenet(out: Path, train_tar: str, val_tar: str, devkit: str, verif
             name, want = IMAGENET_ARCHIVES[kind]
             got = _md5_of(source, quiet)
             if got != want:
-                raise ValueError(f"{source}: md5 {got} is not the official {name}'s {want}")
+                raise UserError(f"{source}: md5 {got} is not the official {name}'s {want}")
     if _finished(out):
         return count_images(out)
     id_to_wnid, truth = parse_devkit(sources["devkit"])
@@ -320,14 +321,14 @@ def prepare_imagenet_from(out: Path, source: str, partial: bool = False, short_s
     else:
         folder = Path(source)
         if not folder.is_dir():
-            raise FileNotFoundError(f"--from {source}: no such folder")
+            raise MissingInput(f"--from {source}: no such folder")
     layout = sources.detect(folder)
     if layout == "ilsvrc":
         return prepare_imagenet(out, *(str(folder / IMAGENET_ARCHIVES[kind][0]) for kind in ("train", "val", "devkit")),
                                 verify_md5=verify_md5, partial=partial, short_side=short_side, quality=quality,
                                 workers=workers, quiet=quiet)
     if verify_md5:
-        raise ValueError(f"--verify-md5 checks the official ILSVRC2012 archives; {folder} holds the {layout} layout")
+        raise UserError(f"--verify-md5 checks the official ILSVRC2012 archives; {folder} holds the {layout} layout")
     if _finished(out):
         return count_images(out)
     log.info("%s: %s layout", folder, layout)
@@ -347,7 +348,7 @@ def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: in
     write_image) instead of its bytes, on `workers` processes."""
 
     if short_side is not None and short_side < 16:
-        raise ValueError(f"--short-side {short_side}: expected at least 16 pixels")
+        raise UserError(f"--short-side {short_side}: expected at least 16 pixels")
     # Decoding and resizing want every core (the main process only reads the archive); a plain copy is
     # bound by the disk, and one process does it fastest (BENCHMARKS.md).
     writers = workers if workers is not None else (usable_cores() if short_side else 1)
@@ -361,12 +362,12 @@ def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: in
         except (tarfile.TarError, EOFError, OSError) as e:
             if isinstance(e, FileNotFoundError):
                 raise
-            raise ValueError(f"{out}: an archive ended early or is damaged ({e}); what was written is kept, and a "
-                             "rerun with the complete archives finishes the job") from None
+            raise UserError(f"{out}: an archive ended early or is damaged ({e}); what was written is kept, and a "
+                            "rerun with the complete archives finishes the job") from None
         failed = [r[len("failed: "):] for r in results if r.startswith("failed: ")]
         if failed:
-            raise ValueError(f"{out}: {len(failed)} images could not be decoded for resizing, e.g. {failed[0]}; "
-                             "the rest is kept, and a rerun without --short-side writes them as they are")
+            raise UserError(f"{out}: {len(failed)} images could not be decoded for resizing, e.g. {failed[0]}; "
+                            "the rest is kept, and a rerun without --short-side writes them as they are")
     counts = _check_counts(out, partial)
     report = verify(out, workers=workers or usable_cores(), quiet=quiet)
     if not report["problems"]:
@@ -412,8 +413,8 @@ def _check_counts(out: Path, partial: bool) -> dict:
         wrong.append(f"train and val have different classes (only in train: {only_train[:5]}, only in val: "
                      f"{only_val[:5]}), which training refuses")
     if wrong and not partial:
-        raise ValueError(f"{out}: the source gave the wrong counts ({'; '.join(wrong)}); the split folders stay "
-                         "hidden as .train.partial and .val.partial. Pass --partial to accept a subset")
+        raise UserError(f"{out}: the source gave the wrong counts ({'; '.join(wrong)}); the split folders stay "
+                        "hidden as .train.partial and .val.partial. Pass --partial to accept a subset")
     for problem in wrong:
         log.warning("%s: %s (accepted: --partial)", out, problem)
     for split in ("val", "train"):
@@ -440,8 +441,8 @@ def _val_items(source: _Source, id_to_wnid: dict[int, str], truth: list[int]):
                 number = int(Path(name).stem.rsplit("_", 1)[1])
                 wnid = id_to_wnid[truth[number - 1]]
             except (IndexError, ValueError):
-                raise ValueError(f"{source}: {member.name} is not an ILSVRC2012_val_NNNNNNNN.JPEG named in the "
-                                 f"ground truth ({len(truth)} lines)") from None
+                raise UserError(f"{source}: {member.name} is not an ILSVRC2012_val_NNNNNNNN.JPEG named in the "
+                                f"ground truth ({len(truth)} lines)") from None
             yield wnid, name, LazyMember(tar, member)
 
 

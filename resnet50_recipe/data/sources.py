@@ -23,6 +23,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from resnet50_recipe.errors import MissingInput, UserError
+
 __all__ = ["IMAGENET_ARCHIVES", "LazyMember", "KAGGLE_ROOT", "HUB_LAYOUTS", "LAYOUTS", "IMAGE_SUFFIXES",
            "imagenet_wnids", "detect", "split_items", "kaggle_items", "archive_items", "shard_items", "hub_download",
            "hub_repo"]
@@ -78,21 +80,21 @@ def imagenet_wnids() -> list[str]:
 
 
 def detect(folder: Path) -> str:
-    """Which layout `folder` holds: ilsvrc, kaggle, hub-archives or webdataset; a ValueError naming what was
+    """Which layout `folder` holds: ilsvrc, kaggle, hub-archives or webdataset; a UserError naming what was
     expected otherwise."""
     official = [name for name, _ in IMAGENET_ARCHIVES.values()]
     missing = [name for name in official if not (folder / name).is_file()]
     if not missing:
         return "ilsvrc"
     if len(missing) < len(official):
-        raise FileNotFoundError(f"{folder / missing[0]}: archive not found, next to the other official archives")
+        raise MissingInput(f"{folder / missing[0]}: archive not found, next to the other official archives")
     if (folder / KAGGLE_ROOT / "train").is_dir():
         return "kaggle"
     names = [p.name for p in _files(folder)]
     for layout, (train, val) in HUB_LAYOUTS.items():
         if fnmatch.filter(names, train) and fnmatch.filter(names, val):
             return layout
-    raise ValueError(f"{folder}: no ImageNet layout recognised; expected {LAYOUTS}")
+    raise UserError(f"{folder}: no ImageNet layout recognised; expected {LAYOUTS}")
 
 
 
@@ -126,17 +128,17 @@ def kaggle_items(folder: Path, split: str) -> Iterator[tuple[str, str, Path]]:
         return
     solution = folder / "LOC_val_solution.csv"
     if not solution.is_file():
-        raise FileNotFoundError(f"{solution}: not found; Kaggle's val images get their classes from it")
+        raise MissingInput(f"{solution}: not found; Kaggle's val images get their classes from it")
     with open(solution, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"ImageId", "PredictionString"} <= set(rows[0]):
-        raise ValueError(f"{solution}: expected the columns ImageId,PredictionString")
+        raise UserError(f"{solution}: expected the columns ImageId,PredictionString")
     for row in rows:
         image = root / f"{row['ImageId']}.JPEG"
         if not row["PredictionString"].split():
-            raise ValueError(f"{solution}: {row['ImageId']} has an empty PredictionString; expected a wnid first")
+            raise UserError(f"{solution}: {row['ImageId']} has an empty PredictionString; expected a wnid first")
         if not image.is_file():
-            raise FileNotFoundError(f"{image}: named in {solution.name} but not there")
+            raise MissingInput(f"{image}: named in {solution.name} but not there")
         yield row["PredictionString"].split()[0], image.name, image
 
 
@@ -157,8 +159,8 @@ def archive_items(archives: list[Path]) -> Iterator[tuple[str, str, LazyMember]]
                 stem, suffix = Path(Path(member.name).name).stem, Path(member.name).suffix
                 image, _, wnid = stem.rpartition("_")
                 if wnid not in known:
-                    raise ValueError(f"{archive}: {member.name} does not end in _<wnid>{suffix} with an ImageNet-1k "
-                                     "wnid, as ILSVRC/imagenet-1k's files do")
+                    raise UserError(f"{archive}: {member.name} does not end in _<wnid>{suffix} with an ImageNet-1k "
+                                    "wnid, as ILSVRC/imagenet-1k's files do")
                 yield wnid, image + suffix, LazyMember(tar, member)
 
 
@@ -194,14 +196,14 @@ def shard_items(shards: list[Path]) -> Iterator[tuple[str, str, bytes]]:
 def _sample(shard: Path, key: str, sample: dict[str, bytes], wnids: list[str]) -> tuple[str, str, bytes]:
     image = next((suffix[1:] for suffix in IMAGE_SUFFIXES if suffix[1:] in sample), None)
     if image is None:
-        raise ValueError(f"{shard}: sample {key} has no image (found {', '.join(sorted(sample))})")
+        raise UserError(f"{shard}: sample {key} has no image (found {', '.join(sorted(sample))})")
     meta = json.loads(sample["json"]) if "json" in sample else {}
     label = sample["cls"].decode().strip() if "cls" in sample else meta.get("label")
     try:
         wnid = wnids[int(label)]
     except (TypeError, ValueError, IndexError):
-        raise ValueError(f"{shard}: sample {key} has no class index 0-999 in a .cls or a .json's \"label\" "
-                         f"(found {label!r})") from None
+        raise UserError(f"{shard}: sample {key} has no class index 0-999 in a .cls or a .json's \"label\" "
+                        f"(found {label!r})") from None
     name = Path(meta.get("filename") or f"{Path(key).name}.{image}").name
     return wnid, name, sample[image]
 
@@ -226,20 +228,20 @@ def hub_download(repo: str, dest: Path, quiet: bool = False) -> Path:
         patterns = next(([f"*{train}", f"*{val}"] for train, val in HUB_LAYOUTS.values()
                          if fnmatch.filter(names, train) and fnmatch.filter(names, val)), None)
         if patterns is None:
-            raise ValueError(f"hf:{repo}: no ImageNet layout this knows among its {len(names)} files "
-                             f"({', '.join(names[:5])}...); expected {LAYOUTS}")
+            raise UserError(f"hf:{repo}: no ImageNet layout this knows among its {len(names)} files "
+                            f"({', '.join(names[:5])}...); expected {LAYOUTS}")
         snapshot_download(repo, repo_type="dataset", allow_patterns=patterns, local_dir=dest)
     except GatedRepoError:
-        raise ValueError(f"hf:{repo}: the dataset is gated: accept its terms at {url}, then log in with "
-                         "`hf auth login` or set HF_TOKEN") from None
+        raise UserError(f"hf:{repo}: the dataset is gated: accept its terms at {url}, then log in with "
+                        "`hf auth login` or set HF_TOKEN") from None
     except RepositoryNotFoundError:
         # the Hub also answers 401 for a gated or private repository when no token was sent
-        raise ValueError(f"hf:{repo}: not found, or gated or private and no valid token was sent ({url}); log "
-                         "in with `hf auth login` or set HF_TOKEN, and accept a gated dataset's terms there") from None
+        raise UserError(f"hf:{repo}: not found, or gated or private and no valid token was sent ({url}); log "
+                        "in with `hf auth login` or set HF_TOKEN, and accept a gated dataset's terms there") from None
     except HfHubHTTPError as e:
-        raise ValueError(f"hf:{repo}: the Hub answered {e.response.status_code} ({url}); rerun to resume") from None
+        raise UserError(f"hf:{repo}: the Hub answered {e.response.status_code} ({url}); rerun to resume") from None
     except LocalEntryNotFoundError:  # snapshot_download's word for a Hub it cannot reach
-        raise ValueError(f"hf:{repo}: cannot reach {constants.ENDPOINT}; rerun to resume the download") from None
+        raise UserError(f"hf:{repo}: cannot reach {constants.ENDPOINT}; rerun to resume the download") from None
     return dest
 
 
@@ -250,5 +252,5 @@ def hub_repo(source: str) -> str | None:
         return None
     repo = source[len("hf:"):]
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise ValueError(f"--from {source}: expected hf:owner/name, e.g. hf:ILSVRC/imagenet-1k")
+        raise UserError(f"--from {source}: expected hf:owner/name, e.g. hf:ILSVRC/imagenet-1k")
     return repo

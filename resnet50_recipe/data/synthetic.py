@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from resnet50_recipe.errors import ExistingOutput, UserError
+
 __all__ = ["SHAPES", "draw_image", "draw_sample", "generate"]
 
 SHAPES = ("disk", "square", "triangle", "star", "cross", "ring", "stripes", "checker", "dots", "crescent")
@@ -133,14 +135,14 @@ def generate(out: str | Path, classes: int = 10, per_class: int = 300, val_per_c
     out = Path(out)
     params = {"classes": classes, "per_class": per_class, "val_per_class": val_per_class, "size": size, "seed": seed}
     if not 2 <= classes <= len(SHAPES):
-        raise ValueError(f"classes={classes}: the generator draws between 2 and {len(SHAPES)} classes "
-                         f"({', '.join(SHAPES)})")
+        raise UserError(f"classes={classes}: the generator draws between 2 and {len(SHAPES)} classes "
+                        f"({', '.join(SHAPES)})")
     if out.exists():
         marker = out / _MARKER
         if marker.is_file() and json.loads(marker.read_text()) == params:
             return out
-        raise FileExistsError(f"{out} already exists and is not a synthetic dataset made with {params}; "
-                              "choose another folder or remove it")
+        raise ExistingOutput(f"{out} already exists and is not a synthetic dataset made with {params}; "
+                             "choose another folder or remove it")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     for split_id, (split, count) in enumerate((("train", per_class), ("val", val_per_class))):

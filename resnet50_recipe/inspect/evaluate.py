@@ -14,6 +14,7 @@ from resnet50_recipe.data.pipeline import (
     make_loader,
     resolve_data_dir,
 )
+from resnet50_recipe.errors import UserError
 from resnet50_recipe.recipe import load_recipe
 from resnet50_recipe.store.checkpoints import load_state
 from resnet50_recipe.train.runtime import setup
@@ -43,8 +44,8 @@ def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, img_si
     data_dir = resolve_data_dir(recipe.data)
     classes = class_names(data_dir)
     if classes != state["class_names"]:
-        raise ValueError(f"{data_dir}: its classes differ from the {len(state['class_names'])} the checkpoint was "
-                         f"trained on (first: {state['class_names'][:3]}, got {classes[:3]})")
+        raise UserError(f"{data_dir}: its classes differ from the {len(state['class_names'])} the checkpoint was "
+                        f"trained on (first: {state['class_names'][:3]}, got {classes[:3]})")
     size = img_size or recipe.augment.eval_size
     pct = crop_pct or recipe.augment.crop_pct
     val_set = ImageFolderDataset(data_dir / "val", classes, eval_transform(recipe.augment, size, pct), recipe.seed,

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from resnet50_recipe.data.pipeline import eval_transform
+from resnet50_recipe.errors import MissingInput, UserError
 from resnet50_recipe.model import build_model
 from resnet50_recipe.publish.export import choose_weights, label_names, resolve_source
 from resnet50_recipe.recipe import load_recipe
@@ -49,7 +50,7 @@ def load_classifier(source: str | Path, weights: str = "auto") -> Classifier:
 
     source = Path(source)
     if not source.exists():
-        raise FileNotFoundError(f"{source}: not found; pass a checkpoint file, a run directory or an export folder")
+        raise MissingInput(f"{source}: not found; pass a checkpoint file, a run directory or an export folder")
     if source.is_dir() and (source / "config.json").is_file():
         from timm.data import create_transform, resolve_data_config
 
@@ -62,8 +63,8 @@ def load_classifier(source: str | Path, weights: str = "auto") -> Classifier:
 
 
     if source.is_dir() and not (source / "checkpoints").is_dir() and not (source / MANIFEST).is_file():
-        raise FileNotFoundError(f"{source}: neither an export folder (config.json) nor a run directory "
-                                "(checkpoints/latest.json); pass one of those or a checkpoint file")
+        raise MissingInput(f"{source}: neither an export folder (config.json) nor a run directory "
+                           "(checkpoints/latest.json); pass one of those or a checkpoint file")
     path, kind = resolve_source(source, weights)
     state = load_state(path)
     recipe = load_recipe(state["recipe"])
@@ -88,9 +89,9 @@ def open_image(path: str | Path) -> Image.Image:
         with Image.open(path) as image:
             return image.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: image not found") from None
+        raise MissingInput(f"{path}: image not found") from None
     except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from None
+        raise UserError(f"{path}: not a readable image ({e})") from None
 
 
 
@@ -98,7 +99,7 @@ def open_image(path: str | Path) -> Image.Image:
 def predict(source: str | Path, images: list[str | Path], top: int = 5, weights: str = "auto") -> list[dict]:
     """For each image: {"image", "top": [{"index", "label", "prob"}, ...]}, most probable first."""
     if top < 1:
-        raise ValueError(f"--top {top}: give how many labels to show per image, 1 or more")
+        raise UserError(f"--top {top}: give how many labels to show per image, 1 or more")
     clf = load_classifier(source, weights)
     k = min(top, len(clf.names))
     results = []
@@ -118,14 +119,14 @@ def class_index(clf: Classifier, wanted: str | int) -> int:
     if isinstance(wanted, int) or str(wanted).isdigit():
         index = int(wanted)
         if not 0 <= index < len(clf.names):
-            raise ValueError(f"--class {wanted}: the model has classes 0 to {len(clf.names) - 1}")
+            raise UserError(f"--class {wanted}: the model has classes 0 to {len(clf.names) - 1}")
         return index
     for names in (clf.classes, clf.names):
         lowered = [n.lower() for n in names]
         if str(wanted).lower() in lowered:
             return lowered.index(str(wanted).lower())
-    raise ValueError(f"--class {wanted!r}: no class of that name; give an index (0-{len(clf.names) - 1}) or one "
-                     f"of {', '.join(clf.names[:10])}{', ...' if len(clf.names) > 10 else ''}")
+    raise UserError(f"--class {wanted!r}: no class of that name; give an index (0-{len(clf.names) - 1}) or one "
+                    f"of {', '.join(clf.names[:10])}{', ...' if len(clf.names) > 10 else ''}")
 
 
 
@@ -136,7 +137,7 @@ def grad_cam(clf: Classifier, image: Image.Image, target: int | None = None) -> 
     model = clf.model
     info = getattr(model, "feature_info", None)
     if not info:
-        raise ValueError(f"{type(model).__name__}: no feature_info, so no last conv stage to explain")
+        raise UserError(f"{type(model).__name__}: no feature_info, so no last conv stage to explain")
     stage = model.get_submodule(info[-1]["module"])
     saved: dict[str, torch.Tensor] = {}
 

@@ -28,6 +28,7 @@ from resnet50_recipe.data.pipeline import (
     make_loader,
     resolve_data_dir,
 )
+from resnet50_recipe.errors import MissingInput, UserError
 from resnet50_recipe.inspect.watch import duration
 from resnet50_recipe.publish.export import choose_weights, label_names, resolve_source
 from resnet50_recipe.recipe import load_recipe
@@ -58,8 +59,8 @@ def evaluate_val(path: Path, weights: str, data: str | Path | None, batch_size: 
     data_dir = resolve_data_dir(recipe.data)
     classes = class_names(data_dir)
     if classes != state["class_names"]:
-        raise ValueError(f"{data_dir}: its classes differ from the {len(state['class_names'])} the checkpoint was "
-                         f"trained on (first: {state['class_names'][:3]}, got {classes[:3]}); pass --data DIR")
+        raise UserError(f"{data_dir}: its classes differ from the {len(state['class_names'])} the checkpoint was "
+                        f"trained on (first: {state['class_names'][:3]}, got {classes[:3]}); pass --data DIR")
     torch_device = pick_device(device)
     rt = Runtime(torch_device, pick_amp_dtype(recipe.train, torch_device), 0, 1)
     val_set = ImageFolderDataset(data_dir / "val", classes, eval_transform(recipe.augment), recipe.seed,
@@ -94,7 +95,7 @@ def report(run_dir: str | Path, weights: str = "auto", data: str | Path | None =
 
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints" / MANIFEST).is_file():
-        raise FileNotFoundError(f"{run_dir}: no checkpoints/{MANIFEST}; pass a run directory")
+        raise MissingInput(f"{run_dir}: no checkpoints/{MANIFEST}; pass a run directory")
     path, kind = resolve_source(run_dir, weights)
     kind = choose_weights(load_state(path), kind)
     val = evaluate_val(path, kind, data, batch_size, workers, device)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from resnet50_recipe.errors import MissingInput, UserError
 from resnet50_recipe.store.checkpoints import MANIFEST, read_manifest
 from resnet50_recipe.store.s3 import S3Store
 from resnet50_recipe.train.budget import budget_text
@@ -47,8 +48,8 @@ def read_run(source: str, endpoint_url: str | None = None) -> dict:
         summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else None
         local = True
     if text is None and manifest is None:
-        raise FileNotFoundError(f"{source}: no metrics.jsonl or checkpoints/{MANIFEST}; is it a run "
-                                "directory (or the s3:// prefix a run syncs to)?")
+        raise MissingInput(f"{source}: no metrics.jsonl or checkpoints/{MANIFEST}; is it a run "
+                           "directory (or the s3:// prefix a run syncs to)?")
     # The last line of a file being appended to may be incomplete; it is read on the next refresh.
     records = []
     for line in (text or "").splitlines():
@@ -203,7 +204,7 @@ def watch(source: str, interval: float = 10.0, once: bool = False, endpoint_url:
           stream=None) -> dict:
     """Print the view every `interval` seconds until the run finishes (or once); return the last snapshot."""
     if interval <= 0:
-        raise ValueError(f"--interval {interval}: give the seconds between refreshes, a positive number")
+        raise UserError(f"--interval {interval}: give the seconds between refreshes, a positive number")
     stream = stream or sys.stdout
     while True:
         snap = summarize(read_run(source, endpoint_url))

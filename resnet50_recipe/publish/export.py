@@ -17,6 +17,7 @@ import torch
 from timm.data import ImageNetInfo
 from timm.models import load_checkpoint, save_for_hf
 
+from resnet50_recipe.errors import MissingInput, UserError
 from resnet50_recipe.model import build_model
 from resnet50_recipe.publish.card import REPORT_PNGS, model_card
 from resnet50_recipe.recipe import Recipe, load_recipe
@@ -41,16 +42,16 @@ def resolve_source(source: str | Path, weights: str) -> tuple[Path, str]:
         folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
         manifest = read_manifest(folder)
         if manifest is None or not manifest.get("file"):
-            raise FileNotFoundError(f"{source}: no checkpoint recorded in checkpoints/latest.json; pass a run "
-                                    "directory that has one, or a checkpoint file")
+            raise MissingInput(f"{source}: no checkpoint recorded in checkpoints/latest.json; pass a run "
+                               "directory that has one, or a checkpoint file")
         if weights == "best":
             best = manifest.get("best")
             if not best or not best.get("file"):
-                raise ValueError(f"{source}: no best checkpoint is recorded; use --weights auto, ema or raw")
+                raise UserError(f"{source}: no best checkpoint is recorded; use --weights auto, ema or raw")
             return folder / best["file"], best["weights"]
         return folder / manifest["file"], weights
     if weights == "best":
-        raise ValueError(f"{source}: --weights best needs a run directory, not a single checkpoint")
+        raise UserError(f"{source}: --weights best needs a run directory, not a single checkpoint")
     return source, weights
 
 
@@ -59,7 +60,7 @@ def choose_weights(state: dict, weights: str) -> str:
     """`auto`: the EMA weights when their last measured top-1 beats the raw weights', else the raw ones."""
     if weights in ("raw", "ema"):
         if weights == "ema" and state.get("ema") is None:
-            raise ValueError("this checkpoint has no EMA weights (ema.enabled was false); use --weights raw")
+            raise UserError("this checkpoint has no EMA weights (ema.enabled was false); use --weights raw")
         return weights
     evaluated = [r for r in state.get("metrics", []) if "top1" in r]
     if state.get("ema") is not None and evaluated and evaluated[-1].get("ema_top1", -1) > evaluated[-1]["top1"]:
@@ -72,9 +73,12 @@ def label_names(classes: list[str], names_file: str | Path | None = None) -> lis
     """Human-readable names in class-index order: a names file (one per line), ImageNet's descriptions when
     the classes are ImageNet synsets (n01440764, ...), or the folder names."""
     if names_file:
+        if not Path(names_file).is_file():
+            raise MissingInput(f"{names_file}: not found; expected a text file with one class name per line, in "
+                               "class-index order")
         names = [line.strip() for line in Path(names_file).read_text().splitlines() if line.strip()]
         if len(names) != len(classes):
-            raise ValueError(f"{names_file}: {len(names)} names for {len(classes)} classes")
+            raise UserError(f"{names_file}: {len(names)} names for {len(classes)} classes")
         return names
     info = ImageNetInfo()
     synsets = {name: i for i, name in enumerate(info.label_names())}
@@ -133,13 +137,13 @@ def pretrained_cfg(model: torch.nn.Module, recipe: Recipe, license: str) -> dict
 def verify_export(folder: str | Path, reference: torch.nn.Module | None = None) -> None:
     """The round trip: the folder loads through timm's `local-dir:` source, gives the same fp32 logits as the
     weights it was made from (`reference`, or its own safetensors file read directly), and its model card
-    parses. Raises ValueError naming what failed."""
+    parses. Raises UserError naming what failed."""
     from huggingface_hub import ModelCard
 
     folder = Path(folder)
     missing = [name for name in FILES if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"{folder}: not an export folder, missing {', '.join(missing)}")
+        raise UserError(f"{folder}: not an export folder, missing {', '.join(missing)}")
     try:
         config = json.loads((folder / "config.json").read_text())
         loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
@@ -147,13 +151,13 @@ def verify_export(folder: str | Path, reference: torch.nn.Module | None = None) 
             reference = timm.create_model(config["architecture"], num_classes=config["num_classes"]).eval()
             load_checkpoint(reference, str(folder / "model.safetensors"), strict=True)
     except Exception as e:  # timm and torch raise assorted errors for a broken folder
-        raise ValueError(f"{folder}: fails the round trip, timm cannot load it as exported ({e})") from None
+        raise UserError(f"{folder}: fails the round trip, timm cannot load it as exported ({e})") from None
     size = config["pretrained_cfg"]["input_size"]
     generator = torch.Generator().manual_seed(0)
     batch = torch.randn(2, *size, generator=generator)
     with torch.no_grad():
         if not torch.equal(loaded(batch), reference(batch)):
-            raise ValueError(f"{folder}: the model timm loads gives different logits from the exported weights")
+            raise UserError(f"{folder}: the model timm loads gives different logits from the exported weights")
     card = ModelCard.load(folder / "README.md")
     if not card.data.eval_results:
-        raise ValueError(f"{folder}/README.md: the model card carries no eval results")
+        raise UserError(f"{folder}/README.md: the model card carries no eval results")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from resnet50_recipe.errors import MissingInput, UserError
+
 __all__ = ["FORMAT", "MANIFEST", "checkpoint_name", "new_lineage", "lineage_of", "save_atomic", "sha256_of",
            "write_manifest", "check_manifest", "read_manifest", "set_aside", "start_lineage", "commit",
            "verify_checkpoint", "remove_partials", "find_latest", "load_state", "Writer", "CheckpointError"]
@@ -148,13 +150,13 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def check_manifest(manifest, where: str) -> dict:
-    """The manifest, or ValueError when it is not one. Damage is reported with the way out that loses nothing:
+    """The manifest, or UserError when it is not one. Damage is reported with the way out that loses nothing:
     the checkpoint files are never judged, or touched, without the hashes the manifest holds."""
     entries = manifest.get("checkpoints") if isinstance(manifest, dict) else None
     if not isinstance(entries, list) or not all(
             isinstance(e, dict) and {"file", "step", "sha256", "size"} <= e.keys() for e in entries):
-        raise ValueError(f"{where}: not a checkpoint manifest (it needs a 'checkpoints' list of entries with file, "
-                         "step, sha256 and size)")
+        raise UserError(f"{where}: not a checkpoint manifest (it needs a 'checkpoints' list of entries with file, "
+                        "step, sha256 and size)")
     return manifest
 
 
@@ -172,10 +174,10 @@ def read_manifest(folder: Path) -> dict | None:
     except ValueError as e:  # a manifest is replaced atomically, so this is damage from outside
         files = sorted(p.name for p in folder.glob("ckpt-*.pt"))
         newest = f"; the newest file is {folder / files[-1]}" if files else ""
-        raise ValueError(f"{path} is damaged ({e}), so the {len(files)} checkpoint file(s) beside it cannot be "
-                         f"verified{newest}. Nothing was changed: resume from one of them explicitly with "
-                         "--resume PATH (it is checked as it loads), or restore latest.json from a copy "
-                         "(S3, a backup)") from None
+        raise UserError(f"{path} is damaged ({e}), so the {len(files)} checkpoint file(s) beside it cannot be "
+                        f"verified{newest}. Nothing was changed: resume from one of them explicitly with "
+                        "--resume PATH (it is checked as it loads), or restore latest.json from a copy "
+                        "(S3, a backup)") from None
 
 
 
@@ -304,17 +306,17 @@ def load_state(path: str | Path, entry: dict | None = None) -> dict:
     beside it, or for a set-aside lineage the run's manifest)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise MissingInput(f"{path}: checkpoint not found")
     if entry is None:
         entry, manifest_path = _listed_entry(path)
         if entry is not None and (problem := verify_checkpoint(path, entry)):
-            raise ValueError(f"{path}: {problem} ({manifest_path}): the file is truncated or corrupt")
+            raise UserError(f"{path}: {problem} ({manifest_path}): the file is truncated or corrupt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle of objects, or not a checkpoint at all
-        raise ValueError(f"{path}: not a readable resnet50-recipe checkpoint ({e})") from None
+        raise UserError(f"{path}: not a readable resnet50-recipe checkpoint ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a resnet50-recipe checkpoint (format {FORMAT} expected)")
+        raise UserError(f"{path}: not a resnet50-recipe checkpoint (format {FORMAT} expected)")
     return state
 
 

@@ -8,16 +8,18 @@ import logging
 import os
 from pathlib import Path, PurePosixPath
 
+from resnet50_recipe.errors import UserError
 from resnet50_recipe.store.checkpoints import MANIFEST, commit, lineage_of, verify_checkpoint
-from resnet50_recipe.store.s3 import SIDECAR, RemoteError, S3Store
+from resnet50_recipe.store.s3 import SIDECAR, RemoteRefused, S3Store
 
 __all__ = ["SYNCED_FILES", "RemoteSuperseded", "claim", "stage_remote", "download_verified", "install_staged",
            "fetch_latest", "pull_files", "safe_path"]
 
 # wandb.json (the W&B run id) comes back with a resume on a fresh machine, so W&B continues the same run.
 SYNCED_FILES = ("metrics.jsonl", "recipe.yaml", "env.json", "curves.png", "summary.json", "wandb.json")
-class RemoteSuperseded(RemoteError):
-    """The remote pointer belongs to a newer lineage: another run started afresh on this prefix."""
+class RemoteSuperseded(RemoteRefused):
+    """The remote pointer belongs to a newer lineage, or to a second writer of this one: another run is using
+    this prefix. Bad input at start-up (exit 2); in the uploader it stops the uploads."""
 
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ def claim(store: S3Store, lineage: dict) -> None:
         log.info("lineage %s: its %d remote checkpoint(s) are kept in %s/checkpoints/%s", theirs["run_id"],
                  len(moved), store.remote, folder)
         return
-    raise RemoteError(f"{store.remote}: could not claim the remote latest.json: another writer keeps changing it")
+    raise RemoteRefused(f"{store.remote}: could not claim the remote latest.json: another writer keeps changing it")
 
 
 
@@ -155,13 +157,13 @@ def pull_files(store: S3Store, run_dir: Path) -> None:
 
 
 def safe_path(dest: Path, name: str) -> Path:
-    """`dest / name` for a name that came from the store, or ValueError when it could land anywhere else:
+    """`dest / name` for a name that came from the store, or UserError when it could land anywhere else:
     `..`, an absolute path, an empty segment or a backslash (a separator on Windows)."""
     parts = name.split("/")
     if not name or "\\" in name or any(p in ("", ".", "..") for p in parts) or PurePosixPath(name).is_absolute():
-        raise ValueError(f"{name!r}: not a safe relative name under {dest} (no '..', absolute path, empty "
-                         "segment or backslash); refusing to write it")
+        raise UserError(f"{name!r}: not a safe relative name under {dest} (no '..', absolute path, empty "
+                        "segment or backslash); refusing to write it")
     path = dest / PurePosixPath(*parts)
     if not path.resolve().is_relative_to(dest.resolve()):
-        raise ValueError(f"{name!r}: resolves outside {dest}; refusing to write it")
+        raise UserError(f"{name!r}: resolves outside {dest}; refusing to write it")
     return path

@@ -19,10 +19,11 @@ import time
 import uuid
 from pathlib import Path
 
+from resnet50_recipe.errors import UserError
 from resnet50_recipe.store.checkpoints import MANIFEST, check_manifest
 
-__all__ = ["SIDECAR", "RemoteError", "RemoteUnavailable", "is_transient", "parse_remote", "has_crc64", "Crc64",
-           "S3Store", "rebuilt_manifest"]
+__all__ = ["SIDECAR", "RemoteError", "RemoteRefused", "RemoteUnavailable", "is_transient", "parse_remote",
+           "has_crc64", "Crc64", "S3Store", "rebuilt_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,15 @@ _MISSING_CODES = ("404", "NoSuchKey", "NotFound")
 
 
 class RemoteError(RuntimeError):
-    """The remote store cannot be used: missing bucket, no permission, no credentials. Permanent: exit 2."""
+    """The remote store failed. Its subclasses say whose to fix: `RemoteRefused` is bad input (exit 2),
+    `RemoteUnavailable` a store that may come back (exit 75); a plain one (a failed upload check) is retried
+    by the uploader and never ends a run."""
+
+
+
+class RemoteRefused(UserError, RemoteError):
+    """The remote the user named cannot be used as given: missing bucket or object, no permission, no
+    credentials, an endpoint that does not answer as a store, another writer on its pointer. Permanent: exit 2."""
 
 
 
@@ -72,7 +81,7 @@ def is_transient(error: BaseException) -> bool:
 def parse_remote(remote: str) -> tuple[str, str]:
     match = re.fullmatch(r"s3://([^/]+)/?(.*)", remote or "")
     if not match:
-        raise ValueError(f"checkpoint.remote: {remote!r} is not an S3 URL; expected s3://bucket/prefix")
+        raise UserError(f"checkpoint.remote: {remote!r} is not an S3 URL; expected s3://bucket/prefix")
     return match.group(1), match.group(2).strip("/")
 
 
@@ -185,7 +194,7 @@ class S3Store:
         try:
             return json.loads(response["Body"].read()), response["ETag"]
         except ValueError:
-            raise ValueError(f"{self.remote}/{name}: not valid JSON") from None
+            raise UserError(f"{self.remote}/{name}: not valid JSON") from None
 
     def put_json(self, name: str, data: dict, etag: str | None, conditional: bool = True) -> str:
         """Conditional put: only over the version we read (If-Match), or only if absent (If-None-Match)."""
@@ -203,7 +212,7 @@ class S3Store:
                          Config=self.transfer)
 
     def manifest(self, rebuild: bool = False) -> tuple[dict | None, str | None]:
-        """The remote checkpoints/latest.json and its ETag; ValueError when it is not a manifest. With `rebuild`
+        """The remote checkpoints/latest.json and its ETag; UserError when it is not a manifest. With `rebuild`
         (a resume), when it is gone but checkpoints remain, a manifest rebuilt from their sidecars, no ETag."""
         data, etag = self.get_json(f"checkpoints/{MANIFEST}")
         if data is None:
@@ -226,7 +235,7 @@ class S3Store:
         """Write, check and delete a small probe object, so that a wrong bucket or a missing permission fails
         now, before any training, instead of at the first checkpoint; then abort the multipart uploads an
         earlier process left unfinished. Errors that may pass are retried for `retry_s` seconds, with backoff
-        (on top of boto3's own retries), then raise RemoteUnavailable; the others raise RemoteError at once."""
+        (on top of boto3's own retries), then raise RemoteUnavailable; the others raise RemoteRefused at once."""
         deadline, delay = time.monotonic() + retry_s, 1.0
         while True:
             try:
@@ -266,23 +275,23 @@ class S3Store:
             self.client.put_object(Bucket=self.bucket, Key=probe, Body=body)
         self.client.delete_object(Bucket=self.bucket, Key=probe)
 
-    def _explain(self, error: Exception) -> RemoteError:
+    def _explain(self, error: Exception) -> RemoteRefused:
         """The permanent start-up errors, in one line each."""
         from botocore.exceptions import ClientError, NoCredentialsError
 
         if isinstance(error, NoCredentialsError):
-            return RemoteError(f"{self.remote}: no AWS credentials found (boto3 looks in the environment, "
-                               "~/.aws and the instance role)")
+            return RemoteRefused(f"{self.remote}: no AWS credentials found (boto3 looks in the environment, "
+                                 "~/.aws and the instance role)")
         if not isinstance(error, ClientError):
-            return RemoteError(f"{self.remote}: cannot reach the store ({error})")
+            return RemoteRefused(f"{self.remote}: cannot reach the store ({error})")
         code = error.response["Error"]["Code"]
         if code == "NoSuchBucket":
-            return RemoteError(f"{self.remote}: bucket {self.bucket!r} does not exist; check checkpoint.remote "
-                               "or --remote")
+            return RemoteRefused(f"{self.remote}: bucket {self.bucket!r} does not exist; check checkpoint.remote "
+                                 "or --remote")
         if code in ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return RemoteError(f"{self.remote}: not allowed to write there ({code}); the credentials need "
-                               "s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket on this prefix")
-        return RemoteError(f"{self.remote}: the store refused a test write ({code})")
+            return RemoteRefused(f"{self.remote}: not allowed to write there ({code}); the credentials need "
+                                 "s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket on this prefix")
+        return RemoteRefused(f"{self.remote}: the store refused a test write ({code})")
 
     def abort_stale_uploads(self) -> int:
         """Abort the multipart uploads under the prefix that began before this store was opened: a process

@@ -11,6 +11,8 @@ import socket
 import time
 from pathlib import Path
 
+from resnet50_recipe.errors import UserError
+
 __all__ = ["RunLocked", "RunLock"]
 
 log = logging.getLogger(__name__)
@@ -21,8 +23,8 @@ log = logging.getLogger(__name__)
 # 2. Opening the run
 
 
-class RunLocked(FileExistsError):
-    """Another live trainer holds the run directory."""
+class RunLocked(UserError, FileExistsError):
+    """Another live trainer holds the run directory: bad input (the run directory the user named is in use)."""
 
 
 

@@ -39,7 +39,16 @@ from resnet50_recipe.data.pipeline import (
     train_size_at,
     train_transform,
 )
-from resnet50_recipe.errors import EXIT_BUDGET, EXIT_FINISHED, EXIT_INCOMPLETE, EXIT_PREEMPTED, EXIT_PUBLISH_FAILED
+from resnet50_recipe.errors import (
+    EXIT_BUDGET,
+    EXIT_FINISHED,
+    EXIT_INCOMPLETE,
+    EXIT_PREEMPTED,
+    EXIT_PUBLISH_FAILED,
+    ExistingOutput,
+    MissingInput,
+    UserError,
+)
 from resnet50_recipe.publish.export import export
 from resnet50_recipe.publish.push import push
 from resnet50_recipe.recipe import Recipe, RecipeError, recipe_diff, scaled_lr, to_dict
@@ -177,9 +186,9 @@ def check_inputs(recipe: Recipe, rt: Runtime, control: StopControl) -> Inputs:
     num_batches = full_batches if tc.steps_per_epoch is None else min(full_batches, tc.steps_per_epoch * tc.accum_steps)
     num_batches -= num_batches % tc.accum_steps
     if num_batches == 0:
-        raise ValueError(f"{data_dir / 'train'}: {len(train_set)} images give no full optimizer step at "
-                         f"train.batch_size={tc.batch_size} x {rt.world_size} processes x accum_steps="
-                         f"{tc.accum_steps}; lower the batch size")
+        raise UserError(f"{data_dir / 'train'}: {len(train_set)} images give no full optimizer step at "
+                        f"train.batch_size={tc.batch_size} x {rt.world_size} processes x accum_steps="
+                        f"{tc.accum_steps}; lower the batch size")
     store = None
     cc = recipe.checkpoint
     if cc.remote:
@@ -199,8 +208,8 @@ def check_export_settings(recipe: Recipe, classes: list[str]) -> None:
     if ec.label_names:
         path = Path(ec.label_names).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"export.label_names: {str(path)!r} not found; expected a text file with one "
-                                    f"class name per line ({len(classes)} lines, in class-index order)")
+            raise MissingInput(f"export.label_names: {str(path)!r} not found; expected a text file with one "
+                               f"class name per line ({len(classes)} lines, in class-index order)")
         names = [line for line in path.read_text().splitlines() if line.strip()]
         if len(names) != len(classes):
             raise RecipeError(f"export.label_names: {path} has {len(names)} names for the {len(classes)} classes "
@@ -264,14 +273,16 @@ def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | N
         except BaseException as e:
             if run is not None:
                 run.close()
-            decision = {"error": f"{type(e).__name__}: {e}", "stopped": isinstance(e, SetupStopped)}
+            decision = {"error": f"{type(e).__name__}: {e}", "stopped": isinstance(e, SetupStopped),
+                        "user": isinstance(e, UserError)}
             rt.broadcast(decision)
             raise
     decision = rt.broadcast(decision)
     if "error" in decision:
         if decision["stopped"]:
             raise SetupStopped(decision["error"])
-        raise RuntimeError(f"rank 0 could not open the run: {decision['error']}")
+        # Bad input on rank 0 is bad input on every rank: one line each, not a traceback.
+        raise (UserError if decision["user"] else RuntimeError)(f"rank 0 could not open the run: {decision['error']}")
     if run is None:
         run = Run(out, decision["lineage"], diff=decision["diff"])
         if decision["path"] is not None:
@@ -296,9 +307,9 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
     if resume == "auto":
         local = find_latest(folder)
         if local is None and manifest is not None and manifest["checkpoints"]:
-            raise ValueError(f"{folder}: latest.json lists {len(manifest['checkpoints'])} checkpoint(s) and none "
-                             "passes its size and hash check (see the lines above). Nothing was changed: resume "
-                             "from one explicitly with --resume PATH, or pass --output DIR for a new run")
+            raise UserError(f"{folder}: latest.json lists {len(manifest['checkpoints'])} checkpoint(s) and none "
+                            "passes its size and hash check (see the lines above). Nothing was changed: resume "
+                            "from one explicitly with --resume PATH, or pass --output DIR for a new run")
         current = lineage_of(manifest)
         if store is not None:
             check_stop(control, "fetching from the remote")
@@ -319,9 +330,9 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
             run.resume_path, run.state = local
     elif resume == "never":
         if (damaged or manifest is not None and manifest["checkpoints"]) and not force:
-            raise FileExistsError(f"{run.out} holds checkpoints of an earlier run; resume it (the default, --resume "
-                                  "auto), pass --output DIR for a new run, or --force to delete them and start "
-                                  "over")
+            raise ExistingOutput(f"{run.out} holds checkpoints of an earlier run; resume it (the default, --resume "
+                                 "auto), pass --output DIR for a new run, or --force to delete them and start "
+                                 "over")
         run.lineage = new_lineage()
     else:
         run.resume_path, run.state = Path(resume), load_state(resume)
@@ -359,10 +370,10 @@ def check_resumable(run: Run, recipe: Recipe, inputs: Inputs, allow_recipe_chang
                           "even with --allow-recipe-change (the saved weights fit only their own architecture); "
                           "resume with the checkpoint's model, or start a new run with --output DIR")
     if state["class_names"] != inputs.classes:
-        raise ValueError(f"{inputs.data_dir}: its {len(inputs.classes)} classes differ from the "
-                         f"{len(state['class_names'])} the checkpoint {run.resume_path} was trained on; the classes "
-                         "cannot change on resume, even with --allow-recipe-change (the classifier has one output "
-                         "per class): use the data it was trained on, or start a new run with --output DIR")
+        raise UserError(f"{inputs.data_dir}: its {len(inputs.classes)} classes differ from the "
+                        f"{len(state['class_names'])} the checkpoint {run.resume_path} was trained on; the classes "
+                        "cannot change on resume, even with --allow-recipe-change (the classifier has one output "
+                        "per class): use the data it was trained on, or start a new run with --output DIR")
     run.diff = recipe_diff(state["recipe"], to_dict(recipe))
     if run.diff and not allow_recipe_change:
         raise RecipeError(f"{run.resume_path}: the recipe differs from the checkpoint's in keys that change the "

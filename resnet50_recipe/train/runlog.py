@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from resnet50_recipe.errors import ExistingOutput
 from resnet50_recipe.recipe import Recipe, to_yaml
 from resnet50_recipe.train.runtime import versions, write_json
 from resnet50_recipe.train.trackers import open_trackers
@@ -35,8 +36,8 @@ def check_replaceable(out: Path, force: bool) -> None:
     """A fresh start in `out` replaces its logs; a finished run's results are never replaced without `force`."""
     results = [name for name in RESULTS if (out / name).exists()]
     if results and not force:
-        raise FileExistsError(f"{out} holds the results of an earlier run ({', '.join(results)}) and no checkpoint "
-                              "to resume; pass --output DIR for a new run, or --force to replace them")
+        raise ExistingOutput(f"{out} holds the results of an earlier run ({', '.join(results)}) and no checkpoint "
+                             "to resume; pass --output DIR for a new run, or --force to replace them")
 
 
 

@@ -19,6 +19,8 @@ import time
 import urllib.error
 import urllib.request
 
+from resnet50_recipe.errors import EXIT_INTERRUPTED
+
 __all__ = ["IMDS_ENDPOINT", "StopControl", "install_signal_handlers", "restore_signal_handlers", "SpotWatcher",
            "on_ec2", "start_spot_watcher"]
 
@@ -62,7 +64,7 @@ def install_signal_handlers(control: StopControl) -> dict:
         if signum == signal.SIGINT:
             control.interrupts += 1
             if control.interrupts > 1:
-                os._exit(130)  # the second Ctrl-C: the user wants out now, checkpoint or not
+                os._exit(EXIT_INTERRUPTED)  # the second Ctrl-C: the user wants out now, checkpoint or not
             if control.stop.is_set():
                 log.warning("SIGINT received: already stopping (%s); press Ctrl-C again to exit at once, "
                             "without waiting for the checkpoint", control.reason)
