@@ -514,7 +514,7 @@ def test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel
     """The choice as an installed package makes it: from a --find-links index (no direct_url.json, as from PyPI)
     and from a wheel file (pip records its path). Run in fresh interpreters outside the checkout."""
     wheel = ship.build_wheel(ship._source(), tmp_path / "dist")
-    probe = "from resnet50_recipe import ship; p = ship.choose(None); print(p.spec, p.wheel, sep='|')"
+    probe = "from resnet50_recipe.cloud import ship; p = ship.choose(None); print(p.spec, p.wheel, sep='|')"
     for how, expected in (("index", f"{ship.DIST}[aws]==0.1.0|None"), ("file", f"None|{wheel}")):
         target = tmp_path / how
         source = ["--no-index", "--find-links", str(wheel.parent), "resnet50-recipe"] if how == "index" \
