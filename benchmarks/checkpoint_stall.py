@@ -20,10 +20,10 @@ import torch
 
 from resnet50_recipe import load_recipe
 from resnet50_recipe.store.checkpoints import Writer, checkpoint_name, commit, save_atomic
-from resnet50_recipe.train.run import Progress
-from resnet50_recipe.train.runtime import setup
-from resnet50_recipe.train.state import snapshot
-from resnet50_recipe.train.step import build_trainer, train_steps
+from resnet50_recipe.trainer.run import Progress
+from resnet50_recipe.trainer.runtime import setup
+from resnet50_recipe.trainer.state import snapshot
+from resnet50_recipe.trainer.step import build_trainer, train_steps
 
 
 def main() -> None:

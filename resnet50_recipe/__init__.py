@@ -9,7 +9,7 @@ from resnet50_recipe.inspect.evaluate import evaluate_checkpoint
 from resnet50_recipe.publish.export import export
 from resnet50_recipe.publish.push import push
 from resnet50_recipe.recipe import Recipe, RecipeError, load_recipe, to_yaml
-from resnet50_recipe.train.run import train
+from resnet50_recipe.trainer.run import train
 from resnet50_recipe.version import __version__
 
 __all__ = ["Recipe", "RecipeError", "UserError", "load_recipe", "to_yaml", "train", "evaluate_checkpoint", "export",

@@ -1,5 +1,5 @@
 """Facts about EC2 that both sides need: the instance types (GPU, count, vCPUs, list price), the gp3 price and
-the spot price API. The trainer reads them on the instance (train/budget.py), the launcher on the laptop
+the spot price API. The trainer reads them on the instance (trainer/budget.py), the launcher on the laptop
 (cloud/)."""
 
 from __future__ import annotations

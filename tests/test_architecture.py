@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "resnet50_recipe"
 # The parts, bottom to top: a part may import the parts before it, never one after it. Top-level modules are
 # parts of their own. `resnet50_recipe` itself (the public API) and `cli` are imported by nothing in the package.
-LAYERS = ["version", "errors", "model", "recipe", "ec2", "store", "data", "publish", "train", "inspect", "cloud",
+LAYERS = ["version", "errors", "model", "recipe", "ec2", "store", "data", "publish", "trainer", "inspect", "cloud",
           "cli", "__main__", ""]
 LAZY = "# lazy:"  # what an import inside a function must say, on its line or the line above, and why
 
@@ -73,7 +73,7 @@ def test_parts_import_only_the_parts_below_them():
 
 
 def test_the_trainer_never_reaches_the_launcher():
-    for module in (m for m in MODULES if part(m) == "train"):
+    for module in (m for m in MODULES if part(m) == "trainer"):
         assert not {t for t in reachable(module) if part(t) in ("cloud", "cli")}, module
 
 
@@ -120,3 +120,18 @@ def test_no_function_is_over_80_lines():
             for path in MODULES.values() for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
     assert not long, f"functions over 80 lines: {long}"
+
+
+def test_no_public_name_hides_a_part():
+    """`from resnet50_recipe import train` is the function; a subpackage of the same name would be hidden by it,
+    and `import resnet50_recipe.<part>.x as y` would then fail."""
+    import importlib
+    import types
+
+    import resnet50_recipe
+
+    for module in MODULES:
+        if module.count(".") == 1 and not module.endswith("__main__"):
+            importlib.import_module(module)
+            attribute = getattr(resnet50_recipe, module.split(".")[1])
+            assert isinstance(attribute, types.ModuleType) and attribute.__name__ == module, module

@@ -26,8 +26,8 @@ from resnet50_recipe.cloud import api as cloud_api
 from resnet50_recipe.cloud import cost as estimates
 from resnet50_recipe.cloud import instances, ship
 from resnet50_recipe.cloud import launch as launcher
-from resnet50_recipe.train.budget import InstanceCost
-from resnet50_recipe.train.runlog import read_metrics
+from resnet50_recipe.trainer.budget import InstanceCost
+from resnet50_recipe.trainer.runlog import read_metrics
 
 REGION = "us-east-1"
 
@@ -470,7 +470,7 @@ def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, 
 
 
 def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path, monkeypatch):
-    from resnet50_recipe.train.stop import SpotWatcher, StopControl
+    from resnet50_recipe.trainer.stop import SpotWatcher, StopControl
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     server = ThreadingHTTPServer(("127.0.0.1", 0), InstanceMetadata)
@@ -500,7 +500,7 @@ def test_a_checkout_is_built_into_a_wheel_and_shipped_through_the_runs_prefix(cl
 
     wheel = zipfile.ZipFile(io.BytesIO(cloud["s3"].get_object(Bucket=cloud["bucket"], Key=key)["Body"].read()))
     names = wheel.namelist()
-    assert "resnet50_recipe/cloud/user-data.sh" in names and "resnet50_recipe/train/budget.py" in names
+    assert "resnet50_recipe/cloud/user-data.sh" in names and "resnet50_recipe/trainer/budget.py" in names
     user_data = instance_user_data(cloud["ec2"], result["instance_id"])
     assert f"PACKAGE=s3://{cloud['bucket']}/{key}\n" in user_data
 
@@ -660,7 +660,7 @@ class FakeCost:
 
 def test_the_trainer_checkpoints_and_stops_before_an_epoch_would_pass_the_budget(tiny_data, tmp_path, monkeypatch):
     from resnet50_recipe.errors import EXIT_BUDGET
-    from resnet50_recipe.train import run
+    from resnet50_recipe.trainer import run
 
     monkeypatch.setattr(run, "InstanceCost", FakeCost)
     server = ThreadingHTTPServer(("127.0.0.1", 0), MetadataStandIn)  # "on EC2": no notice, the watcher runs

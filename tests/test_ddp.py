@@ -117,7 +117,7 @@ def test_sync_bn_on_cpu_processes_is_a_clear_error(data, tmp_path):
 PROBE = """
 import json, os, sys
 from timm.data import Mixup
-import resnet50_recipe.train.run as engine
+import resnet50_recipe.trainer.run as engine
 
 out, rank = sys.argv[1], os.environ["RANK"]
 

@@ -25,7 +25,7 @@ from resnet50_recipe.errors import (
 from resnet50_recipe.store.checkpoints import CheckpointError
 from resnet50_recipe.store.lineage import RemoteSuperseded
 from resnet50_recipe.store.s3 import RemoteError, RemoteRefused, RemoteUnavailable
-from resnet50_recipe.train.lock import RunLocked
+from resnet50_recipe.trainer.lock import RunLocked
 
 PACKAGE = Path(errors.__file__).resolve().parent
 ROOT = PACKAGE.parent
@@ -54,7 +54,7 @@ def test_a_bug_inside_the_training_step_keeps_its_traceback_and_exits_1(tiny_dat
         import importlib
         import sys
 
-        step = importlib.import_module("resnet50_recipe.train.step")  # the package's `train` is the function
+        step = importlib.import_module("resnet50_recipe.trainer.step")  # the package's `train` is the function
 
         def optimizer_step(t):
             raise ValueError("deliberate bug")
@@ -139,7 +139,7 @@ def test_bad_input_types_keep_the_builtin_types_callers_catch():
 
 def test_the_cli_returns_no_literal_exit_status():
     literal = re.compile(r"\b(?:return|sys\.exit\(|os\._exit\(|exit\()\s*\d+\b")
-    sources = [*sorted((PACKAGE / "cli").glob("*.py")), PACKAGE / "train" / "run.py", PACKAGE / "train" / "stop.py",
+    sources = [*sorted((PACKAGE / "cli").glob("*.py")), PACKAGE / "trainer" / "run.py", PACKAGE / "trainer" / "stop.py",
                PACKAGE / "__main__.py"]
     found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}" for path in sources
              for n, line in enumerate(path.read_text().splitlines(), 1)

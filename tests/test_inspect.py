@@ -16,7 +16,7 @@ from resnet50_recipe.data.synthetic import SHAPES, draw_sample
 from resnet50_recipe.inspect.predict import class_index, explain, grad_cam, load_classifier, predict
 from resnet50_recipe.inspect.watch import read_run, summarize
 from resnet50_recipe.store.checkpoints import read_manifest
-from resnet50_recipe.train.runlog import read_metrics
+from resnet50_recipe.trainer.runlog import read_metrics
 
 
 def scalars(folder, tag):

@@ -15,10 +15,10 @@ from resnet50_recipe.cli import main
 from resnet50_recipe.data.pipeline import class_names
 from resnet50_recipe.recipe import EmaConfig, RecipeError
 from resnet50_recipe.store.checkpoints import load_state, read_manifest
-from resnet50_recipe.train.components import build_ema
-from resnet50_recipe.train.run import Progress
-from resnet50_recipe.train.runtime import Runtime
-from resnet50_recipe.train.state import (
+from resnet50_recipe.trainer.components import build_ema
+from resnet50_recipe.trainer.run import Progress
+from resnet50_recipe.trainer.runtime import Runtime
+from resnet50_recipe.trainer.state import (
     cuda_states_to_apply,
     rank_rng_state,
     restore,
@@ -26,8 +26,8 @@ from resnet50_recipe.train.state import (
     set_rng_state,
     snapshot,
 )
-from resnet50_recipe.train.step import build_trainer
-from resnet50_recipe.train.stop import StopControl
+from resnet50_recipe.trainer.step import build_trainer
+from resnet50_recipe.trainer.stop import StopControl
 
 
 def test_cuda_rng_states_go_to_the_devices_this_process_uses():
@@ -125,7 +125,7 @@ def test_the_gradscaler_state_is_restored_only_when_both_runs_use_one(tiny_data,
 
 
 def stop_after_first_step(monkeypatch, control):
-    from resnet50_recipe.train.runlog import RunLog
+    from resnet50_recipe.trainer.runlog import RunLog
 
     log = RunLog.log
 

@@ -43,9 +43,9 @@ from resnet50_recipe.store.checkpoints import (
     verify_checkpoint,
 )
 from resnet50_recipe.store.s3 import S3Store
-from resnet50_recipe.train.lock import RunLock, RunLocked
-from resnet50_recipe.train.runlog import RunLog
-from resnet50_recipe.train.stop import StopControl
+from resnet50_recipe.trainer.lock import RunLock, RunLocked
+from resnet50_recipe.trainer.runlog import RunLog
+from resnet50_recipe.trainer.stop import StopControl
 
 HERE = Path(__file__).parent
 
@@ -90,7 +90,7 @@ def test_a_second_holder_of_the_run_directory_is_refused_and_a_stale_lock_taken_
 LOCK_THEN_FORK = """
 import os, sys, time
 from pathlib import Path
-from resnet50_recipe.train.lock import RunLock
+from resnet50_recipe.trainer.lock import RunLock
 RunLock(Path(sys.argv[1])).acquire()
 if os.fork() == 0:  # a child that outlives its parent, as loader workers do for a while after a SIGKILL
     time.sleep(60)
@@ -252,7 +252,7 @@ def test_a_rollback_then_auto_resume_stays_on_the_new_lineage(tiny_data, tmp_pat
 
 SLOW_SETUP = """
 import sys, time, pathlib
-import resnet50_recipe.train.run as lifecycle
+import resnet50_recipe.trainer.run as lifecycle
 real = lifecycle.ImageFolderDataset
 class SlowScan(real):  # as a scan of 1.28 million files takes its time
     def __init__(self, *args, **kwargs):
@@ -333,7 +333,7 @@ def test_sigterm_during_a_slow_evaluation_exits_at_once_and_the_resumed_run_is_i
 
 SIGNAL_SEQUENCE = """
 import os, signal, sys, time
-from resnet50_recipe.train.stop import StopControl, install_signal_handlers
+from resnet50_recipe.trainer.stop import StopControl, install_signal_handlers
 control = StopControl()
 install_signal_handlers(control)
 control.request_stop("EC2 spot interruption notice", time.time() + 120)  # the watcher's way of asking
@@ -357,7 +357,7 @@ def test_only_a_second_sigint_exits_at_once_whatever_asked_for_the_stop_first():
 def test_a_stop_at_the_epoch_end_is_agreed_once_and_always_checkpointed(tiny_data, tmp_path, monkeypatch):
     """The stop lands just after the epoch end has looked at it: the run goes on to the next step boundary and
     checkpoints there, so the checkpoint is always at the step the run stopped."""
-    import resnet50_recipe.train.run as engine
+    import resnet50_recipe.trainer.run as engine
 
     control, real = StopControl(), engine.agreed_stop
     calls = []
@@ -418,7 +418,7 @@ def test_a_failed_publish_leaves_the_run_complete_and_synced_with_status_3(faili
                                                                            tmp_path, monkeypatch, caplog):
     import huggingface_hub
 
-    from resnet50_recipe.train import run
+    from resnet50_recipe.trainer import run
 
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
 

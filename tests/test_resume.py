@@ -13,7 +13,7 @@ from helpers import MetadataStandIn, assert_same_tree, final_state, last_step, o
 from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.errors import EXIT_PREEMPTED
 from resnet50_recipe.store.checkpoints import find_latest, read_manifest
-from resnet50_recipe.train.runlog import read_metrics
+from resnet50_recipe.trainer.runlog import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_resume_refuses_a_changed_recipe_with_a_diff(data, tmp_path):
 
 SIGNALS = """
 import os, signal, sys, time
-from resnet50_recipe.train.stop import StopControl, install_signal_handlers
+from resnet50_recipe.trainer.stop import StopControl, install_signal_handlers
 for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
     control = StopControl()
     install_signal_handlers(control)

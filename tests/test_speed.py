@@ -19,10 +19,10 @@ from resnet50_recipe.data.pipeline import (
 )
 from resnet50_recipe.model import build_model
 from resnet50_recipe.recipe import RecipeError
-from resnet50_recipe.train.components import build_optimizer
-from resnet50_recipe.train.runlog import read_metrics
-from resnet50_recipe.train.runtime import setup
-from resnet50_recipe.train.step import device_batches, evaluate, make_to_input
+from resnet50_recipe.trainer.components import build_optimizer
+from resnet50_recipe.trainer.runlog import read_metrics
+from resnet50_recipe.trainer.runtime import setup
+from resnet50_recipe.trainer.step import device_batches, evaluate, make_to_input
 
 PROGRESSIVE = {"augment.train_size": 64, "augment.progressive": "{min_size: 32, start_epoch: 1, end_epoch: 3, "
                "multiple: 16}", "train.epochs": 4, "train.steps_per_epoch": 1, "augment.eval_size": 40}
@@ -134,7 +134,7 @@ def test_bench_step_reports_both_sides_and_their_ratio(capsys):
 def test_the_cuda_step_never_waits_for_the_host():
     """With the fused optimizer (the default on CUDA) and bf16 or fp16 autocast, the only host syncs are the
     loss read at the end of a log window and of the epoch: their count does not grow with the step count."""
-    from resnet50_recipe.train.step import build_trainer, train_steps
+    from resnet50_recipe.trainer.step import build_trainer, train_steps
 
     recipe = load_recipe("smoke", ["train.device=cuda", "log.every_steps=1000", "ema.every=2"])
     rt = setup(recipe.train, recipe.seed)

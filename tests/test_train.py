@@ -9,8 +9,8 @@ from resnet50_recipe.cli import main
 from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.recipe import shipped_recipes
 from resnet50_recipe.store.checkpoints import load_state, read_manifest
-from resnet50_recipe.train.runlog import RunLog, read_metrics
-from resnet50_recipe.train.stop import StopControl
+from resnet50_recipe.trainer.runlog import RunLog, read_metrics
+from resnet50_recipe.trainer.stop import StopControl
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,7 @@ def add_bench(sub) -> None:
 
 def cmd_bench_step(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
-    from resnet50_recipe.train.bench import bench_step
+    from resnet50_recipe.trainer.bench import bench_step
 
     r = bench_step(args.model, args.img_size, args.batch_size, args.amp, args.channels_last, args.compile,
                    args.device, args.steps, args.warmup, args.trials)

@@ -52,7 +52,7 @@ def add_train(sub) -> None:
 def cmd_train(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.recipe import load_recipe, to_yaml
-    from resnet50_recipe.train.stop import StopControl, install_signal_handlers
+    from resnet50_recipe.trainer.stop import StopControl, install_signal_handlers
 
     # For the whole command, not only inside train(): a stop while the recipe loads, or after the run has ended
     # while the process exits (under torchrun, whose SIGTERM would otherwise kill a rank that is done), is a stop.
@@ -74,7 +74,7 @@ def cmd_train(args) -> int:
     if args.nproc_per_node and "LOCAL_RANK" not in os.environ:
         return relaunch_with_torchrun(args, recipe, control)
     # lazy: only the command that runs pays for importing torch, timm or boto3
-    from resnet50_recipe.train.run import train
+    from resnet50_recipe.trainer.run import train
 
     summary = train(recipe, args.output, quiet=args.quiet, resume=args.resume, force=args.force,
                     allow_recipe_change=args.allow_recipe_change, control=control)

@@ -1,6 +1,6 @@
 """What a run will cost, asked on the laptop: throughput per GPU, a recipe's hours and dollars on each instance type,
 batch-size advice, the cost of a finished run from the price history, and `aws price`. The instance's own cost
-and budget, which the trainer needs, are in train/budget.py; the instance table is in ec2.py.
+and budget, which the trainer needs, are in trainer/budget.py; the instance table is in ec2.py.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from resnet50_recipe.cloud.cost import integrate_cost
 from resnet50_recipe.ec2 import PRODUCT
 from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_FINISHED, EXIT_PUBLISH_FAILED
 from resnet50_recipe.store.s3 import S3Store
-from resnet50_recipe.train.budget import budget_text
-from resnet50_recipe.train.runlog import read_metrics
+from resnet50_recipe.trainer.budget import budget_text
+from resnet50_recipe.trainer.runlog import read_metrics
 
 __all__ = ["run_instances_of", "spot_requests_of", "run_status", "print_status", "ENDED", "follow", "logs", "stop",
            "ls"]

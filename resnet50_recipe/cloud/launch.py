@@ -1,5 +1,5 @@
 """AWS spot runs from the command line, on the laptop: price, launch, status, logs, stop, ls. What runs on the
-instance is elsewhere: the cost of its machine in train/budget.py, the rest in cloud/user-data.sh.
+instance is elsewhere: the cost of its machine in trainer/budget.py, the rest in cloud/user-data.sh.
 
 Every AWS call goes through `Api`, so that `--dry-run` can print each call with its arguments instead of making
 it. Clients are plain boto3 clients: credentials and region come from boto3's chain, and boto3 itself honours

@@ -146,7 +146,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def fingerprint(self) -> dict:
         """The image count and a sha256 of the sorted file list (paths relative to the split folder): what a
-        checkpoint records, so that a resume on a changed train set is noticed (train/run.py's check_resumable)."""
+        checkpoint records, so that a resume on a changed train set is noticed (trainer/run.py's check_resumable)."""
         if getattr(self, "_fingerprint", None) is None:
             names = sorted(os.path.relpath(path, self.root).replace(os.sep, "/") for path, _ in self.samples)
             digest = hashlib.sha256("\n".join(names).encode()).hexdigest()

@@ -17,8 +17,8 @@ from resnet50_recipe.data.pipeline import (
 from resnet50_recipe.errors import UserError
 from resnet50_recipe.recipe import load_recipe
 from resnet50_recipe.store.checkpoints import load_state
-from resnet50_recipe.train.runtime import setup
-from resnet50_recipe.train.step import evaluate, make_to_input, prepare_model
+from resnet50_recipe.trainer.runtime import setup
+from resnet50_recipe.trainer.step import evaluate, make_to_input, prepare_model
 
 __all__ = ["evaluate_checkpoint"]
 

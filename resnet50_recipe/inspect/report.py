@@ -33,9 +33,9 @@ from resnet50_recipe.inspect.watch import duration
 from resnet50_recipe.publish.export import choose_weights, label_names, resolve_source
 from resnet50_recipe.recipe import load_recipe
 from resnet50_recipe.store.checkpoints import MANIFEST, load_state
-from resnet50_recipe.train.runlog import read_metrics
-from resnet50_recipe.train.runtime import Runtime, pick_amp_dtype, pick_device
-from resnet50_recipe.train.step import make_to_input, prepare_model
+from resnet50_recipe.trainer.runlog import read_metrics
+from resnet50_recipe.trainer.runtime import Runtime, pick_amp_dtype, pick_device
+from resnet50_recipe.trainer.step import make_to_input, prepare_model
 
 __all__ = ["PNGS", "SECTIONS", "MISTAKES", "evaluate_val", "report", "class_stats", "time_cost", "plot_report_curves",
            "plot_per_class", "plot_confusion", "most_confident_mistakes", "STYLE", "page"]

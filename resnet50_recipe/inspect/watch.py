@@ -17,7 +17,7 @@ from pathlib import Path
 from resnet50_recipe.errors import MissingInput, UserError
 from resnet50_recipe.store.checkpoints import MANIFEST, read_manifest
 from resnet50_recipe.store.s3 import S3Store
-from resnet50_recipe.train.budget import budget_text
+from resnet50_recipe.trainer.budget import budget_text
 
 __all__ = ["read_run", "summarize", "gpu_status", "duration", "render", "watch"]
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from resnet50_recipe.ec2 import INSTANCE_TYPES, boto3_call, spot_prices
-from resnet50_recipe.train.runlog import read_metrics
+from resnet50_recipe.trainer.runlog import read_metrics
 
 __all__ = ["BUDGET_REASON", "InstanceCost", "Budget", "budget_text"]
 

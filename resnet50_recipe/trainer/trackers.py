@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from resnet50_recipe.recipe import Recipe, RecipeError, to_dict
-from resnet50_recipe.train.runtime import write_json
+from resnet50_recipe.trainer.runtime import write_json
 
 __all__ = ["WANDB_ID_FILE", "scalars", "TensorBoard", "WandB", "open_trackers"]
 

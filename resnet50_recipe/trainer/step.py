@@ -21,8 +21,8 @@ from resnet50_recipe.data.pipeline import (
 )
 from resnet50_recipe.model import build_model
 from resnet50_recipe.recipe import Recipe, RecipeError, scaled_lr
-from resnet50_recipe.train.components import build_ema, build_loss, build_mixup, build_optimizer, build_scheduler
-from resnet50_recipe.train.runtime import Runtime
+from resnet50_recipe.trainer.components import build_ema, build_loss, build_mixup, build_optimizer, build_scheduler
+from resnet50_recipe.trainer.runtime import Runtime
 
 __all__ = ["Trainer", "make_to_input", "device_batches", "prepare_model", "build_trainer", "train_steps",
            "optimizer_step", "should_stop", "agreed_stop", "evaluate"]

@@ -17,9 +17,9 @@ import timm
 import torch
 
 from resnet50_recipe.recipe import load_recipe
-from resnet50_recipe.train.components import build_optimizer
-from resnet50_recipe.train.runtime import setup
-from resnet50_recipe.train.step import build_trainer, train_steps
+from resnet50_recipe.trainer.components import build_optimizer
+from resnet50_recipe.trainer.runtime import setup
+from resnet50_recipe.trainer.step import build_trainer, train_steps
 
 __all__ = ["bench_step", "time_sides"]
 

@@ -68,11 +68,11 @@ from resnet50_recipe.store.checkpoints import (
 from resnet50_recipe.store.lineage import claim, install_staged, pull_files, stage_remote
 from resnet50_recipe.store.s3 import S3Store
 from resnet50_recipe.store.uploader import Uploader
-from resnet50_recipe.train.budget import BUDGET_REASON, Budget, InstanceCost
-from resnet50_recipe.train.lock import RunLock
-from resnet50_recipe.train.runlog import RunLog, check_replaceable, clear_run_dir
-from resnet50_recipe.train.runtime import Runtime, setup, write_json
-from resnet50_recipe.train.state import (
+from resnet50_recipe.trainer.budget import BUDGET_REASON, Budget, InstanceCost
+from resnet50_recipe.trainer.lock import RunLock
+from resnet50_recipe.trainer.runlog import RunLog, check_replaceable, clear_run_dir
+from resnet50_recipe.trainer.runtime import Runtime, setup, write_json
+from resnet50_recipe.trainer.state import (
     Progress,
     load_norm_buffers,
     norm_buffers,
@@ -82,8 +82,13 @@ from resnet50_recipe.train.state import (
     set_rng_state,
     snapshot,
 )
-from resnet50_recipe.train.step import Trainer, agreed_stop, build_trainer, evaluate, train_steps
-from resnet50_recipe.train.stop import StopControl, install_signal_handlers, restore_signal_handlers, start_spot_watcher
+from resnet50_recipe.trainer.step import Trainer, agreed_stop, build_trainer, evaluate, train_steps
+from resnet50_recipe.trainer.stop import (
+    StopControl,
+    install_signal_handlers,
+    restore_signal_handlers,
+    start_spot_watcher,
+)
 
 __all__ = ["train", "SetupStopped", "check_stop", "Inputs", "check_inputs", "check_export_settings", "Run",
            "open_run", "decide", "check_resumable", "train_set_change", "write_start", "Loop", "Outcome", "build_loop",

@@ -18,13 +18,13 @@ from typing import Callable
 
 from resnet50_recipe.errors import ExistingOutput
 from resnet50_recipe.recipe import Recipe, to_yaml
-from resnet50_recipe.train.runtime import versions, write_json
-from resnet50_recipe.train.trackers import open_trackers
+from resnet50_recipe.trainer.runtime import versions, write_json
+from resnet50_recipe.trainer.trackers import open_trackers
 
 __all__ = ["ARTEFACTS", "RESULTS", "check_replaceable", "clear_run_dir", "RunLog", "read_metrics", "plot_curves"]
 
 # What a fresh start replaces. checkpoints/ is not among them: its files belong to lineages, which the lineage
-# rule sets aside or deletes (train/run.py's write_start), never this.
+# rule sets aside or deletes (trainer/run.py's write_start), never this.
 ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.json", "export", "tensorboard",
              "wandb", "wandb.json", "report")
 

@@ -18,8 +18,8 @@ from resnet50_recipe.data.pipeline import (
 )
 from resnet50_recipe.recipe import to_dict
 from resnet50_recipe.store.checkpoints import FORMAT, new_lineage
-from resnet50_recipe.train.runtime import versions
-from resnet50_recipe.train.step import Trainer
+from resnet50_recipe.trainer.runtime import versions
+from resnet50_recipe.trainer.step import Trainer
 
 __all__ = ["Progress", "cpu_copy", "rng_state", "set_rng_state", "cuda_states_to_apply", "rank_rng_state",
            "norm_buffers", "load_norm_buffers", "snapshot", "restore"]
