@@ -15,13 +15,11 @@ log = logging.getLogger(__name__)
 PRODUCT = "Linux/UNIX"
 
 
-
 # gp3 storage, USD per GB-month (us-east-1 list price, https://aws.amazon.com/ebs/pricing/; AWS bills it per
 # second of a month of 730 hours). The run's root volume costs this from launch until the instance is terminated.
 GP3_USD_PER_GB_MONTH = 0.08
 
 HOURS_PER_MONTH = 730
-
 
 
 # GPU kind, GPUs, vCPUs and on-demand price (USD/h, Linux, us-east-1) per instance type. Prices are AWS's list
@@ -37,7 +35,6 @@ INSTANCE_TYPES = {
 }
 
 
-
 def boto3_call(region: str):
     """`api` for spot_prices without the launcher: each call made by a plain boto3 client."""
     import boto3
@@ -49,7 +46,6 @@ def boto3_call(region: str):
             client[service] = boto3.client(service, region_name=region)
         return getattr(client[service], operation)(**params)
     return call
-
 
 
 def spot_prices(api, instance_type: str, azs: list[str] | None = None) -> dict[str, float]:
@@ -66,7 +62,6 @@ def spot_prices(api, instance_type: str, azs: list[str] | None = None) -> dict[s
         if az not in latest or when > latest[az][0]:
             latest[az] = (when, float(item["SpotPrice"]))
     return dict(sorted(((az, p) for az, (_, p) in latest.items()), key=lambda kv: (kv[1], kv[0])))
-
 
 
 def ebs_cost(disk_gb: float, hours: float) -> float:

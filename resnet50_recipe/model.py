@@ -30,7 +30,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     return model
 
 
-
 def model_name(cfg: ModelConfig) -> str:
     """The timm model to create. `aa_layer: blurpool` picks timm's anti-aliased variant of the same ResNet
     (resnet50 -> resnetblur50: BlurPool2d before each stride-2 step, Zhang 2019, as FFCV trains). A named

@@ -35,11 +35,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN, repeat
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-
-
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
     return {"range": (lo, hi, lo_open, hi_open)}
-
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,6 @@ class ModelConfig:
     aa_layer: Optional[Literal["blurpool"]] = None
 
 
-
 @dataclass(frozen=True)
 class SyntheticConfig:
     classes: int = field(default=10, metadata=_range(2, 1000))
@@ -60,7 +56,6 @@ class SyntheticConfig:
     val_per_class: int = field(default=50, metadata=_range(1))
     size: int = field(default=64, metadata=_range(16, 1024))
     seed: int = 0
-
 
 
 @dataclass(frozen=True)
@@ -73,14 +68,12 @@ class DataConfig:
     pin_memory: bool = True
 
 
-
 @dataclass(frozen=True)
 class ProgressiveConfig:
     min_size: int = field(default=160, metadata=_range(16, 4096))
     start_epoch: int = field(default=0, metadata=_range(0))
     end_epoch: int = field(default=1, metadata=_range(0))
     multiple: int = field(default=32, metadata=_range(1, 512))
-
 
 
 @dataclass(frozen=True)
@@ -104,7 +97,6 @@ class AugmentConfig:
     draft_decode: bool = True
 
 
-
 @dataclass(frozen=True)
 class MixupConfig:
     mixup_alpha: float = field(default=0.0, metadata=_range(0))
@@ -114,13 +106,11 @@ class MixupConfig:
     mode: Literal["batch", "pair", "elem"] = "batch"
 
 
-
 @dataclass(frozen=True)
 class LossConfig:
     kind: Literal["ce", "bce"] = "ce"
     label_smoothing: float = field(default=0.1, metadata=_range(0, 1, hi_open=True))
     bce_target_thresh: Optional[float] = field(default=None, metadata=_range(0, 1))
-
 
 
 @dataclass(frozen=True)
@@ -138,7 +128,6 @@ class OptimConfig:
     fused: Literal["auto", "on", "off"] = "auto"
 
 
-
 @dataclass(frozen=True)
 class SchedConfig:
     kind: Literal["cosine", "step", "poly"] = "cosine"
@@ -150,14 +139,12 @@ class SchedConfig:
     cooldown_epochs: int = field(default=0, metadata=_range(0))
 
 
-
 @dataclass(frozen=True)
 class EmaConfig:
     enabled: bool = False
     decay: float = field(default=0.9998, metadata=_range(0, 1, hi_open=True))
     warmup: bool = False
     every: int = field(default=1, metadata=_range(1))
-
 
 
 @dataclass(frozen=True)
@@ -176,7 +163,6 @@ class TrainConfig:
     sync_bn: bool = False
     stop_sync_every: int = field(default=5, metadata=_range(1))
     budget_usd: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
-
 
 
 @dataclass(frozen=True)
@@ -198,7 +184,6 @@ class CheckpointConfig:
     spot_poll_s: float = field(default=5.0, metadata=_range(0, lo_open=True))
 
 
-
 @dataclass(frozen=True)
 class LogConfig:
     every_steps: int = field(default=50, metadata=_range(1))
@@ -206,7 +191,6 @@ class LogConfig:
     wandb: bool = False
     wandb_project: str = "resnet50-recipe"
     wandb_entity: Optional[str] = None
-
 
 
 @dataclass(frozen=True)
@@ -218,7 +202,6 @@ class ExportConfig:
     license: str = "apache-2.0"
     dataset: Optional[str] = None
     label_names: Optional[str] = None
-
 
 
 @dataclass(frozen=True)
@@ -237,7 +220,6 @@ class Recipe:
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     export: ExportConfig = ExportConfig()
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +245,6 @@ _Loader.add_implicit_resolver(
 )
 
 
-
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     """A YAML mapping, where a key written twice is an error: YAML itself lets the last one win, silently."""
     seen: dict = {}
@@ -278,7 +259,6 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
-
 def parse_scalar(text: str, where: str = "--set") -> Any:
     """Parse an override value the way the recipe file would: `0.1` is a float, `null` is None."""
     if not text.strip():
@@ -288,7 +268,6 @@ def parse_scalar(text: str, where: str = "--set") -> Any:
     except (yaml.YAMLError, RecipeError) as e:
         raise RecipeError(f"{where}: {text!r} is not a valid YAML value ({str(e).splitlines()[0]}); quote a string "
                           "that holds YAML syntax, e.g. --set 'augment.auto_augment=\"rand-m9\"'") from None
-
 
 
 def _read_yaml(path: Path) -> dict:
@@ -313,7 +292,6 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Finding recipes
 
@@ -322,7 +300,6 @@ def shipped_recipes() -> dict[str, Path]:
     """Name -> path of every recipe that ships inside the package."""
     folder = importlib.resources.files("resnet50_recipe.recipes")
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
-
 
 
 def resolve_recipe_path(source: str | Path, relative_to: Path | None = None) -> Path:
@@ -342,7 +319,6 @@ def resolve_recipe_path(source: str | Path, relative_to: Path | None = None) -> 
     hint = _closest(name, shipped)
     raise RecipeError(f"recipe {str(source)!r} is neither a file nor a shipped recipe; shipped recipes: "
                       f"{', '.join(sorted(shipped))}" + (f" (did you mean {hint!r}?)" if hint else ""))
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -374,13 +350,11 @@ def load_recipe(source: str | Path | Mapping, overrides: Sequence[str] = ()) -> 
     return recipe
 
 
-
 def _load_file(path: Path, origins: dict[str, str], chain: tuple[Path, ...]) -> dict:
     path = path.resolve()
     if path in chain:
         raise RecipeError(f"{path}: `extends` makes a cycle: {' -> '.join(str(p) for p in chain + (path,))}")
     return _compose(_read_yaml(path), str(path), path.parent, origins, chain + (path,))
-
 
 
 def _compose(data: dict, where: str, folder: Path | None, origins: dict[str, str], chain) -> dict:
@@ -400,7 +374,6 @@ def _compose(data: dict, where: str, folder: Path | None, origins: dict[str, str
     return _merge(merged, data)
 
 
-
 def _merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for key, value in top.items():
@@ -411,13 +384,11 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
-
 def _record_origins(data: dict, prefix: str, where: str, origins: dict[str, str]) -> None:
     for key, value in data.items():
         origins[prefix + key] = where
         if isinstance(value, dict):
             _record_origins(value, f"{prefix}{key}.", where, origins)
-
 
 
 def _apply_override(data: dict, item: str, origins: dict[str, str]) -> None:
@@ -444,7 +415,6 @@ def _apply_override(data: dict, item: str, origins: dict[str, str]) -> None:
     origins[dotted.strip()] = "--set"
 
 
-
 def _dataclass_of(hint) -> type | None:
     for candidate in (hint, *typing.get_args(hint)):
         if dataclasses.is_dataclass(candidate):
@@ -452,11 +422,9 @@ def _dataclass_of(hint) -> type | None:
     return None
 
 
-
 def _closest(word: str, choices) -> str | None:
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return found[0] if found else None
-
 
 
 def _unknown_key_message(where: str, prefix: str, key: str, valid) -> str:
@@ -465,7 +433,6 @@ def _unknown_key_message(where: str, prefix: str, key: str, valid) -> str:
     suggestion = f"did you mean {(prefix + '.' if prefix else '') + hint!r}? " if hint else ""
     return (f"{where}: unknown key {full!r}; {suggestion}valid keys"
             f"{' in ' + prefix if prefix else ''}: {', '.join(sorted(valid))}")
-
 
 
 def _check_keys(cls, data: dict, prefix: str, where: str) -> None:
@@ -477,7 +444,6 @@ def _check_keys(cls, data: dict, prefix: str, where: str) -> None:
         sub = _dataclass_of(typing.get_type_hints(cls)[key])
         if sub is not None and isinstance(value, dict):
             _check_keys(sub, value, f"{prefix}{key}.", where)
-
 
 
 def _build(cls, data: Any, prefix: str, origins: dict[str, str]):
@@ -492,14 +458,12 @@ def _build(cls, data: Any, prefix: str, origins: dict[str, str]):
     return cls(**kwargs)
 
 
-
 def _where(key: str, origins: dict[str, str]) -> str:
     while key:
         if key in origins:
             return f"{origins[key]}: "
         key = key.rpartition(".")[0]
     return ""
-
 
 
 def _describe(hint) -> str:
@@ -515,7 +479,6 @@ def _describe(hint) -> str:
     if dataclasses.is_dataclass(hint):
         return "a mapping of " + ", ".join(f.name for f in dataclasses.fields(hint))
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
 
 
 def _convert(value: Any, hint, f, key: str, origins: dict[str, str]):
@@ -552,7 +515,6 @@ def _convert(value: Any, hint, f, key: str, origins: dict[str, str]):
     return converted
 
 
-
 def _scalar(value: Any, hint, fail):
     # bool is an int subclass in Python; a YAML `1` for a flag or `true` for a count is a mistake.
     if hint is bool:
@@ -571,7 +533,6 @@ def _scalar(value: Any, hint, fail):
     return value
 
 
-
 def _range_text(f) -> str:
     if not f.metadata.get("range"):
         return ""
@@ -582,7 +543,6 @@ def _range_text(f) -> str:
     if hi is not None:
         parts.append(f"{'<' if hi_open else '<='} {hi}")
     return " " + " and ".join(parts)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -599,11 +559,9 @@ def to_dict(recipe: Recipe) -> dict:
     return plain(dataclasses.asdict(recipe))
 
 
-
 def to_yaml(recipe: Recipe) -> str:
     """The resolved recipe; loading it back gives an equal Recipe."""
     return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=False)
-
 
 
 def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
@@ -621,7 +579,6 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
     return optim.lr_base * (math.sqrt(ratio) if rule == "sqrt" else ratio)
 
 
-
 # Keys that change where or how fast a run goes, not what it computes: they may differ on resume.
 # train.batch_size is per process: what must match is the global batch, checked on its own.
 # data.bad_images changes nothing unless an image is unreadable, and then only whether the run goes on;
@@ -629,7 +586,6 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "data.bad_images", "train.device",
                "train.compile", "train.channels_last", "train.deterministic", "train.stop_sync_every",
                "train.budget_usd", "train.batch_size", "optim.fused", "log.", "checkpoint.", "export.")
-
 
 
 def recipe_diff(old: Mapping, new: Mapping) -> list[str]:
@@ -646,7 +602,6 @@ def recipe_diff(old: Mapping, new: Mapping) -> list[str]:
     a, b = flat(old), flat(new)
     return [f"{key}: {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(set(a) | set(b))
             if a.get(key) != b.get(key) and not key.startswith(RESUME_SAFE) and key not in RESUME_SAFE]
-
 
 
 def check_names(recipe: Recipe) -> None:

@@ -72,7 +72,6 @@ def add_aws(sub) -> None:
         q.add_argument("--region", help="AWS region (default: boto3's configured region, else us-east-1)")
 
 
-
 def cmd_aws(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.cloud.api import AwsError

@@ -47,7 +47,6 @@ def add_bench(sub) -> None:
     q.add_argument("--json", action="store_true", help="print one JSON line instead of text")
 
 
-
 def cmd_bench_step(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.trainer.bench import bench_step
@@ -64,7 +63,6 @@ def cmd_bench_step(args) -> int:
           f"trainer {r['trainer_img_per_s']:.1f} img/s, bare loop {r['bare_img_per_s']:.1f} img/s: ratio "
           f"{r['ratio']:.3f} (median of paired trials {r['median_paired_ratio']:.3f}){mem}")
     return EXIT_FINISHED
-
 
 
 def cmd_bench(args) -> int:

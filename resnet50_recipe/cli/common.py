@@ -11,23 +11,19 @@ SHORTCUTS = {"data": "data.path", "epochs": "train.epochs", "batch_size": "train
              "workers": "data.workers", "remote": "checkpoint.remote"}
 
 
-
 # Flags several commands share, each defined once.
 def add_set(p) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe key; the value is parsed as YAML (repeatable)")
 
 
-
 def add_endpoint_url(p) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 or AWS)")
-
 
 
 def add_weights(p, help: str = "which weights: auto (EMA or raw, whichever scored the better val top-1), ema, "
                 "raw, or best (the run's best checkpoint)") -> None:
     p.add_argument("--weights", choices=("auto", "ema", "raw", "best"), default="auto", help=help)
-
 
 
 def add_quiet(p, help: str) -> None:

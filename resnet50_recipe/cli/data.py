@@ -79,7 +79,6 @@ def add_data(sub) -> None:
     add_quiet(q, "no progress bars")
 
 
-
 def cmd_data(args) -> int:
     if args.data_command == "synthetic":
         # lazy: only the command that runs pays for importing torch, timm or boto3

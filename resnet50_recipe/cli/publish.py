@@ -20,7 +20,6 @@ def add_export(sub) -> None:
     p.add_argument("--dataset", help="Hub dataset id for the model card, e.g. imagenet-1k")
 
 
-
 def cmd_export(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.publish.export import export
@@ -28,7 +27,6 @@ def cmd_export(args) -> int:
     out = export(args.source, args.out, args.weights, args.label_names, args.repo_id, args.license, args.dataset)
     print(f"wrote {out}; it loads with timm.create_model('local-dir:{out}', pretrained=True)")
     return EXIT_FINISHED
-
 
 
 def add_push(sub) -> None:
@@ -39,7 +37,6 @@ def add_push(sub) -> None:
     p.add_argument("--revision", help="branch to push to (created when missing)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--commit-message")
-
 
 
 def cmd_push(args) -> int:

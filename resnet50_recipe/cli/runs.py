@@ -25,7 +25,6 @@ def add_runs(sub) -> None:
     add_endpoint_url(q)
 
 
-
 def cmd_runs(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.store.runs import list_runs, pull_run
@@ -50,7 +49,6 @@ def cmd_runs(args) -> int:
     return EXIT_FINISHED
 
 
-
 def add_watch(sub) -> None:
     p = sub.add_parser("watch", help="live view of a run: progress, loss, top-1, speed, ETA, checkpoint, cost",
                        description="Redraw a run's status every --interval seconds until it finishes (Ctrl-C "
@@ -61,14 +59,12 @@ def add_watch(sub) -> None:
     add_endpoint_url(p)
 
 
-
 def cmd_watch(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.inspect.watch import watch
 
     watch(args.run, interval=args.interval, once=args.once, endpoint_url=args.endpoint_url)
     return EXIT_FINISHED
-
 
 
 def add_predict(sub) -> None:
@@ -78,7 +74,6 @@ def add_predict(sub) -> None:
     p.add_argument("--top", type=int, default=5, help="labels per image (default 5)")
     add_weights(p, "for a checkpoint or run: which weights (as for export)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-
 
 
 def cmd_predict(args) -> int:
@@ -96,7 +91,6 @@ def cmd_predict(args) -> int:
     return EXIT_FINISHED
 
 
-
 def add_explain(sub) -> None:
     p = sub.add_parser("explain", help="Grad-CAM heatmap of what the model looked at, as a PNG overlay")
     p.add_argument("model", metavar="CHECKPOINT|RUN_DIR|EXPORT_DIR")
@@ -107,7 +101,6 @@ def add_explain(sub) -> None:
     add_weights(p)
 
 
-
 def cmd_explain(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.inspect.predict import explain
@@ -115,7 +108,6 @@ def cmd_explain(args) -> int:
     r = explain(args.model, args.image, args.out, args.target, weights=args.weights)
     print(f"wrote {r['out']}: Grad-CAM for {r['label']} ({r['index']}, p={r['prob']:.2%})")
     return EXIT_FINISHED
-
 
 
 def add_report(sub) -> None:
@@ -128,7 +120,6 @@ def add_report(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--workers", type=int)
     p.add_argument("--device", default="auto")
-
 
 
 def cmd_report(args) -> int:

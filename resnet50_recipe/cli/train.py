@@ -48,7 +48,6 @@ def add_train(sub) -> None:
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
 
 
-
 def cmd_train(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.recipe import load_recipe, to_yaml
@@ -81,7 +80,6 @@ def cmd_train(args) -> int:
     if args.quiet and summary["top1"] is not None:
         print(f"val top-1 {summary['top1']:.4f}")
     return summary["exit_status"]  # one of errors.py's EXIT_*: docs/exit-codes.md
-
 
 
 def relaunch_with_torchrun(args, recipe, control) -> int:
@@ -121,7 +119,6 @@ def relaunch_with_torchrun(args, recipe, control) -> int:
     return code
 
 
-
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on DIR/val")
     p.add_argument("checkpoint")
@@ -135,7 +132,6 @@ def add_eval(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", dest="json_out", help="where to write the JSON result "
                    "(default: CHECKPOINT with .eval.json appended)")
-
 
 
 def cmd_eval(args) -> int:

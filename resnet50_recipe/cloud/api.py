@@ -17,10 +17,8 @@ log = logging.getLogger(__name__)
 SECRET = "<the Hugging Face token: HF_TOKEN or the huggingface_hub login, not shown>"
 
 
-
 class AwsError(RuntimeError):
     """AWS said no, or would: quota exceeded, no capacity anywhere, a run that does not exist."""
-
 
 
 def _boto3():
@@ -29,7 +27,6 @@ def _boto3():
     except ImportError:
         raise AwsError("the aws commands need boto3: pip install 'resnet50-recipe[aws]'") from None
     return boto3
-
 
 
 class Api:
@@ -72,10 +69,8 @@ class Api:
         return ", ".join(args) if sum(map(len, args)) <= 90 else "\n    " + ",\n    ".join(args) + "\n"
 
 
-
 def error_code(e: Exception) -> str | None:
     return getattr(e, "response", {}).get("Error", {}).get("Code")
-
 
 
 def tag(resource: dict, key: str) -> str | None:

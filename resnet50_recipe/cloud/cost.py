@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 DEFAULT_PRICE_TYPES = ("g4dn.xlarge", "g4dn.2xlarge", "g5.xlarge", "g5.2xlarge", "p3.2xlarge")
 
 
-
 # ResNet-50 training images/s per GPU at 224 px with AMP. Estimates, not measurements of this trainer: they set
 # the order of magnitude of a run's hours, and BENCHMARKS.md replaces them once a GPU has been measured.
 THROUGHPUT_224 = {
@@ -35,7 +34,6 @@ THROUGHPUT_224 = {
 }
 
 
-
 # GPU memory (GiB) per GPU kind, and what one ResNet-50 training image at 224 px takes with AMP: NVIDIA's
 # DeepLearningExamples train RN50 with AMP at batch 256 on a 16 GB V100, so ~0.05 GiB per image (activations scale
 # with pixels), plus ~1.5 GiB for weights, optimizer state and the CUDA context. fp32 doubles the activations.
@@ -44,10 +42,8 @@ GPU_MEMORY_GIB = {"T4": 15, "A10G": 22, "V100": 16, "A100": 40, "H100": 80}
 GIB_PER_IMAGE_224_AMP, GIB_FIXED = 0.05, 1.5
 
 
-
 # Train images per epoch for the datasets the shipped recipes name (export.dataset), when not given.
 DATASET_IMAGES = {"imagenet-1k": 1_281_167}
-
 
 
 def integrate_cost(history: list[dict], start: datetime, end: datetime) -> float:
@@ -63,7 +59,6 @@ def integrate_cost(history: list[dict], start: datetime, end: datetime) -> float
     return total
 
 
-
 def estimate(recipe, gpu: str | None, images: int | None) -> dict | None:
     """Hours for a recipe on one GPU kind: images x epochs / throughput, the throughput scaled from 224 px by
     pixel count to the recipe's train size. None when the GPU or the dataset size is unknown."""
@@ -72,7 +67,6 @@ def estimate(recipe, gpu: str | None, images: int | None) -> dict | None:
     per_s, source = THROUGHPUT_224[gpu]
     per_s *= (224 / recipe.augment.train_size) ** 2
     return {"hours": images * recipe.train.epochs / per_s / 3600, "img_per_s": per_s, "source": source}
-
 
 
 def batch_advice(recipe, gpu: str | None) -> str | None:
@@ -92,13 +86,11 @@ def batch_advice(recipe, gpu: str | None) -> str | None:
             f"--set train.batch_size={smaller} --set train.accum_steps={accum * factor} keeps the global batch")
 
 
-
 def recipe_images(recipe) -> int | None:
     synthetic = recipe.data.synthetic
     if synthetic is not None:
         return synthetic.classes * synthetic.per_class
     return DATASET_IMAGES.get(recipe.export.dataset or "")
-
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ __all__ = ["run_instances_of", "spot_requests_of", "run_status", "print_status",
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Watching and stopping
 
@@ -32,7 +31,6 @@ def run_instances_of(api: Api, name: str | None = None) -> list[dict]:
     response = api("ec2", "describe_instances", Filters=flt)
     found = [i for r in (response or {}).get("Reservations", []) for i in r["Instances"]]
     return sorted(found, key=lambda i: i["LaunchTime"], reverse=True)
-
 
 
 def spot_requests_of(api: Api, name: str, instances: list[dict]) -> list[dict]:
@@ -50,12 +48,10 @@ def spot_requests_of(api: Api, name: str, instances: list[dict]) -> list[dict]:
     return list(found.values())
 
 
-
 def _require(instances: list[dict], name: str, region: str) -> dict:
     if not instances:
         raise AwsError(f"no instance tagged {TAG_RUN}={name} in {region}; `resnet50-recipe aws ls` lists the runs")
     return instances[0]
-
 
 
 def run_status(name: str, region: str | None = None, api: Api | None = None, store=None) -> dict:
@@ -121,7 +117,6 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
     return status
 
 
-
 def _run_recipe(store) -> dict | None:
     """The run's resolved recipe: the trainer's copy, else the one the launch uploaded."""
     import yaml
@@ -133,7 +128,6 @@ def _run_recipe(store) -> dict | None:
             continue
         return yaml.safe_load(body) or {}
     return None
-
 
 
 def print_status(status: dict, out=print) -> None:
@@ -175,7 +169,6 @@ def print_status(status: dict, out=print) -> None:
 ENDED = (EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_PUBLISH_FAILED, EXIT_BUDGET)
 
 
-
 def follow(name: str, region: str | None = None, interval: float = 60.0, api: Api | None = None, out=print,
            stream=None, sleep=time.sleep) -> dict:
     """Redraw `aws status` every `interval` seconds, as `watch` does, until the run has ended (finished, stopped by
@@ -202,7 +195,6 @@ def follow(name: str, region: str | None = None, interval: float = 60.0, api: Ap
     return status
 
 
-
 def logs(name: str, region: str | None = None, api: Api | None = None) -> str:
     """The instance's console output: the setup log and the training log (the unit writes to the console)."""
     api = api or Api(region)
@@ -210,7 +202,6 @@ def logs(name: str, region: str | None = None, api: Api | None = None) -> str:
     response = api("ec2", "get_console_output", InstanceId=instance["InstanceId"], Latest=True)
     return response.get("Output") or f"(no console output yet from {instance['InstanceId']}; it appears a few " \
         "minutes after boot)"
-
 
 
 def stop(name: str, region: str | None = None, api: Api | None = None, out=print) -> dict:
@@ -231,7 +222,6 @@ def stop(name: str, region: str | None = None, api: Api | None = None, out=print
     out(f"run {name}: cancelled {len(requests)} spot request(s), terminating {', '.join(ids) or 'nothing'}; "
         f"the files in S3 stay ({tag(instances[0], TAG_REMOTE) if instances else 'its prefix'})")
     return {"cancelled": [r["SpotInstanceRequestId"] for r in requests], "terminated": ids}
-
 
 
 def ls(region: str | None = None, api: Api | None = None, out=print) -> list[dict]:

@@ -44,12 +44,9 @@ __all__ = ["DLAMI_PARAMETER", "SPOT_QUOTAS", "run_location", "check_name", "asse
 log = logging.getLogger(__name__)
 
 
-
-
 # The AWS Deep Learning Base AMI (Ubuntu 22.04, NVIDIA driver, x86_64), through its public SSM parameter, so that a
 # launch always gets the current image instead of a hard-coded AMI id, which goes stale.
 DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
-
 
 
 # Spot vCPU quotas per instance family (Service Quotas, service code "ec2"). L-34B43A08 is the quota for
@@ -57,11 +54,6 @@ DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-g
 SPOT_QUOTAS = {"g": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
                "vt": ("L-3819A6DF", "All G and VT Spot Instance Requests"),
                "p": ("L-7212CCBC", "All P Spot Instance Requests")}
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,7 +71,6 @@ def run_location(remote_root: str, name: str) -> tuple[str, str, str]:
     return bucket, run_prefix, f"s3://{bucket}/{run_prefix}"
 
 
-
 def check_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}", name or ""):
         raise UserError(f"run name {name!r}: use 1-40 letters, digits, '-' or '_' (it names the IAM role, the "
@@ -87,10 +78,8 @@ def check_name(name: str) -> str:
     return name
 
 
-
 def asset(name: str) -> str:
     return (importlib.resources.files("resnet50_recipe.cloud") / name).read_text()
-
 
 
 def policy_document(bucket: str, prefix: str, reads: list[tuple[str, str]], region: str = "us-east-1",
@@ -114,7 +103,6 @@ def policy_document(bucket: str, prefix: str, reads: list[tuple[str, str]], regi
     return {**template, "Statement": statements}
 
 
-
 def _fill(value, **names):
     if isinstance(value, str):
         for key, text in names.items():
@@ -130,7 +118,6 @@ ASSUME_ROLE = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 
 
-
 def iam_get(api: Api, method: str, **kwargs):
     """An IAM get_* call's answer, or None when the entity does not exist."""
     from botocore.exceptions import ClientError
@@ -141,7 +128,6 @@ def iam_get(api: Api, method: str, **kwargs):
         if error_code(e) != "NoSuchEntity":
             raise
         return None
-
 
 
 def ensure_instance_profile(api: Api, name: str, policy: dict) -> tuple[str, bool]:
@@ -168,12 +154,10 @@ def ensure_instance_profile(api: Api, name: str, policy: dict) -> tuple[str, boo
     return profile, created
 
 
-
 def quota_family(instance_type: str) -> str | None:
     family = re.match(r"[a-z]+", instance_type).group(0)
     family = "vt" if family.startswith("vt") else family[:1]
     return family if family in SPOT_QUOTAS else None
-
 
 
 def spot_quota(api: Api, family: str, known: dict) -> tuple[float, int] | None:
@@ -197,7 +181,6 @@ def spot_quota(api: Api, family: str, known: dict) -> tuple[float, int] | None:
     return known[family]
 
 
-
 def check_quota(api: Api, instance_type: str, vcpus: int | None, known: dict) -> str | None:
     """Why the spot vCPUs in use plus this instance's exceed the account's quota for its family; None if they fit
     or the quota is unknown."""
@@ -211,7 +194,6 @@ def check_quota(api: Api, instance_type: str, vcpus: int | None, known: dict) ->
     return (f"{instance_type} needs {vcpus} vCPUs and {used} are in use by running spot instances, but the "
             f"account's quota {code} ({quota_name}) in {api.region} is {quota:g} vCPUs; ask for an increase in the "
             "Service Quotas console, or pick a smaller instance type (--instance-type)")
-
 
 
 def spot_vcpus_in_use(api: Api, family: str) -> int:
@@ -228,7 +210,6 @@ def spot_vcpus_in_use(api: Api, family: str) -> int:
     return used
 
 
-
 def render_user_data(settings: dict) -> str:
     """user-data.sh with its settings block replaced by these values (shell-quoted)."""
     template = asset("user-data.sh")
@@ -237,7 +218,6 @@ def render_user_data(settings: dict) -> str:
     _, tail = rest.split(end, 1)
     lines = [f"{key}={shlex.quote(str(value))}" for key, value in settings.items()]
     return head + begin + "\n" + "\n".join(lines) + "\n" + end + tail
-
 
 
 @dataclass
@@ -266,7 +246,6 @@ class Plan:
     @property
     def token_parameter(self) -> str | None:
         return f"/resnet50-recipe/{self.name}/hf-token" if self.push else None
-
 
 
 def plan_launch(recipe_source: str, bucket: str, name: str | None, overrides: list[str], instance_type: str,
@@ -305,7 +284,6 @@ def plan_launch(recipe_source: str, bucket: str, name: str | None, overrides: li
                 push, keep_instance, reads)
 
 
-
 def cost_to_finish(plan: Plan, instance_type: str, spot: float | None) -> float | None:
     """Estimated USD to train the recipe on `instance_type` at the spot price: hours from the throughput table
     (DDP over every GPU) times the price, plus the root volume for as long (aws price's estimate)."""
@@ -315,7 +293,6 @@ def cost_to_finish(plan: Plan, instance_type: str, spot: float | None) -> float 
         return None
     hours = est["hours"] / (gpus or 1)
     return hours * spot + ebs_cost(plan.disk_gb, hours)
-
 
 
 def rank_types(api: Api, plan: Plan, quotas: dict, out) -> list[tuple[str, dict]]:
@@ -355,7 +332,6 @@ def rank_types(api: Api, plan: Plan, quotas: dict, out) -> list[tuple[str, dict]
     return [(t, prices) for t, prices, _ in rows]
 
 
-
 def budget_refusal(api: Api, plan: Plan, rows: list) -> str:
     """The estimates that pass the budget, and the types of the table whose estimate fits it (the cheaper choices)."""
     shown = {t for t, _, _ in rows}
@@ -372,13 +348,11 @@ def budget_refusal(api: Api, plan: Plan, rows: list) -> str:
             f"budget: {cheaper}. Try --instance-type auto, fewer epochs (--set train.epochs=N) or a larger budget")
 
 
-
 def check_free(api: Api, name: str) -> None:
     existing = [i for i in run_instances_of(api, name) if i["State"]["Name"] not in ("terminated", "shutting-down")]
     if existing:
         raise AwsError(f"run {name!r} already has instance {existing[0]['InstanceId']} "
                        f"({existing[0]['State']['Name']}); `resnet50-recipe aws stop {name}` first, or pick --name")
-
 
 
 def find_image(api: Api, ami: str | None) -> tuple[str, str]:
@@ -391,7 +365,6 @@ def find_image(api: Api, ami: str | None) -> tuple[str, str]:
     if image is not None and not image["Images"]:
         raise AwsError(f"AMI {image_id} does not exist in {api.region}")
     return image_id, image["Images"][0]["RootDeviceName"] if image else "/dev/sda1"
-
 
 
 def hub_token() -> str:
@@ -411,14 +384,12 @@ def hub_token() -> str:
     return token
 
 
-
 def store_token(api: Api, plan: Plan) -> None:
     """Step 4 with --push: the token as an SSM SecureString under the run's name (the run role may read only
     this parameter). The dry run shows the call with the value hidden."""
     api("ssm", "put_parameter", Name=plan.token_parameter, Type="SecureString", Overwrite=True,
         Value=SECRET if api.dry_run else hub_token(), Description=f"Hugging Face token of resnet50-recipe run "
         f"{plan.name} (push to {plan.push})")
-
 
 
 def upload_launch_files(api: Api, plan: Plan) -> str:
@@ -438,7 +409,6 @@ def upload_launch_files(api: Api, plan: Plan) -> str:
     return f"s3://{plan.bucket}/{plan.wheel_key}"
 
 UPLOAD_RULE_ID = "resnet50-recipe-abort-incomplete-uploads"
-
 
 
 def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
@@ -474,7 +444,6 @@ def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
         LifecycleConfiguration={"Rules": [r for r in rules if r.get("ID") != UPLOAD_RULE_ID] + [rule]})
 
 
-
 def instance_params(plan: Plan, api: Api, image_id: str, root_device: str, profile: str, package: str) -> dict:
     """Step 7: run_instances' arguments, but the type and AZ: a persistent spot request that stops on an
     interruption, IMDSv2, the rendered user data, and tags on the instance, its request and its volumes."""
@@ -503,7 +472,6 @@ def instance_params(plan: Plan, api: Api, image_id: str, root_device: str, profi
 NO_CAPACITY = ("InsufficientInstanceCapacity", "Unsupported", "SpotMaxPriceTooLow")
 
 
-
 def place(api: Api, params: dict, ranked: list[tuple[str, dict]], zones_given: list | None, created: bool):
     """Step 8: run_instances for each type in order, in each of its AZs cheapest first, moving on when EC2 has no
     capacity; (reservation or None, type, what was tried)."""
@@ -530,7 +498,6 @@ def place(api: Api, params: dict, ranked: list[tuple[str, dict]], zones_given: l
                     log.warning("no %s spot capacity in %s (%s); trying the next", itype, zone, code)
                     break
     return None, None, tried
-
 
 
 def launch(recipe_source: str, bucket: str, *, name: str | None = None, overrides: list[str] = (),

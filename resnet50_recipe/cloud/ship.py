@@ -28,7 +28,6 @@ __all__ = ["DIST", "Package", "choose", "build_wheel"]
 DIST = "resnet50-recipe"
 
 
-
 @dataclass(frozen=True)
 class Package:
     """What the instance installs: a pip `spec` (an index release, or an s3:// wheel), or a local wheel
@@ -43,7 +42,6 @@ class Package:
         if self.wheel is not None:
             return self.wheel.name
         return f"resnet50_recipe-{__version__}-py3-none-any.whl" if self.build_from else None
-
 
 
 def choose(package: str | None) -> Package:
@@ -79,12 +77,10 @@ def choose(package: str | None) -> Package:
                    "(pip wheel) and shipped through the run's prefix", build_from=where)
 
 
-
 def _source() -> Path | None:
     """The checkout this module runs from, when it is one."""
     root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
-
 
 
 def build_wheel(source: Path, into: Path | None = None) -> Path:

@@ -29,7 +29,6 @@ __all__ = ["T4_IMG_S", "measure", "verdict"]
 T4_IMG_S = 400.0
 
 
-
 def measure(root: Path, recipe: Recipe, workers: int, batches: int = 20, draft: bool | None = None,
             batch_size: int | None = None) -> dict:
     """Images/s over `batches` batches after a warm-up (worker start-up and the prefetch queue filling)."""
@@ -58,14 +57,12 @@ def measure(root: Path, recipe: Recipe, workers: int, batches: int = 20, draft: 
             "draft_decode": aug.draft_decode, "train_size": aug.train_size}
 
 
-
 def _forever(loader, sampler):
     epoch = 0
     while True:
         sampler.set_epoch(epoch)
         yield from loader
         epoch += 1
-
 
 
 def verdict(results: list[dict], target: float = T4_IMG_S) -> str:

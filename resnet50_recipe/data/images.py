@@ -27,7 +27,6 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 FIXABLE = ("cmyk", "not_jpeg", "truncated")
 
 
-
 def list_images(root: Path) -> dict[str, dict[str, list[Path]]]:
     """{split: {class: [files]}} for root/train and root/val (hidden files and folders left out)."""
     splits = {}
@@ -43,7 +42,6 @@ def list_images(root: Path) -> dict[str, dict[str, list[Path]]]:
     return splits
 
 
-
 def _parallel(fn, items: list, workers: int | None, desc: str, quiet: bool) -> list:
     workers = default_workers() if workers is None else workers
     bar = dict(total=len(items), desc=desc, unit="img", disable=quiet)
@@ -51,7 +49,6 @@ def _parallel(fn, items: list, workers: int | None, desc: str, quiet: bool) -> l
         return [fn(item) for item in tqdm(items, **bar)]
     with ProcessPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(fn, items, chunksize=64), **bar))
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,7 +75,6 @@ def check_image(path: Path) -> dict | None:
     return None
 
 
-
 def fix_image(problem: dict) -> dict:
     """Re-encode a fixable image as an RGB JPEG (or the format its extension names) in place, through a
     temporary file. A truncated image keeps what decodes; the rest of it is grey."""
@@ -98,13 +94,11 @@ def fix_image(problem: dict) -> dict:
     return {**problem, "fixed": check_image(path) is None}
 
 
-
 def _save_atomic(img: Image.Image, dest: Path, quality: int) -> None:
     fmt = Image.registered_extensions().get(dest.suffix.lower(), "JPEG")
     tmp = dest.with_name(f".{dest.name}.tmp")
     img.save(tmp, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
     os.replace(tmp, dest)
-
 
 
 def verify(root: Path, fix: bool = False, workers: int | None = None, report: Path | None = None,
@@ -134,7 +128,6 @@ def verify(root: Path, fix: bool = False, workers: int | None = None, report: Pa
     report = Path(report) if report else root / "verify.json"
     report.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,7 +163,6 @@ def write_image(job: tuple) -> str:
     return "resized"
 
 
-
 def _copy(src: Path | bytes, dest: Path, tmp: Path) -> str:
     if isinstance(src, bytes):
         tmp.write_bytes(src)
@@ -184,10 +176,8 @@ def _copy(src: Path | bytes, dest: Path, tmp: Path) -> str:
     return "copied"
 
 
-
 def _write_batch(jobs: list[tuple]) -> list[str]:
     return [write_image(job) for job in jobs]
-
 
 
 def write_images(jobs: Iterable[tuple], workers: int | None = None, total: int | None = None, desc: str = "write",
@@ -223,12 +213,10 @@ def write_images(jobs: Iterable[tuple], workers: int | None = None, total: int |
     return results
 
 
-
 def _batches(items: Iterable, size: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
-
 
 
 def resize(root: Path, out: Path, short_side: int = 256, quality: int = 90, workers: int | None = None,

@@ -37,11 +37,9 @@ __all__ = ["IMAGE_EXTENSIONS", "mix_seed", "seeded", "find_classes", "scan_image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
-
 def mix_seed(*parts: int) -> int:
     """A well-mixed 32-bit seed from a tuple of ints (seed, epoch, index): neighbours give unrelated streams."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
 
 
 @contextlib.contextmanager
@@ -64,7 +62,6 @@ def seeded(seed: int):
         torch.random.default_generator.set_state(torch_state)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Folders
 
@@ -79,7 +76,6 @@ def find_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-
 def scan_images(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
     samples = []
     for label, name in enumerate(classes):
@@ -89,7 +85,6 @@ def scan_images(split_dir: Path, classes: list[str]) -> list[tuple[str, int]]:
             raise MissingInput(f"{split_dir / name}: class folder holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         samples += [(f, label) for f in files]
     return samples
-
 
 
 def class_names(root: Path) -> list[str]:
@@ -102,13 +97,11 @@ def class_names(root: Path) -> list[str]:
     return train
 
 
-
 @dataclass
 class Sample:
     image: torch.Tensor  # uint8 CHW
     target: int
     bad: str | None  # path of an unreadable image that this sample replaces, if any
-
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -173,7 +166,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return Sample(image, self.samples[source][1], bad)
 
 
-
 class UnreadableImage(UserError):
     """An image the loader cannot decode: bad input, reported in one line.
 
@@ -189,18 +181,15 @@ class UnreadableImage(UserError):
         super().__init__(message)
 
 
-
 def unreadable(path, error: Exception) -> UnreadableImage:
     return UnreadableImage(f"{path}: unreadable image ({error}); fix or remove it (resnet50-recipe data verify "
                            "--fix), or set data.bad_images: skip to skip and count such files")
-
 
 
 def collate(samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     images = torch.stack([s.image for s in samples])
     targets = torch.tensor([s.target for s in samples], dtype=torch.int64)
     return images, targets, [s.bad for s in samples if s.bad]
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +237,6 @@ class EpochSampler(torch.utils.data.Sampler):
         return max(0, (remaining - self.rank + self.world_size - 1) // self.world_size)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Transforms and loaders
 
@@ -293,7 +281,6 @@ class DraftResizedCrop:
         return f"DraftResizedCrop({self.crop!r})"
 
 
-
 def train_transform(aug: AugmentConfig, size: int | None = None):
     """timm's ImageNet train transform, ending in a uint8 tensor (normalised later, on the device); with
     `augment.draft_decode`, its first step is DraftResizedCrop, which decodes the JPEG itself."""
@@ -304,7 +291,6 @@ def train_transform(aug: AugmentConfig, size: int | None = None):
     if aug.draft_decode and isinstance(transform.transforms[0], RandomResizedCropAndInterpolation):
         transform.transforms[0] = DraftResizedCrop(transform.transforms[0])
     return transform
-
 
 
 def train_size_at(aug: AugmentConfig, epoch: int) -> int:
@@ -321,13 +307,11 @@ def train_size_at(aug: AugmentConfig, epoch: int) -> int:
     return min(aug.train_size, max(p.min_size, int(round(size / p.multiple)) * p.multiple))
 
 
-
 def eval_transform(aug: AugmentConfig, size: int | None = None, crop_pct: float | None = None):
     """Resize to size / crop_pct, center-crop to size: timm's eval transform, uint8 out."""
     interpolation = "bicubic" if aug.interpolation == "random" else aug.interpolation
     return create_transform(size or aug.eval_size, is_training=False, interpolation=interpolation,
                             crop_pct=crop_pct or aug.crop_pct, use_prefetcher=True)
-
 
 
 def usable_cores() -> int:
@@ -337,11 +321,9 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-
 def default_workers() -> int:
     """One worker per core but one, which the training process keeps for itself, capped at 16."""
     return max(1, min(16, usable_cores() - 1))
-
 
 
 def make_loader(dataset, sampler, batch_size: int, workers: int | None, drop_last: bool, pin_memory: bool,
@@ -356,7 +338,6 @@ def make_loader(dataset, sampler, batch_size: int, workers: int | None, drop_las
             pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
             persistent_workers=workers > 0, generator=generator,
             prefetch_factor=4 if workers > 0 else None)
-
 
 
 def resolve_data_dir(data: DataConfig) -> Path:
@@ -375,7 +356,6 @@ def resolve_data_dir(data: DataConfig) -> Path:
         raise MissingInput(f"data.path {str(path)!r}: folder not found; expected DIR/train/<class>/*.jpg "
                            "and DIR/val/<class>/*.jpg")
     return path
-
 
 
 def cache_dir() -> Path:

@@ -36,7 +36,6 @@ __all__ = ["IMAGENETTE", "IMAGENET_COUNTS", "file_digest", "check_digest", "down
 log = logging.getLogger(__name__)
 
 
-
 # MD5s as pinned by torchvision.datasets.Imagenette (fast.ai publishes no checksums of its own).
 IMAGENETTE = {
     "160": ("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz", "e793b78cc4c9e9a4ccc0c1155377a412"),
@@ -47,7 +46,6 @@ IMAGENETTE = {
 IMAGENET_COUNTS = {"classes": 1000, "train": 1_281_167, "val": 50_000}
 
 _CHUNK = 1 << 20
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -64,7 +62,6 @@ def file_digest(path: Path, algorithm: str = "md5", quiet: bool = True) -> str:
     return digest.hexdigest()
 
 
-
 def check_digest(path: Path, expected: tuple[str, str] | None, quiet: bool = True) -> None:
     """`expected` is (algorithm, hex digest); a mismatch is a UserError naming both digests."""
     if expected is None:
@@ -74,7 +71,6 @@ def check_digest(path: Path, expected: tuple[str, str] | None, quiet: bool = Tru
     if got != want.lower():
         raise UserError(f"{path}: {algorithm} {got} does not match the expected {want}; the file is damaged or "
                         "not the official one")
-
 
 
 def download(url: str, dest: Path, expected: tuple[str, str] | None, retries: int = 5, quiet: bool = False) -> Path:
@@ -125,7 +121,6 @@ def download(url: str, dest: Path, expected: tuple[str, str] | None, retries: in
     return dest
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Imagenette
 
@@ -166,12 +161,10 @@ def prepare_imagenette(out: Path, size: str = "160", url: str | None = None, exp
     return count_images(out)
 
 
-
 def _safe() -> dict:
     # tarfile's "data" filter refuses absolute paths, links out of the tree and device files (Python >= 3.12
     # and the 3.10/3.11 security releases); older Pythons get the historical behaviour.
     return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-
 
 
 def _finished(out: Path) -> bool:
@@ -179,7 +172,6 @@ def _finished(out: Path) -> bool:
         log.info("%s already holds train/ and val/; nothing to do", out)
         return True
     return False
-
 
 
 def count_images(root: Path) -> dict:
@@ -192,7 +184,6 @@ def count_images(root: Path) -> dict:
         images = sum(1 for d in classes for f in d.iterdir() if f.name.lower().endswith(IMAGE_EXTENSIONS))
         counts[split] = {"classes": len(classes), "images": images}
     return counts
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,7 +215,6 @@ def parse_devkit(devkit) -> tuple[dict[int, str], list[int]]:
         raise UserError(f"{devkit}: the val ground truth names ILSVRC2012_IDs that are no leaf synset in "
                         f"meta.mat: {unknown[:10]}")
     return id_to_wnid, truth
-
 
 
 class _Source:
@@ -259,13 +249,11 @@ class _Source:
         return self.location
 
 
-
 def _open_tar(source: _Source | str | Path):
     source = source if isinstance(source, _Source) else _Source(str(source))
     if source.is_s3:  # stream mode: reads front to back, once
         return tarfile.open(fileobj=source.open(), mode="r|*")
     return tarfile.open(source.location, mode="r:*")  # seekable: skipping a finished class is a seek
-
 
 
 def _md5_of(source: _Source, quiet: bool) -> str:
@@ -275,7 +263,6 @@ def _md5_of(source: _Source, quiet: bool) -> str:
             digest.update(block)
             bar.update(len(block))
     return digest.hexdigest()
-
 
 
 def prepare_imagenet(out: Path, train_tar: str, val_tar: str, devkit: str, verify_md5: bool = False,
@@ -302,7 +289,6 @@ def prepare_imagenet(out: Path, train_tar: str, val_tar: str, devkit: str, verif
     streams = {"val": lambda: _val_items(sources["val"], id_to_wnid, truth),
                "train": lambda: _train_items(sources["train"])}
     return write_imagenet(out, streams, short_side, quality, workers, partial, quiet)
-
 
 
 def prepare_imagenet_from(out: Path, source: str, partial: bool = False, short_side: int | None = None,
@@ -334,7 +320,6 @@ def prepare_imagenet_from(out: Path, source: str, partial: bool = False, short_s
     log.info("%s: %s layout", folder, layout)
     streams = {split: (lambda split=split: sources.split_items(folder, layout, split)) for split in ("val", "train")}
     return write_imagenet(out, streams, short_side, quality, workers, partial, quiet)
-
 
 
 def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: int, workers: int | None,
@@ -379,7 +364,6 @@ def write_imagenet(out: Path, streams: dict, short_side: int | None, quality: in
     return counts
 
 
-
 def folder_jobs(items, folder: Path, short_side: int | None, quality: int):
     """images.write_image jobs writing (wnid, file name, data) items into folder/<wnid>/<file name>."""
     made = set()
@@ -392,7 +376,6 @@ def folder_jobs(items, folder: Path, short_side: int | None, quality: int):
             yield None, dest, short_side, quality
         else:
             yield (data.read() if isinstance(data, LazyMember) else data), dest, short_side, quality
-
 
 
 def _check_counts(out: Path, partial: bool) -> dict:
@@ -423,12 +406,10 @@ def _check_counts(out: Path, partial: bool) -> dict:
     return counts
 
 
-
 def _count(folder: Path) -> dict:
     classes = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")] if folder.is_dir() else []
     return {"classes": len(classes),
             "images": sum(1 for d in classes for f in d.iterdir() if not f.name.startswith("."))}
-
 
 
 def _val_items(source: _Source, id_to_wnid: dict[int, str], truth: list[int]):
@@ -444,7 +425,6 @@ def _val_items(source: _Source, id_to_wnid: dict[int, str], truth: list[int]):
                 raise UserError(f"{source}: {member.name} is not an ILSVRC2012_val_NNNNNNNN.JPEG named in the "
                                 f"ground truth ({len(truth)} lines)") from None
             yield wnid, name, LazyMember(tar, member)
-
 
 
 def _train_items(source: _Source):

@@ -32,14 +32,12 @@ __all__ = ["IMAGENET_ARCHIVES", "LazyMember", "KAGGLE_ROOT", "HUB_LAYOUTS", "LAY
 log = logging.getLogger(__name__)
 
 
-
 # The official ILSVRC2012 archives: name and MD5, as in torchvision.datasets.imagenet.ARCHIVE_META.
 IMAGENET_ARCHIVES = {
     "train": ("ILSVRC2012_img_train.tar", "1d675b47d978889d74fa0da5fadfb00e"),
     "val": ("ILSVRC2012_img_val.tar", "29b22e2961454d5413ddabcf34fc5622"),
     "devkit": ("ILSVRC2012_devkit_t12.tar.gz", "fa75699e90414af021442c21a62c3abf"),
 }
-
 
 
 class LazyMember:
@@ -53,7 +51,6 @@ class LazyMember:
         return self.tar.extractfile(self.member).read()
 
 KAGGLE_ROOT = Path("ILSVRC/Data/CLS-LOC")
-
 
 
 # (train, val) file-name patterns of each Hub layout, matched against the base name of every file.
@@ -70,13 +67,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's key: the path up to the base name's first dot
 
 
-
 def imagenet_wnids() -> list[str]:
     """The 1000 ImageNet-1k wnids in class-index order (sorted), from timm."""
     from timm.data import ImageNetInfo
 
     return list(ImageNetInfo().label_names())
-
 
 
 def detect(folder: Path) -> str:
@@ -97,11 +92,9 @@ def detect(folder: Path) -> str:
     raise UserError(f"{folder}: no ImageNet layout recognised; expected {LAYOUTS}")
 
 
-
 def _files(folder: Path) -> list[Path]:
     # huggingface_hub keeps its partial downloads under .cache/ inside the folder: never take them as data
     return sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts)
-
 
 
 def split_items(folder: Path, layout: str, split: str) -> Iterator[tuple]:
@@ -111,7 +104,6 @@ def split_items(folder: Path, layout: str, split: str) -> Iterator[tuple]:
     pattern = HUB_LAYOUTS[layout][split == "val"]
     archives = [p for p in _files(folder) if fnmatch.fnmatch(p.name, pattern)]
     return (archive_items if layout == "hub-archives" else shard_items)(archives)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,7 +134,6 @@ def kaggle_items(folder: Path, split: str) -> Iterator[tuple[str, str, Path]]:
         yield row["PredictionString"].split()[0], image.name, image
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # ILSVRC/imagenet-1k's archives
 
@@ -162,7 +153,6 @@ def archive_items(archives: list[Path]) -> Iterator[tuple[str, str, LazyMember]]
                     raise UserError(f"{archive}: {member.name} does not end in _<wnid>{suffix} with an ImageNet-1k "
                                     "wnid, as ILSVRC/imagenet-1k's files do")
                 yield wnid, image + suffix, LazyMember(tar, member)
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -192,7 +182,6 @@ def shard_items(shards: list[Path]) -> Iterator[tuple[str, str, bytes]]:
                 yield _sample(shard, key, sample, wnids)
 
 
-
 def _sample(shard: Path, key: str, sample: dict[str, bytes], wnids: list[str]) -> tuple[str, str, bytes]:
     image = next((suffix[1:] for suffix in IMAGE_SUFFIXES if suffix[1:] in sample), None)
     if image is None:
@@ -206,7 +195,6 @@ def _sample(shard: Path, key: str, sample: dict[str, bytes], wnids: list[str]) -
                         f"(found {label!r})") from None
     name = Path(meta.get("filename") or f"{Path(key).name}.{image}").name
     return wnid, name, sample[image]
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -243,7 +231,6 @@ def hub_download(repo: str, dest: Path, quiet: bool = False) -> Path:
     except LocalEntryNotFoundError:  # snapshot_download's word for a Hub it cannot reach
         raise UserError(f"hf:{repo}: cannot reach {constants.ENDPOINT}; rerun to resume the download") from None
     return dest
-
 
 
 def hub_repo(source: str) -> str | None:

@@ -28,12 +28,10 @@ _SUPERSAMPLE = 4  # draw at 4x and downsample, so edges are anti-aliased like a 
 _MARKER = "synthetic.json"
 
 
-
 def _polygon(points: np.ndarray, angle: float, center: tuple[float, float], radius: float) -> list[tuple]:
     c, s = math.cos(angle), math.sin(angle)
     rotated = points @ np.array([[c, s], [-s, c]]) * radius + np.asarray(center)
     return [tuple(p) for p in rotated]
-
 
 
 def _regular(n: int, inner: float | None = None) -> np.ndarray:
@@ -41,7 +39,6 @@ def _regular(n: int, inner: float | None = None) -> np.ndarray:
     angles = np.arange(count) * 2 * math.pi / count - math.pi / 2
     radii = np.where(np.arange(count) % 2, inner or 1.0, 1.0)
     return np.stack([np.cos(angles) * radii, np.sin(angles) * radii], 1)
-
 
 
 def _draw_mask(shape: str, size: int, rng: np.random.Generator, center: tuple[float, float] | None = None,
@@ -98,11 +95,9 @@ def _draw_mask(shape: str, size: int, rng: np.random.Generator, center: tuple[fl
     return mask.resize((size, size), Image.Resampling.BOX)
 
 
-
 def draw_image(shape: str, size: int, rng: np.random.Generator) -> Image.Image:
     """One image: a noisy gradient background and a textured shape, colours independent of the class."""
     return draw_sample(shape, size, rng)[0]
-
 
 
 def draw_sample(shape: str, size: int, rng: np.random.Generator, center: tuple[float, float] | None = None,
@@ -121,7 +116,6 @@ def draw_sample(shape: str, size: int, rng: np.random.Generator, center: tuple[f
     alpha = np.asarray(_draw_mask(shape, size, rng, center, radius), dtype=np.float32)[..., None] / 255.0
     pixels = np.clip(alpha * front + (1 - alpha) * back, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB"), alpha[..., 0]
-
 
 
 def generate(out: str | Path, classes: int = 10, per_class: int = 300, val_per_class: int = 50, size: int = 64,

@@ -25,7 +25,6 @@ __all__ = ["evaluate_checkpoint"]
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Evaluating a saved checkpoint
 

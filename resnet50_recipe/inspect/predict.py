@@ -32,7 +32,6 @@ __all__ = ["BATCH", "Classifier", "load_classifier", "open_image", "predict", "c
 BATCH = 32
 
 
-
 @dataclass
 class Classifier:
     model: torch.nn.Module  # in eval mode, on the CPU
@@ -41,7 +40,6 @@ class Classifier:
     classes: list[str]  # the class folder names (the same as `names` for an export folder)
     size: int  # the square the transform crops to
     crop_pct: float  # the center crop's fraction of the resized image
-
 
 
 def load_classifier(source: str | Path, weights: str = "auto") -> Classifier:
@@ -83,7 +81,6 @@ def load_classifier(source: str | Path, weights: str = "auto") -> Classifier:
     return Classifier(model.eval(), transform, names, classes, aug.eval_size, aug.crop_pct)
 
 
-
 def open_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
@@ -92,7 +89,6 @@ def open_image(path: str | Path) -> Image.Image:
         raise MissingInput(f"{path}: image not found") from None
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from None
-
 
 
 @torch.no_grad()
@@ -113,7 +109,6 @@ def predict(source: str | Path, images: list[str | Path], top: int = 5, weights:
     return results
 
 
-
 def class_index(clf: Classifier, wanted: str | int) -> int:
     """A class given by index, folder name or label name (case-insensitive)."""
     if isinstance(wanted, int) or str(wanted).isdigit():
@@ -127,7 +122,6 @@ def class_index(clf: Classifier, wanted: str | int) -> int:
             return lowered.index(str(wanted).lower())
     raise UserError(f"--class {wanted!r}: no class of that name; give an index (0-{len(clf.names) - 1}) or one "
                     f"of {', '.join(clf.names[:10])}{', ...' if len(clf.names) > 10 else ''}")
-
 
 
 def grad_cam(clf: Classifier, image: Image.Image, target: int | None = None) -> tuple[np.ndarray, int, float]:
@@ -160,7 +154,6 @@ def grad_cam(clf: Classifier, image: Image.Image, target: int | None = None) -> 
     return to_image_frame(cam, image.size, clf.size, clf.crop_pct), index, float(logits.detach().softmax(1)[0, index])
 
 
-
 def to_image_frame(cam: torch.Tensor, image_size: tuple[int, int], size: int, crop_pct: float) -> np.ndarray:
     """Undo the eval transform's geometry: the shorter side was resized to floor(size / crop_pct) and the
     center size x size square kept, so the map covers that square of the original image; outside it is 0."""
@@ -176,14 +169,12 @@ def to_image_frame(cam: torch.Tensor, image_size: tuple[int, int], size: int, cr
     return full.numpy()
 
 
-
 def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:
     from matplotlib import colormaps
 
     colours = colormaps["jet"](heat)[..., :3] * 255
     pixels = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * colours
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-
 
 
 def explain(source: str | Path, image_path: str | Path, out: str | Path, target: str | int | None = None,

@@ -47,7 +47,6 @@ SECTIONS = ("overview", "curves", "per-class", "confusion", "mistakes", "time-co
 MISTAKES = 16
 
 
-
 @torch.no_grad()
 def evaluate_val(path: Path, weights: str, data: str | Path | None, batch_size: int | None, workers: int | None,
                  device: str) -> dict:
@@ -83,7 +82,6 @@ def evaluate_val(path: Path, weights: str, data: str | Path | None, batch_size: 
     return {"classes": classes, "paths": [p for p, _ in val_set.samples], "target": torch.cat(targets).numpy(),
             "predicted": predicted.numpy(), "confidence": confidence.numpy(), "data": str(data_dir),
             "state": state, "recipe": recipe}
-
 
 
 def report(run_dir: str | Path, weights: str = "auto", data: str | Path | None = None, out: str | Path | None = None,
@@ -127,14 +125,12 @@ def report(run_dir: str | Path, weights: str = "auto", data: str | Path | None =
     return out / "index.html"
 
 
-
 def class_stats(target: np.ndarray, predicted: np.ndarray, num_classes: int) -> dict:
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (target, predicted), 1)
     counts = confusion.sum(axis=1)
     accuracy = np.divide(np.diag(confusion), counts, out=np.zeros(num_classes), where=counts > 0)
     return {"confusion": confusion, "counts": counts, "accuracy": accuracy}
-
 
 
 def time_cost(records: list[dict], summary: dict) -> dict:
@@ -153,14 +149,12 @@ def time_cost(records: list[dict], summary: dict) -> dict:
             "instance_type": typed[-1]["instance_type"] if typed else None, "device": summary.get("device")}
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # Figures (matplotlib's Figure without pyplot: no global state, no GUI backend)
 
 
 def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=100)
-
 
 
 def plot_report_curves(records: list[dict], path: Path) -> None:
@@ -194,7 +188,6 @@ def plot_report_curves(records: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-
 def plot_per_class(accuracy: np.ndarray, names: list[str], path: Path) -> None:
     """Classes sorted from worst to best; named when there are few enough to read."""
     from matplotlib.figure import Figure
@@ -213,7 +206,6 @@ def plot_per_class(accuracy: np.ndarray, names: list[str], path: Path) -> None:
         ax.set(ylim=(0, 1), ylabel="val top-1", xlabel="classes, sorted", title="per-class accuracy, worst first")
     ax.grid(alpha=0.3)
     _save(fig, path)
-
 
 
 def plot_confusion(confusion: np.ndarray, names: list[str], path: Path) -> None:
@@ -237,7 +229,6 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: Path) -> None:
                             color="white" if fractions[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (val)")
     _save(fig, path)
-
 
 
 def most_confident_mistakes(val: dict, names: list[str], path: Path, count: int = MISTAKES) -> list[dict]:
@@ -266,7 +257,6 @@ def most_confident_mistakes(val: dict, names: list[str], path: Path, count: int 
     return picked
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # The page
 
@@ -280,7 +270,6 @@ img { max-width: 100%; } pre { background: #f7f7f7; padding: 0.8em; overflow-x: 
 """
 
 
-
 def _table(header: list[str] | None, rows: list[list]) -> str:
     def cell(v):
         return f'<td class="num">{html.escape(v)}</td>' if isinstance(v, str) and v[:1].isdigit() \
@@ -290,10 +279,8 @@ def _table(header: list[str] | None, rows: list[list]) -> str:
     return f"<table>{head}{body}</table>"
 
 
-
 def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
-
 
 
 def page(run_dir: Path, numbers: dict, names: list[str], stats: dict, recipe_text: str, env: dict,
@@ -359,7 +346,6 @@ def page(run_dir: Path, numbers: dict, names: list[str], stats: dict, recipe_tex
 </body>
 </html>
 """
-
 
 
 def _read_json(path: Path) -> dict:

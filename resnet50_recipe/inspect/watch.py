@@ -61,7 +61,6 @@ def read_run(source: str, endpoint_url: str | None = None) -> dict:
             "manifest_time": manifest_time, "summary": summary, "local": local}
 
 
-
 def summarize(run: dict, now: float | None = None) -> dict:
     """What the view shows, computed from `read_run`'s result."""
     now = time.time() if now is None else now
@@ -111,7 +110,6 @@ def summarize(run: dict, now: float | None = None) -> dict:
     return snap
 
 
-
 def _eta(total: int | None, global_step: int, plan: dict, steps: list[dict], epochs: list[dict]) -> float | None:
     """Seconds left: from the mean time of the last epochs (evaluation included) when there are any, else from
     the recent step records' throughput and the global batch."""
@@ -125,7 +123,6 @@ def _eta(total: int | None, global_step: int, plan: dict, steps: list[dict], epo
     if rates and plan.get("global_batch"):
         return remaining * plan["global_batch"] / statistics.median(rates)
     return None
-
 
 
 def gpu_status() -> list[dict]:
@@ -148,7 +145,6 @@ def gpu_status() -> list[dict]:
     return gpus
 
 
-
 def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     if seconds < 60:
@@ -156,7 +152,6 @@ def duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
 
 
 def render(snap: dict) -> str:
@@ -197,7 +192,6 @@ def render(snap: dict) -> str:
         lines.append(f"cost so far ${snap['cost_usd']:.2f}{on}" + budget_text(
             snap["cost_usd"], snap.get("budget_usd"), snap.get("price_usd_per_h"), hours_left))
     return "\n".join(lines)
-
 
 
 def watch(source: str, interval: float = 10.0, once: bool = False, endpoint_url: str | None = None,

@@ -21,7 +21,6 @@ REPORT_PNGS = {"per_class_accuracy.png": "per-class accuracy on val",
 log = logging.getLogger(__name__)
 
 
-
 def model_card(recipe: Recipe, state: dict, kind: str, path: Path, run_dir: Path, repo_id: str | None,
                license: str, dataset: str | None) -> str:
     """README.md: Hub front matter (library, tags, license, datasets, model-index) and a plain-text body."""
@@ -98,7 +97,6 @@ logits = model(transform(Image.open("image.jpg").convert("RGB")).unsqueeze(0))
 """
 
 
-
 def card_data(name: str, license: str, dataset_id: str | None, dataset_name: str, top1: float | None,
               top5: float | None) -> str:
     """The card's YAML front matter: what the Hub indexes (library, tags, license, datasets, the model-index with
@@ -118,10 +116,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
-
 
 
 def _read_json(path: Path) -> dict:

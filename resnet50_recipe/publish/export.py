@@ -31,10 +31,6 @@ log = logging.getLogger(__name__)
 FILES = ("model.safetensors", "config.json", "README.md")
 
 
-
-
-
-
 def resolve_source(source: str | Path, weights: str) -> tuple[Path, str]:
     """A run directory or a checkpoint file -> (checkpoint path, weights kind to export)."""
     source = Path(source)
@@ -55,7 +51,6 @@ def resolve_source(source: str | Path, weights: str) -> tuple[Path, str]:
     return source, weights
 
 
-
 def choose_weights(state: dict, weights: str) -> str:
     """`auto`: the EMA weights when their last measured top-1 beats the raw weights', else the raw ones."""
     if weights in ("raw", "ema"):
@@ -66,7 +61,6 @@ def choose_weights(state: dict, weights: str) -> str:
     if state.get("ema") is not None and evaluated and evaluated[-1].get("ema_top1", -1) > evaluated[-1]["top1"]:
         return "ema"
     return "raw"
-
 
 
 def label_names(classes: list[str], names_file: str | Path | None = None) -> list[str]:
@@ -85,7 +79,6 @@ def label_names(classes: list[str], names_file: str | Path | None = None) -> lis
     if all(c in synsets for c in classes):
         return [info.index_to_description(synsets[c]) for c in classes]
     return list(classes)
-
 
 
 def export(source: str | Path, out: str | Path, weights: str = "auto", names_file: str | Path | None = None,
@@ -121,7 +114,6 @@ def export(source: str | Path, out: str | Path, weights: str = "auto", names_fil
     return out
 
 
-
 def pretrained_cfg(model: torch.nn.Module, recipe: Recipe, license: str) -> dict:
     """The preprocessing our recipe evaluated with, in timm's pretrained_cfg terms."""
     aug = recipe.augment
@@ -131,7 +123,6 @@ def pretrained_cfg(model: torch.nn.Module, recipe: Recipe, license: str) -> dict
             "interpolation": "bicubic" if aug.interpolation == "random" else aug.interpolation,
             "crop_pct": aug.crop_pct, "crop_mode": "center", "mean": tuple(aug.mean), "std": tuple(aug.std),
             "num_classes": model.num_classes, "license": license}
-
 
 
 def verify_export(folder: str | Path, reference: torch.nn.Module | None = None) -> None:

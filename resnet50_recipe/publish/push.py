@@ -16,7 +16,6 @@ __all__ = ["push"]
 log = logging.getLogger(__name__)
 
 
-
 def push(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, token: str | None = None) -> str:
     """Check the export folder, then create the repo (exist_ok) and upload the folder; returns the commit URL.

@@ -33,10 +33,8 @@ MANIFEST = "latest.json"
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 
-
 def checkpoint_name(global_step: int) -> str:
     return f"ckpt-{global_step:09d}.pt"
-
 
 
 def new_lineage(parent: dict | None = None) -> dict:
@@ -47,14 +45,12 @@ def new_lineage(parent: dict | None = None) -> dict:
     return {"run_id": f"{stamp}-{uuid.uuid4().hex[:6]}", "started": time.time(), "parent": parent}
 
 
-
 def lineage_of(manifest_or_state: dict | None) -> dict | None:
     """The lineage a manifest or checkpoint belongs to. Files written before lineages existed form one lineage
     that started at time 0, so any lineage started since is newer than it."""
     if manifest_or_state is None:
         return None
     return manifest_or_state.get("lineage") or {"run_id": "legacy", "started": 0.0, "parent": None}
-
 
 
 def save_atomic(state: dict, path: Path) -> dict:
@@ -87,7 +83,6 @@ def save_atomic(state: dict, path: Path) -> dict:
             "run_id": lineage_of(state)["run_id"]}
 
 
-
 class _Writes:
     """A file's write and flush, keeping the first OSError (ENOSPC, EFBIG) that a write raised."""
 
@@ -105,14 +100,12 @@ class _Writes:
         self.f.flush()
 
 
-
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
 
 
 def sha256_of(path: Path, also=None) -> str:
@@ -125,7 +118,6 @@ def sha256_of(path: Path, also=None) -> str:
             if also is not None:
                 also.update(block)
     return digest.hexdigest()
-
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -148,7 +140,6 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     _fsync_dir(folder)
 
 
-
 def check_manifest(manifest, where: str) -> dict:
     """The manifest, or UserError when it is not one. Damage is reported with the way out that loses nothing:
     the checkpoint files are never judged, or touched, without the hashes the manifest holds."""
@@ -158,7 +149,6 @@ def check_manifest(manifest, where: str) -> dict:
         raise UserError(f"{where}: not a checkpoint manifest (it needs a 'checkpoints' list of entries with file, "
                         "step, sha256 and size)")
     return manifest
-
 
 
 def read_manifest(folder: Path) -> dict | None:
@@ -180,7 +170,6 @@ def read_manifest(folder: Path) -> dict | None:
                         "(S3, a backup)") from None
 
 
-
 def set_aside(folder: Path, manifest: dict) -> dict:
     """Move the checkpoints `manifest` lists out of the way of a new lineage, into `lineages/<run_id>/`, and
     return the record of them that the new manifest keeps under `lineages`. Nothing is deleted: an abandoned
@@ -196,7 +185,6 @@ def set_aside(folder: Path, manifest: dict) -> dict:
             moved.append(entry)
     _fsync_dir(folder)
     return {**lineage, "folder": f"lineages/{lineage['run_id']}", "checkpoints": moved}
-
 
 
 def start_lineage(folder: Path, lineage: dict) -> dict:
@@ -223,7 +211,6 @@ def start_lineage(folder: Path, lineage: dict) -> dict:
                 "lineages": lineages}
     write_manifest(folder, manifest)
     return manifest
-
 
 
 def commit(folder: Path, entry: dict, best: dict | None, keep_last: int, keep_best: bool = True,
@@ -259,7 +246,6 @@ def commit(folder: Path, entry: dict, best: dict | None, keep_last: int, keep_be
     return manifest
 
 
-
 def verify_checkpoint(path: Path, entry: dict) -> str | None:
     """None when the file has the recorded size and sha256; otherwise what is wrong with it."""
     if not path.is_file():
@@ -272,13 +258,11 @@ def verify_checkpoint(path: Path, entry: dict) -> str | None:
     return None
 
 
-
 def remove_partials(folder: Path) -> None:
     """Leftovers of an interrupted write (temp files) are reported and removed."""
     for p in folder.glob(".ckpt-*.tmp-*") if folder.is_dir() else []:
         log.warning("removing %s: a partial checkpoint from an interrupted write", p)
         p.unlink(missing_ok=True)
-
 
 
 def find_latest(folder: Path) -> tuple[Path, dict] | None:
@@ -300,7 +284,6 @@ def find_latest(folder: Path) -> tuple[Path, dict] | None:
     return None
 
 
-
 def load_state(path: str | Path, entry: dict | None = None) -> dict:
     """Load a checkpoint without unpickling objects; check its size and sha256 when a manifest lists it (the one
     beside it, or for a set-aside lineage the run's manifest)."""
@@ -318,7 +301,6 @@ def load_state(path: str | Path, entry: dict | None = None) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not a resnet50-recipe checkpoint (format {FORMAT} expected)")
     return state
-
 
 
 def _listed_entry(path: Path) -> tuple[dict | None, Path | None]:
@@ -343,7 +325,6 @@ def _listed_entry(path: Path) -> tuple[dict | None, Path | None]:
             if entry is not None:
                 return entry, where / MANIFEST
     return None, None
-
 
 
 class Writer:
@@ -424,7 +405,6 @@ class Writer:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
-
 
 
 class CheckpointError(RuntimeError):

@@ -25,7 +25,6 @@ class RemoteSuperseded(RemoteRefused):
 log = logging.getLogger(__name__)
 
 
-
 def claim(store: S3Store, lineage: dict) -> None:
     """Make `lineage` the remote's current one before it uploads anything. The checkpoints of the lineage the
     pointer named are copied aside into `checkpoints/lineages/<run_id>/` (server-side) and listed under
@@ -76,7 +75,6 @@ def claim(store: S3Store, lineage: dict) -> None:
     raise RemoteRefused(f"{store.remote}: could not claim the remote latest.json: another writer keeps changing it")
 
 
-
 def stage_remote(store: S3Store, folder: Path, manifest: dict, newer_than: int) -> tuple[Path, dict] | None:
     """Download the newest checkpoint the remote manifest lists, newer than step `newer_than`, that passes its
     sha256 check, to a hidden temp file in `folder`; return it with its entry. Nothing is installed: the caller
@@ -89,7 +87,6 @@ def stage_remote(store: S3Store, folder: Path, manifest: dict, newer_than: int) 
         if tmp is not None:
             return tmp, entry
     return None
-
 
 
 def download_verified(store: S3Store, folder: Path, entry: dict) -> Path | None:
@@ -113,7 +110,6 @@ def download_verified(store: S3Store, folder: Path, entry: dict) -> Path | None:
     return tmp
 
 
-
 def install_staged(store: S3Store, folder: Path, staged: tuple[Path, dict], manifest: dict, keep_last: int) -> None:
     """Put a staged download in place and record it, in the remote's lineage, in the local manifest, with the
     remote's best checkpoint, fetched too when it is another file, so that a fresh machine keeps it."""
@@ -132,10 +128,6 @@ def install_staged(store: S3Store, folder: Path, staged: tuple[Path, dict], mani
     log.info("fetched %s/checkpoints/%s (step %d)", store.remote, entry["file"], entry["step"])
 
 
-
-
-
-
 def fetch_latest(store: S3Store, folder: Path, newer_than: int, keep_last: int) -> bool:
     """Download the newest remote checkpoint newer than step `newer_than` that passes its sha256 check into
     the local `folder` and record it in the local manifest, with the best one. Returns whether one was fetched."""
@@ -147,13 +139,11 @@ def fetch_latest(store: S3Store, folder: Path, newer_than: int, keep_last: int) 
     return True
 
 
-
 def pull_files(store: S3Store, run_dir: Path) -> None:
     """Fetch the run's small files (metrics, recipe, ...) when the local run directory lacks them."""
     for name in SYNCED_FILES:
         if not (run_dir / name).exists() and store.exists(name):
             store.download_file(name, run_dir / name)
-
 
 
 def safe_path(dest: Path, name: str) -> Path:

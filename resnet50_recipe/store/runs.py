@@ -14,7 +14,6 @@ __all__ = ["list_runs", "pull_run"]
 log = logging.getLogger(__name__)
 
 
-
 def list_runs(store: S3Store) -> list[dict]:
     """Every run under the store's prefix: where its latest.json is, with its step, epoch and results."""
     runs = []
@@ -29,7 +28,6 @@ def list_runs(store: S3Store) -> list[dict]:
                      "step": manifest.get("step", 0), "top1": (summary or {}).get("top1"),
                      "best_top1": (summary or {}).get("best_top1"), "stopped": (summary or {}).get("stopped")})
     return runs
-
 
 
 def pull_run(store: S3Store, dest: Path) -> tuple[list[str], list[str]]:

@@ -32,7 +32,6 @@ _CHUNK = 64 * 2**20  # multipart part size and threshold
 SIDECAR = ".json"  # checkpoints/ckpt-*.pt.json: the checkpoint's entry and lineage, for a pointer that is gone
 
 
-
 # Errors a later attempt may not meet: the network, the store's 5xx and throttling, credentials being refreshed.
 _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
                     "RequestTimeout", "RequestTimeTooSkewed", "ExpiredToken", "ExpiredTokenException",
@@ -41,12 +40,10 @@ _TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttli
 _MISSING_CODES = ("404", "NoSuchKey", "NotFound")
 
 
-
 class RemoteError(RuntimeError):
     """The remote store failed. Its subclasses say whose to fix: `RemoteRefused` is bad input (exit 2),
     `RemoteUnavailable` a store that may come back (exit 75); a plain one (a failed upload check) is retried
     by the uploader and never ends a run."""
-
 
 
 class RemoteRefused(UserError, RemoteError):
@@ -54,11 +51,9 @@ class RemoteRefused(UserError, RemoteError):
     credentials, an endpoint that does not answer as a store, another writer on its pointer. Permanent: exit 2."""
 
 
-
 class RemoteUnavailable(RemoteError):
     """The store kept failing with errors that may pass (network, 5xx, throttling, expired credentials) for
     the whole start-up retry window: exit 75, so that the unit tries again later."""
-
 
 
 def is_transient(error: BaseException) -> bool:
@@ -77,13 +72,11 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (bx.ConnectionError, bx.HTTPClientError, bx.CredentialRetrievalError))
 
 
-
 def parse_remote(remote: str) -> tuple[str, str]:
     match = re.fullmatch(r"s3://([^/]+)/?(.*)", remote or "")
     if not match:
         raise UserError(f"checkpoint.remote: {remote!r} is not an S3 URL; expected s3://bucket/prefix")
     return match.group(1), match.group(2).strip("/")
-
 
 
 def has_crc64() -> bool:
@@ -94,7 +87,6 @@ def has_crc64() -> bool:
     except ImportError:
         return False
     return hasattr(checksums, "crc64nvme")
-
 
 
 class Crc64:
@@ -110,7 +102,6 @@ class Crc64:
 
     def b64(self) -> str:
         return base64.b64encode(self.value.to_bytes(8, "big")).decode()
-
 
 
 class S3Store:

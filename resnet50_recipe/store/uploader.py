@@ -20,13 +20,6 @@ __all__ = ["Uploader"]
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
 class Uploader:
     """Uploads committed checkpoints and the run's small files on a background thread.
 

@@ -17,10 +17,8 @@ __all__ = ["BUDGET_REASON", "InstanceCost", "Budget", "budget_text"]
 log = logging.getLogger(__name__)
 
 
-
 # The StopControl reason of a budget stop; the summary and the exit status (errors.EXIT_BUDGET) key on it.
 BUDGET_REASON = "train.budget_usd"
-
 
 
 class InstanceCost:
@@ -93,7 +91,6 @@ class InstanceCost:
             return None
 
 
-
 class Budget:
     """train.budget_usd on EC2: after each epoch but the last, the run stops (with a checkpoint) when the cost so far
     plus one more epoch at the last epoch's cost would pass the budget. The cost is `source.cost`, an
@@ -116,7 +113,6 @@ class Budget:
                   f"(~${epoch_cost:.2f}) would pass it")
         control.request_stop(reason)
         return reason
-
 
 
 def budget_text(spent: float, budget_usd: float | None, price: float | None, hours_left: float | None) -> str:

@@ -48,7 +48,6 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, lr: float,
                                filter_bias_and_bn=cfg.no_decay_norm_bias, **kwargs)
 
 
-
 def build_scheduler(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: int, updates_per_epoch: int):
     """timm's scheduler, stepped per optimizer update (`step_update`), so warmup is smooth at any batch size."""
     scheduler, _ = create_scheduler_v2(
@@ -58,7 +57,6 @@ def build_scheduler(cfg: SchedConfig, optimizer: torch.optim.Optimizer, epochs: 
     return scheduler
 
 
-
 def build_mixup(cfg: MixupConfig, loss: LossConfig, num_classes: int) -> Mixup | None:
     """timm's Mixup/CutMix; it also applies label smoothing to the mixed targets."""
     if cfg.mixup_alpha <= 0 and cfg.cutmix_alpha <= 0:
@@ -66,7 +64,6 @@ def build_mixup(cfg: MixupConfig, loss: LossConfig, num_classes: int) -> Mixup |
     return Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.prob,
                  switch_prob=cfg.switch_prob, mode=cfg.mode, label_smoothing=loss.label_smoothing,
                  num_classes=num_classes)
-
 
 
 def build_loss(cfg: LossConfig, mixup_active: bool) -> torch.nn.Module:
@@ -82,13 +79,11 @@ def build_loss(cfg: LossConfig, mixup_active: bool) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
-
 def build_ema(cfg: EmaConfig, model: torch.nn.Module) -> ModelEmaV3 | None:
     """timm's ModelEmaV3, updated every `ema.every` optimizer steps (see StridedEma)."""
     if not cfg.enabled:
         return None
     return StridedEma(model, decay=cfg.decay, use_warmup=cfg.warmup, every=cfg.every)
-
 
 
 class StridedEma(ModelEmaV3):

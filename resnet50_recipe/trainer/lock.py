@@ -18,7 +18,6 @@ __all__ = ["RunLocked", "RunLock"]
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------------------------------------------------
 # 2. Opening the run
 
@@ -27,13 +26,11 @@ class RunLocked(UserError, FileExistsError):
     """Another live trainer holds the run directory: bad input (the run directory the user named is in use)."""
 
 
-
 # Descriptors of the run locks this process holds. A forked child (a DataLoader worker) would share the lock
 # through its copy of the descriptor and keep it alive after the trainer itself was killed, so that the restart
 # found the run "in use" until the orphaned workers noticed: each child closes its copies at once. Closing a
 # copy never releases the parent's lock; only LOCK_UN or the last copy's close does.
 _held_lock_fds: set[int] = set()
-
 
 
 def _close_lock_fds_in_child() -> None:
@@ -45,7 +42,6 @@ def _close_lock_fds_in_child() -> None:
     _held_lock_fds.clear()
 
 os.register_at_fork(after_in_child=_close_lock_fds_in_child)
-
 
 
 class RunLock:
@@ -100,7 +96,6 @@ class RunLock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
-
 
 
 def _holder(fd: int) -> dict:

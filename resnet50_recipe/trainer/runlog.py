@@ -31,14 +31,12 @@ ARTEFACTS = ("recipe.yaml", "env.json", "metrics.jsonl", "curves.png", "summary.
 RESULTS = ("summary.json", "export")
 
 
-
 def check_replaceable(out: Path, force: bool) -> None:
     """A fresh start in `out` replaces its logs; a finished run's results are never replaced without `force`."""
     results = [name for name in RESULTS if (out / name).exists()]
     if results and not force:
         raise ExistingOutput(f"{out} holds the results of an earlier run ({', '.join(results)}) and no checkpoint "
                              "to resume; pass --output DIR for a new run, or --force to replace them")
-
 
 
 def clear_run_dir(out: Path) -> None:
@@ -50,7 +48,6 @@ def clear_run_dir(out: Path) -> None:
         elif path.exists():
             path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
 
 
 class RunLog:
@@ -123,10 +120,8 @@ class RunLog:
         self.trackers = []
 
 
-
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
 
 
 def plot_curves(epochs: list[dict], path: Path) -> None:
@@ -153,7 +148,6 @@ def plot_curves(epochs: list[dict], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     tmp.replace(path)
-
 
 
 def _present(x: list, records: list[dict], key: str) -> tuple[list, list]:

@@ -77,7 +77,6 @@ class Runtime:
                               enabled=self.amp_dtype is not None)
 
 
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -86,7 +85,6 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError(f"train.device: {name!r} asked for, but torch sees no CUDA device; use auto or cpu")
     return torch.device(name)
-
 
 
 def pick_amp_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -101,7 +99,6 @@ def pick_amp_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | No
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return None
-
 
 
 def setup(train: TrainConfig, seed: int) -> Runtime:
@@ -127,12 +124,10 @@ def setup(train: TrainConfig, seed: int) -> Runtime:
     return Runtime(device, pick_amp_dtype(train, device), rank, world_size)
 
 
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
 
 
 def versions() -> dict:
@@ -157,7 +152,6 @@ def versions() -> dict:
     return info
 
 
-
 def git_commit() -> str | None:
     """The commit of this package's own checkout; None for an installed copy, even one that happens to sit
     inside some other git repository (a virtualenv in a user's project, say)."""
@@ -171,7 +165,6 @@ def git_commit() -> str | None:
     if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != checkout:
         return None
     return lines[1]
-
 
 
 def write_json(path: Path, data) -> None:

@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 log = logging.getLogger(__name__)
 
 
-
 def cpu_copy(tree: Any) -> Any:
     """Detached CPU copies of every tensor in a nested dict/list, so training can go on while it is written."""
     if isinstance(tree, torch.Tensor):
@@ -56,13 +55,11 @@ def cpu_copy(tree: Any) -> Any:
     return tree
 
 
-
 def rng_state() -> dict:
     """Every RNG stream of this process as tensors and lists (numpy's tuple state would need pickle). On CUDA,
     only the generator of the device this process uses: a machine with another GPU count can restore it."""
     cuda = [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     return _plain(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
-
 
 
 def _plain(py_state, np_state, torch_state, cuda: list) -> dict:
@@ -76,7 +73,6 @@ def _plain(py_state, np_state, torch_state, cuda: list) -> dict:
     }
 
 
-
 def set_rng_state(state: dict) -> None:
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
@@ -88,7 +84,6 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state, device)
 
 
-
 def cuda_states_to_apply(saved: list, devices: list[int]) -> dict:
     """device index -> saved CUDA generator state, for the devices this process uses.
 
@@ -98,7 +93,6 @@ def cuda_states_to_apply(saved: list, devices: list[int]) -> dict:
     dropped, and a device with no saved state (a CPU checkpoint) keeps the seed it started with.
     """
     return dict(zip(devices, saved))
-
 
 
 def rank_rng_state(saved, rank: int, world_size: int, seed: int, step: int) -> tuple[dict, str | None]:
@@ -124,7 +118,6 @@ def rank_rng_state(saved, rank: int, world_size: int, seed: int, step: int) -> t
                    "by (seed, step, rank); the run is reproducible, but not bitwise the run it continues")
 
 
-
 def norm_buffers(module: torch.nn.Module) -> dict:
     """CPU copies of the BatchNorm running statistics that timm's `distribute_bn` averages over processes (on
     the CPU, so that they pickle to another rank without touching its GPU)."""
@@ -132,13 +125,11 @@ def norm_buffers(module: torch.nn.Module) -> dict:
             if "running_mean" in name or "running_var" in name}
 
 
-
 def load_norm_buffers(module: torch.nn.Module, buffers: dict) -> None:
     own = dict(module.named_buffers())
     with torch.no_grad():
         for name, value in buffers.items():
             own[name].copy_(value)
-
 
 
 def snapshot(t: Trainer, epoch: int, step_in_epoch: int, progress: Progress, classes: list[str],
@@ -172,7 +163,6 @@ def snapshot(t: Trainer, epoch: int, step_in_epoch: int, progress: Progress, cla
         "elapsed_s": progress.elapsed(), "recipe": to_dict(t.recipe), "versions": versions(), "class_names": classes,
         "lineage": lineage or new_lineage(),
     }
-
 
 
 def restore(t: Trainer, state: dict, scheduler: bool = True) -> None:

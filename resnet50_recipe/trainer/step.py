@@ -30,7 +30,6 @@ __all__ = ["Trainer", "make_to_input", "device_batches", "prepare_model", "build
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Trainer:
     """What one optimizer step needs, built once from the recipe. `global_step` counts optimizer updates."""
@@ -54,7 +53,6 @@ class Trainer:
     bad_images: list[str] = field(default_factory=list)
 
 
-
 def make_to_input(recipe: Recipe, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 NCHW on the host -> normalised float on the device (channels_last when asked for), as timm's
     PrefetchLoader does: a quarter of the bytes of a float batch cross the bus."""
@@ -66,7 +64,6 @@ def make_to_input(recipe: Recipe, device: torch.device) -> Callable[[torch.Tenso
         images = images.to(device, non_blocking=True)
         return images.float().sub_(mean).div_(std).contiguous(memory_format=memory_format)
     return to_input
-
 
 
 def device_batches(batches: Iterable, to_input, device: torch.device) -> Iterator:
@@ -96,11 +93,9 @@ def device_batches(batches: Iterable, to_input, device: torch.device) -> Iterato
         yield ready
 
 
-
 def prepare_model(recipe: Recipe, rt: Runtime, num_classes: int) -> torch.nn.Module:
     model = build_model(recipe.model, num_classes).to(rt.device)
     return model.to(memory_format=torch.channels_last) if recipe.train.channels_last else model
-
 
 
 def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epoch: int) -> Trainer:
@@ -131,7 +126,6 @@ def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epo
         criterion=build_loss(recipe.loss, mixup is not None).to(rt.device), mixup=mixup, eraser=eraser, ema=ema,
         to_input=make_to_input(recipe, rt.device), epoch_loss=torch.zeros((), device=rt.device),
         window_loss=torch.zeros((), device=rt.device))
-
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,7 +214,6 @@ def train_steps(t: Trainer, batches: Iterable, epoch: int, num_batches: int, log
             "stopped": stop is not None and stop.is_set() and done < num_batches}
 
 
-
 def optimizer_step(t: Trainer) -> None:
     """One update from the accumulated gradients: clip, step, the EMA every `ema.every` updates, the lr."""
     if t.recipe.optim.clip_grad is not None:
@@ -235,7 +228,6 @@ def optimizer_step(t: Trainer) -> None:
     t.window_steps += 1
 
 
-
 def should_stop(t: Trainer, stop: threading.Event) -> bool:
     """One process alone decides in a single-process run. Under DDP a stop seen by any rank (a signal, the
     spot notice) is agreed every `train.stop_sync_every` steps, so that every rank stops after the same step
@@ -243,7 +235,6 @@ def should_stop(t: Trainer, stop: threading.Event) -> bool:
     if t.rt.distributed and t.global_step % t.recipe.train.stop_sync_every:
         return False
     return agreed_stop(t.rt, stop)
-
 
 
 def agreed_stop(rt: Runtime, stop: threading.Event) -> bool:
@@ -255,7 +246,6 @@ def agreed_stop(rt: Runtime, stop: threading.Event) -> bool:
         stop.set()
         return True
     return False
-
 
 
 # ---------------------------------------------------------------------------------------------------------

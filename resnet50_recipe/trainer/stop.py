@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 IMDS_ENDPOINT = "http://169.254.169.254"
 
 
-
 class StopControl:
     """The stop event plus why it was set, and a separate request for an extra checkpoint."""
 
@@ -51,7 +50,6 @@ class StopControl:
     def stop_deadline(self, default_s: float) -> float:
         """Epoch seconds by which a stop must be complete: the notice's deadline, or `default_s` from now."""
         return self.deadline if self.deadline is not None else time.time() + default_s
-
 
 
 def install_signal_handlers(control: StopControl) -> dict:
@@ -76,11 +74,9 @@ def install_signal_handlers(control: StopControl) -> dict:
     return previous
 
 
-
 def restore_signal_handlers(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
-
 
 
 class SpotWatcher(threading.Thread):
@@ -149,7 +145,6 @@ class SpotWatcher(threading.Thread):
         self._halt.set()
 
 
-
 def on_ec2(endpoint: str = IMDS_ENDPOINT) -> bool:
     """True when an IMDSv2 endpoint answers a token request within a second: we are on EC2.
 
@@ -165,7 +160,6 @@ def on_ec2(endpoint: str = IMDS_ENDPOINT) -> bool:
         return False
 
 
-
 def _firmware_says_not_ec2() -> bool:
     hints = []
     for path in ("/sys/class/dmi/id/sys_vendor", "/sys/class/dmi/id/board_asset_tag", "/sys/hypervisor/uuid"):
@@ -176,7 +170,6 @@ def _firmware_says_not_ec2() -> bool:
             pass
     # Nitro instances report "Amazon EC2" as the vendor and the instance id as asset tag; Xen ones a uuid "ec2...".
     return bool(hints) and not any("amazon" in h or h.startswith(("ec2", "i-")) for h in hints)
-
 
 
 def start_spot_watcher(control: StopControl, mode: str, endpoint: str | None, interval_s: float) -> SpotWatcher | None:
@@ -191,7 +184,6 @@ def start_spot_watcher(control: StopControl, mode: str, endpoint: str | None, in
     watcher.start()
     log.info("watching %s for EC2 spot interruption notices every %.1f s", endpoint, interval_s)
     return watcher
-
 
 
 def _parse_time(text: str | None) -> float | None:

@@ -26,14 +26,12 @@ _NOT_SCALARS = {"kind", "epoch", "step", "global_step", "time"}
 WANDB_ID_FILE = "wandb.json"
 
 
-
 def scalars(record: dict) -> dict[str, float]:
     values = {f"{record['kind']}/{k}": float(v) for k, v in record.items()
               if k not in _NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool)}
     if record["kind"] == "step" and torch.cuda.is_available() and torch.cuda.is_initialized():
         values["step/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30  # peak since the epoch began
     return values
-
 
 
 class TensorBoard:
@@ -59,7 +57,6 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
-
 
 
 class WandB:
@@ -92,7 +89,6 @@ class WandB:
 
     def close(self) -> None:
         self.run.finish()
-
 
 
 def open_trackers(out: Path, recipe: Recipe, resumed_at: int | None) -> list:
