@@ -4,8 +4,67 @@ from helpers import free_port
 
 from resnet50_recipe.data.synthetic import generate
 
+# The fast tier, `make test-fast` (pytest -m "not slow and not gpu"), runs in about 2 minutes on 2 CPU cores and
+# still imports and exercises every module of the package; `make test` runs everything. The tests below are marked
+# slow and left out of it, as "file" (every test in it), "file::test" (every parametrization) or "file::test[id]",
+# and so is every test that takes the smoke_run fixture: the trained smoke run alone is ~90 s (test_inspect_tiny.py
+# checks predict, explain, watch and report on a 2-step run instead). What the tier keeps of each kind: one exact
+# resume across processes (test_storage.py's fresh machine resuming from S3 after a SIGTERM, ~20 s), the in-process
+# bitwise resumes of test_train.py, every S3 test against moto that takes under 3 s, the CLI in-process and, in
+# subprocesses, test_errors.py's one-line errors and test_resume.py's signal handling. Seconds measured alone,
+# 2026-12-05.
+SLOW = {
+    "test_ddp.py",  # every run through torchrun with 2 processes (and a 1-process twin): ~80 s in all
+    # whole trainings in subprocesses, stopped or killed, then resumed: 5-26 s each
+    "test_resume.py::test_sigterm_mid_epoch_then_resume_is_bitwise_identical",
+    "test_resume.py::test_sigkill_during_a_save_resumes_from_the_previous_good_checkpoint",
+    "test_resume.py::test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one",
+    "test_resume.py::test_spot_notice_checkpoints_and_exits_75_within_seconds",
+    "test_resume.py::test_resume_refuses_a_changed_recipe_with_a_diff",
+    "test_lifecycle.py::test_sigterm_during_a_slow_evaluation_exits_at_once_and_the_resumed_run_is_identical",
+    "test_lifecycle.py::test_ddp_stop_every_rank_waits_for_rank_0s_checkpoint",
+    # a fresh `python -m resnet50_recipe` (3-4 s of imports) per case, many cases; test_errors.py keeps the
+    # one-line errors of the CLI in the tier, test_resume.py its signal handling
+    "test_lifecycle.py::test_bad_recipe_files_are_one_clear_line",
+    "test_lifecycle.py::test_bad_arguments_are_one_clear_line",
+    "test_lifecycle.py::test_settings_that_would_fail_after_training_fail_before_it",
+    "test_lifecycle.py::test_sigterm_during_set_up_exits_75_and_changes_nothing",
+    "test_lifecycle.py::test_a_second_trainer_on_the_same_directory_fails_at_once",
+    "test_lifecycle.py::test_a_killed_holders_forked_children_do_not_keep_its_lock",
+    "test_lifecycle.py::test_only_a_second_sigint_exits_at_once_whatever_asked_for_the_stop_first",
+    "test_lifecycle.py::test_an_unreadable_jpeg_is_one_line_through_a_loader_worker_and_keeps_the_work_done[zero-byte]",
+    "test_storage.py::test_missing_credentials_fail_with_a_clear_message",
+    "test_storage.py::test_missing_permission_fails_fast_with_a_clear_message",
+    "test_sources.py::test_sigterm_mid_unpack_then_rerun_finishes_with_the_right_counts",
+    "test_sources.py::test_hub_download_resumes_a_dropped_file_then_unpacks",
+    "test_sources.py::test_hub_token_from_hf_token_opens_a_gated_repo",
+    "test_sources.py::test_hub_webdataset_repo",
+    "test_sources.py::test_hub_refusals_are_one_line",
+    "test_recipe.py::test_console_script_runs",
+    "test_recipe.py::test_wheel_ships_recipes_and_resolves_them_without_the_repository",
+    "test_aws.py::test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel",
+    "test_aws.py::test_the_cli_runs_against_a_moto_server_through_aws_endpoint_url",
+    # seconds of waiting or compiling: S3 outages and their back-off (4-30 s), torch.compile (4 s warm, a minute
+    # cold), resnet10t with 2 loader workers (5 s), the larger recipes' models (2-4 s each; imagenet-fast-32 stays)
+    "test_storage.py::test_a_5xx_storm_at_start_up_is_retried_then_exits_75_and_no_such_bucket_exits_2",
+    "test_storage.py::test_server_down_mid_upload_training_goes_on_and_the_pointer_stays_valid",
+    "test_lifecycle.py::test_with_s3_down_a_stop_ends_by_its_deadline",
+    "test_speed.py::test_compiled_model_trains_and_recompiles_when_the_resolution_changes",
+    "test_train.py::test_deterministic_runs_give_identical_weights_from_library_and_cli",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-100ep]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-81]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-16]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-88]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[kaggle-sample]",
+}
+
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file = item.path.name
+        keys = {file, f"{file}::{getattr(item, 'originalname', item.name)}", f"{file}::{item.name}"}
+        if keys & SLOW or "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -38,10 +38,9 @@ def test_helpers_hold_no_tests_or_fixtures_and_conftest_no_plain_helpers():
             assert not node.name.startswith(("test_", "Test")), f"helpers.py:{node.lineno}: {node.name} is a test"
             assert not node.decorator_list, f"helpers.py:{node.lineno}: {node.name} is decorated; fixtures " \
                                             "belong in conftest.py"
-    hooks = {"pytest_collection_modifyitems", "pytest_configure"}
     conftest = ast.parse((TESTS / "conftest.py").read_text())
     for node in conftest.body:
-        if isinstance(node, ast.FunctionDef) and node.name not in hooks:
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("pytest_"):  # hooks
             decorators = [ast.unparse(d) for d in node.decorator_list]
             assert any(d.startswith("pytest.fixture") for d in decorators), \
                 f"conftest.py:{node.lineno}: {node.name} is a plain function; move it to helpers.py"
@@ -53,3 +52,21 @@ def test_the_layout_check_catches_a_cross_import():
         modules = [m for m, _ in imported_modules(ast.parse(source))]
         assert any(m in TEST_MODULES or m == "conftest" for m in modules), source
     assert [m for m, _ in imported_modules(ast.parse("from helpers import free_port"))] == ["helpers"]
+
+
+def test_every_slow_entry_names_a_test_that_exists():
+    """conftest.py's SLOW list, read as text: a renamed test would drop out of it and into the fast tier."""
+    conftest = ast.parse((TESTS / "conftest.py").read_text())
+    (slow,) = [ast.literal_eval(n.value) for n in conftest.body
+               if isinstance(n, ast.Assign) and [ast.unparse(t) for t in n.targets] == ["SLOW"]]
+    for entry in sorted(slow):
+        file, _, test = entry.partition("::")
+        assert (TESTS / file).is_file(), entry
+        if not test:
+            continue
+        name, _, case = test.partition("[")
+        functions = {n.name: n for n in ast.parse((TESTS / file).read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert name.startswith("test_") and name in functions, f"{entry}: no such test"
+        if case:
+            decorators = [ast.unparse(d) for d in functions[name].decorator_list]
+            assert any(d.startswith("pytest.mark.parametrize") for d in decorators), f"{entry}: not parametrized"
