@@ -590,7 +590,7 @@ def run_end_of_run(tmp_path, s3_endpoint, status: int, **settings) -> subprocess
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "AWS_ENDPOINT_URL": s3_endpoint,
-               "RESNET50_RECIPE_IMDS": f"http://127.0.0.1:{server.server_port}"}
+               "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{server.server_port}"}
         return subprocess.run(["bash", str(script), "--end", str(status)], env=env, capture_output=True, text=True,
                               timeout=120)
     finally:

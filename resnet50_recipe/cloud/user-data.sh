@@ -27,12 +27,16 @@ KEEP_INSTANCE=
 
 set -euo pipefail
 
-HOME_DIR=/opt/resnet50-recipe
+# The fixed paths below sit under RESNET50_RECIPE_ROOT, which only the tests set (tests/journey.py runs this
+# script in a temporary root); on an instance it is empty and the paths are the ones shown.
+ROOT=${RESNET50_RECIPE_ROOT:-}
+HOME_DIR=$ROOT/opt/resnet50-recipe
 VENV=$HOME_DIR/venv
-DATA_DIR=/data/dataset
-RUN_DIR=/data/runs/$RUN
-# The instance metadata service (a stand-in's address in the tests).
-IMDS=${RESNET50_RECIPE_IMDS:-http://169.254.169.254}
+DATA_DIR=$ROOT/data/dataset
+RUN_DIR=$ROOT/data/runs/$RUN
+UNIT_DIR=$ROOT/etc/systemd/system
+# The instance metadata service (a stand-in's address in the tests; the variable is botocore's and the trainer's).
+IMDS=${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}
 export AWS_DEFAULT_REGION=$REGION
 
 say() { echo "resnet50-recipe: $*"; }
@@ -83,13 +87,14 @@ if [ "${1:-}" != "--setup" ]; then
     if [ -n "$DATA" ] || [ -n "$VOLUME" ]; then
         data_arg="--data $DATA_DIR"
     fi
-        hub_env=""
+    hub_env=""
     if [ -n "$HUB_TOKEN_PARAMETER" ]; then
         # HF_TOKEN for the push at the end, from a file only root reads: never in the unit, the log or S3.
         hub_env="EnvironmentFile=-$HOME_DIR/hub.env"
     fi
     # The shape of README's unit (Preemption section): 75 restarts, other exits do not loop forever.
-    cat > /etc/systemd/system/resnet50-recipe-train.service <<EOF
+    mkdir -p "$UNIT_DIR"
+    cat > "$UNIT_DIR/resnet50-recipe-train.service" <<EOF
 [Unit]
 Description=resnet50-recipe training run $RUN ($EPOCHS_NOTE)
 Wants=network-online.target
