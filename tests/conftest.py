@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import free_port
+from helpers import free_port, start_hub
 
 from resnet50_recipe.data.synthetic import generate
 
@@ -126,3 +126,22 @@ def bucket(s3_endpoint, request):
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-") + "-b"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A HubStandIn (helpers.py) storing under tmp_path/hub, reached by huggingface_hub in this process (its
+    constants.ENDPOINT, read at import) and in subprocesses (HF_ENDPOINT). Yields .endpoint, .root (repo me/x is
+    .root/me/x), .requests and .handler: set hub.handler.refuse = 401 to refuse every request. Set HF_TOKEN to an
+    hf_... token yourself."""
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants
+
+    server, endpoint = start_hub(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    handler = server.RequestHandlerClass
+    yield SimpleNamespace(endpoint=endpoint, root=tmp_path / "hub", requests=handler.requests, handler=handler)
+    server.shutdown()
+    server.server_close()

@@ -1,13 +1,19 @@
 """Plain helpers shared by more than one test file: import them from here (`from helpers import ...`), never from
 another test file or from conftest.py, which holds the fixtures only. tests/test_helpers_layout.py checks this."""
+import base64
 import io
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import tarfile
-from http.server import BaseHTTPRequestHandler
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
 import torch
@@ -176,6 +182,156 @@ class MetadataStandIn(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The Hugging Face Hub's write API (test_hub, and end-to-end runs that push through HF_ENDPOINT)
+
+
+class HubStandIn(BaseHTTPRequestHandler):
+    """The Hub's write API, answered as the Hub does, for what huggingface_hub 2.x sends in create_repo(exist_ok=True),
+    create_branch and upload_folder (with or without create_pr), repo_info too. A model repo's main branch is the
+    folder root/OWNER/NAME, any other revision root/OWNER/NAME@REVISION (URL-quoted: me/x@refs%2Fpr%2F1). Every
+    preupload is answered "regular", so each file comes inline, base64, in the commit: no LFS, no Xet. Any
+    "Bearer hf_..." token is accepted; `refuse` (a status) answers every request with it; `requests` records
+    (method, path, Authorization, JSON body or None). start_hub gives each server a subclass, so these are its own."""
+
+    protocol_version = "HTTP/1.1"
+    root: Path
+    refuse: int | None = None
+    requests: list = []
+    lock = threading.Lock()
+    ROUTE = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+?)"
+                       r"(?:/(?P<action>revision|branch|preupload|commit|discussions)(?:/(?P<arg>[^/]+))?)?")
+
+    def do_GET(self):
+        self.answer()
+
+    def do_POST(self):
+        self.answer()
+
+    def answer(self):
+        url, body = urlsplit(self.path), self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        path = url.path
+        payload = json.loads(body) if self.headers.get("Content-Type", "").startswith("application/json") else None
+        auth, route = self.headers.get("Authorization"), self.ROUTE.fullmatch(path)
+        if path == "/api/agent-harnesses":  # huggingface_hub's best-effort user-agent registry: none here
+            return self.error(404, "Not Found")
+        type(self).requests.append((self.command, path, auth, payload))
+        if self.refuse or not (auth or "").startswith("Bearer hf_"):
+            return self.error(self.refuse or 401, "Invalid credentials in Authorization header")
+        with self.lock:
+            if (self.command, path) == ("POST", "/api/repos/create"):
+                return self.create_repo(payload)
+            if (self.command, path) == ("POST", "/api/validate-yaml"):
+                return self.send(200, {"errors": [], "warnings": []})
+            if not route:
+                return self.error(404, "Not Found")
+            repo, action, arg = route["repo"], route["action"], unquote(route["arg"] or "main")
+            if not self.folder(repo).is_dir():
+                return self.error(404, "Repository not found", "RepoNotFound")
+            if action == "branch":
+                return self.create_branch(repo, arg)
+            if action == "discussions":
+                return self.pull_request(repo, None if self.command == "POST" else int(arg))
+            if not self.folder(repo, arg).is_dir():
+                return self.error(404, f"Invalid rev id: {arg}", "RevisionNotFound")
+            if action == "preupload":
+                return self.send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                 for f in payload["files"]]})
+            if action == "commit" and "create_pr=1" in url.query:  # without hf_xet: the commit opens the PR
+                number = self.open_pull_request(repo)
+                return self.commit(self.folder(repo, f"refs/pr/{number}"), repo, body,
+                                   {"pullRequestUrl": f"http://{self.headers['Host']}/{repo}/discussions/{number}"})
+            if action == "commit":
+                return self.commit(self.folder(repo, arg), repo, body)
+            files = sorted(p.relative_to(self.folder(repo, arg)).as_posix()
+                           for p in self.folder(repo, arg).rglob("*") if p.is_file())
+            self.send(200, {"id": repo, "modelId": repo, "sha": "0" * 40, "private": False,
+                            "siblings": [{"rfilename": f} for f in files]})
+
+    def folder(self, repo: str, revision: str = "main") -> Path:
+        return self.root / (repo if revision == "main" else f"{repo}@{quote(revision, safe='')}")
+
+    def create_repo(self, payload: dict):
+        if payload.get("type", "model") != "model" or not payload.get("organization"):
+            return self.error(400, "the stand-in makes model repos named OWNER/NAME only")
+        repo = f"{payload['organization']}/{payload['name']}"
+        url = f"http://{self.headers['Host']}/{repo}"
+        if self.folder(repo).is_dir():
+            return self.error(409, "You already created this model repo", extra={"url": url})
+        self.folder(repo).mkdir(parents=True)
+        self.send(200, {"url": url, "name": repo, "id": uuid.uuid4().hex[:24]})
+
+    def create_branch(self, repo: str, branch: str):
+        if self.folder(repo, branch).exists():
+            return self.error(409, "Reference already exists")
+        shutil.copytree(self.folder(repo), self.folder(repo, branch))
+        self.send(200, {})
+
+    def open_pull_request(self, repo: str) -> int:
+        """Pull request N is the revision refs/pr/N, a copy of main."""
+        number = 1 + len(list(self.root.glob(f"{repo}@refs%2Fpr%2F*")))
+        shutil.copytree(self.folder(repo), self.folder(repo, f"refs/pr/{number}"))
+        return number
+
+    def pull_request(self, repo: str, number: int | None):
+        """POST .../discussions opens a pull request (hf_xet's upload path); GET .../discussions/N describes it."""
+        if number is None:
+            return self.send(200, {"num": self.open_pull_request(repo), "pullRequest": True})
+        self.send(200, {"num": number, "title": "", "status": "draft", "isPullRequest": True,
+                        "createdAt": "2026-01-01T00:00:00.000Z", "repo": {"name": repo, "type": "model"},
+                        "changes": {"base": "refs/heads/main"}, "filesWithConflicts": [], "events": []})
+
+    def commit(self, folder: Path, repo: str, body: bytes, extra: dict | None = None):
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        if not lines or lines[0]["key"] != "header":
+            return self.error(400, "the commit's first line must be its header")
+        if any(line["key"] not in ("file", "deletedFile", "deletedFolder") for line in lines[1:]):
+            return self.error(400, "the stand-in takes inline files and deletions only (it never asks for LFS)")
+        folder = folder.resolve()
+        for line in lines[1:]:
+            target = (folder / line["value"]["path"]).resolve()
+            if not target.is_relative_to(folder) or target == folder:
+                return self.error(400, f"bad path {line['value']['path']!r}")
+            if line["key"] == "file":
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(base64.b64decode(line["value"]["content"]))
+            elif target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        oid = uuid.uuid4().hex + "0" * 8
+        self.send(200, {"success": True, "commitOid": oid, "commitMessage": lines[0]["value"]["summary"],
+                        "commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{oid}", "hookOutput": "",
+                        **(extra or {})})
+
+    def error(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
+        headers = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {})}
+        self.send(status, {"error": message, **(extra or {})}, headers)
+
+    def send(self, status: int, payload: dict, headers: dict | None = None):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                           **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def start_hub(root, refuse: int | None = None) -> tuple[ThreadingHTTPServer, str]:
+    """A HubStandIn on 127.0.0.1, serving from a thread, with its own `requests` and `refuse`: (server, endpoint),
+    the endpoint for HF_ENDPOINT (a subprocess) or huggingface_hub.constants.ENDPOINT (in process). The handler
+    class is server.RequestHandlerClass; stop it with server.shutdown() and server.server_close()."""
+    handler = type("HubStandIn", (HubStandIn,), {"root": Path(root), "refuse": refuse, "requests": []})
+    Path(root).mkdir(parents=True, exist_ok=True)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Export in timm's Hub format, loaded back through timm; push checked at the huggingface_hub API boundary."""
+"""Export in timm's Hub format, loaded back through timm; push checked at the huggingface_hub API boundary, then
+over HTTP against a local stand-in for the Hub (helpers.HubStandIn), by hand and at the end of training."""
 import json
 
 import pytest
@@ -6,11 +7,14 @@ import timm
 import torch
 from helpers import tiny_overlay
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
+from safetensors.torch import load_file
 
 from resnet50_recipe import export, load_recipe, push, train
 from resnet50_recipe.cli import main
 from resnet50_recipe.data.pipeline import eval_transform
+from resnet50_recipe.errors import EXIT_FINISHED, EXIT_PUBLISH_FAILED
 from resnet50_recipe.model import build_model
 from resnet50_recipe.publish.export import choose_weights, label_names, verify_export
 from resnet50_recipe.store.checkpoints import load_state, read_manifest
@@ -173,3 +177,53 @@ def test_library_export_with_a_names_file(run, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     assert config["label_names"] == ["round", "boxy", "pointy"]
     assert ModelCard.load(folder / "README.md").data.datasets == ["my-org/shapes"]
+
+
+TOKEN = "hf_stand_in_token_0123456789"
+
+
+def test_push_over_http_stores_what_timm_loads_back_bitwise(run, hub, monkeypatch, capsys):
+    out, _, _ = run
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert main(["push", str(out / "export"), "--repo-id", "me/smoke-test", "--private"]) == 0
+    folder = hub.root / "me" / "smoke-test"
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "curves.png", "model.safetensors"]
+    for name in ("config.json", "curves.png", "model.safetensors"):
+        assert (folder / name).read_bytes() == (out / "export" / name).read_bytes(), name
+    assert "hf-hub:me/smoke-test" in (folder / "README.md").read_text()
+    exported = load_file(out / "export" / "model.safetensors")
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True).state_dict()
+    assert loaded.keys() == exported.keys()
+    for key, tensor in exported.items():
+        assert torch.equal(loaded[key], tensor), key
+    calls = [(method, path) for method, path, _, _ in hub.requests]
+    assert calls[0] == ("POST", "/api/repos/create") and calls[-1] == ("POST", "/api/models/me/smoke-test/commit/main")
+    assert hub.requests[0][3] == {"name": "smoke-test", "organization": "me", "visibility": "private", "type": "model"}
+    assert {auth for _, _, auth, _ in hub.requests} == {f"Bearer {TOKEN}"}
+    assert main(["push", str(out / "export"), "--repo-id", "me/smoke-test"]) == 0  # exist_ok: a second push works
+    assert TOKEN not in "".join(capsys.readouterr())
+
+
+def test_a_hub_that_refuses_the_token_fails_the_push_and_stores_nothing(run, hub, monkeypatch):
+    out, _, _ = run
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.handler.refuse = 401
+    with pytest.raises(HfHubHTTPError, match="401"):
+        push(out / "export", "me/smoke-test")
+    # create_repo(exist_ok=True) answered 401 asks whether the repo exists before it gives up
+    assert [(method, path) for method, path, _, _ in hub.requests] == [("POST", "/api/repos/create"),
+                                                                       ("GET", "/api/models/me/smoke-test")]
+    assert not any(hub.root.iterdir())
+
+
+def test_training_pushes_at_the_end_and_a_refused_push_exits_3(tiny_data, hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{"export.repo_id": "me/trained", "export.private": True}))
+    summary = train(recipe, tmp_path / "pushed", quiet=True)
+    assert summary["pushed"] == "me/trained" and summary["exit_status"] == EXIT_FINISHED
+    for name in ("README.md", "config.json", "model.safetensors"):
+        assert (hub.root / "me/trained" / name).read_bytes() == (tmp_path / "pushed/export" / name).read_bytes()
+    hub.handler.refuse = 401
+    summary = train(recipe, tmp_path / "refused", quiet=True)
+    assert summary["exit_status"] == EXIT_PUBLISH_FAILED and "401" in summary["push_error"]
+    assert json.loads((tmp_path / "refused/summary.json").read_text())["push_error"] == summary["push_error"]
