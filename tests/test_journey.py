@@ -1,0 +1,157 @@
+"""The journey as one piece: `aws launch` on the laptop to weights on the Hub, through the instance's user data,
+its systemd unit, the trainer, S3 and the release, on the spot cloud of tests/journey.py. `make journey` runs
+these alone and prints one line per scenario: its name, what it checked, and how long it took."""
+import base64
+import os
+import shutil
+import time
+
+import boto3
+import pytest
+import torch
+from helpers import start_hub
+from journey import SCALE, SpotCloud, dependencies_dir
+from safetensors.torch import load, load_file
+
+from resnet50_recipe.cloud import instances, ship
+from resnet50_recipe.cloud import launch as launcher
+from resnet50_recipe.errors import UserError
+
+REGION = "us-east-1"
+REPO = "journey-user/resnet-journey"
+RESULTS: list[tuple[str, str, float]] = []
+
+# The smoke recipe shrunk to 2 epochs of 8 steps at 32 px, deterministic on CPU (so that runs compare bitwise),
+# with checkpoints every 2 steps and the trainer's stop deadline scaled as the unit's TimeoutStopSec is.
+TINY = ["data.synthetic.classes=4", "data.synthetic.per_class=16", "data.synthetic.val_per_class=4",
+        "data.synthetic.size=32", "data.workers=0", "train.epochs=2", "train.batch_size=8", "train.device=cpu",
+        "train.deterministic=true", "augment.train_size=32", "augment.eval_size=32", "log.every_steps=1",
+        "log.tensorboard=false", "checkpoint.every_steps=2", "checkpoint.every_epochs=1",
+        f"checkpoint.stop_timeout_s={100 * SCALE:g}", "checkpoint.spot_poll_s=0.2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report(request):
+    yield
+    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
+    if terminal is not None and RESULTS:
+        terminal.write_line("")
+        for name, checked, seconds in RESULTS:
+            terminal.write_line(f"journey {name:<22} {seconds:6.0f} s  {checked}")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    return ship.build_wheel(ship._source(), tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="module")
+def deps(tmp_path_factory):
+    return dependencies_dir(tmp_path_factory.mktemp("deps") / "site")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    server, endpoint = start_hub(root)
+    yield endpoint, root
+    server.shutdown()
+
+
+@pytest.fixture
+def world(s3_endpoint, bucket, tmp_path, monkeypatch, deps, hub):
+    """The laptop's AWS (moto through AWS_ENDPOINT_URL) and a SpotCloud for the run's instances."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("HF_TOKEN", "hf_journeytoken")
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=s3_endpoint)
+    ami = ec2.register_image(Name="dlami-stand-in", RootDeviceName="/dev/sda1", Architecture="x86_64",
+                             BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 8}}])["ImageId"]
+    clouds = []
+
+    def make(gpus=0):
+        cloud = SpotCloud(tmp_path, s3_endpoint, REGION, ec2, deps, gpus, {"HF_ENDPOINT": hub[0]})
+        clouds.append(cloud)
+        return cloud
+
+    yield {"ec2": ec2, "ami": ami, "bucket": bucket, "endpoint": s3_endpoint, "cloud": make, "hub": hub[1],
+           "s3": boto3.client("s3", region_name=REGION, endpoint_url=s3_endpoint),
+           "ssm": boto3.client("ssm", region_name=REGION, endpoint_url=s3_endpoint)}
+    for cloud in clouds:
+        cloud.close()
+
+
+def launch(world, name, *extra, package=None, **kwargs):
+    lines = []
+    kwargs = {"ami": world["ami"], "region": REGION, "out": lines.append, "instance_type": "g4dn.xlarge",
+              "push": REPO, **kwargs}
+    result = launcher.launch("smoke", f"s3://{world['bucket']}/runs", name=name, overrides=[*TINY, *extra],
+                             package=str(package) if package else None, **kwargs)
+    return result, lines
+
+
+def run_until_down(cloud, machine, timeout=420):
+    """Until the machine is halted or its unit stays down; the journal on failure."""
+    done = {}
+
+    def watch():
+        machine.watch()
+        done["ok"] = True
+
+    import threading
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert done.get("ok"), f"the run did not end in {timeout} s:\n{cloud.journal()[-4000:]}"
+
+
+def status_text(name) -> str:
+    lines = []
+    instances.print_status(instances.run_status(name, REGION), out=lines.append)
+    return "\n".join(lines)
+
+
+def exits(machine) -> list[str]:
+    return [s.get("exit_status") for s in machine.systemd.starts]
+
+
+def record(name, checked, started):
+    RESULTS.append((name, checked, time.time() - started))
+
+
+def final_weights(world, name) -> dict:
+    """The exported weights in S3."""
+    got = world["s3"].get_object(Bucket=world["bucket"], Key=f"runs/{name}/export/model.safetensors")["Body"].read()
+    return load(got)
+
+
+HAPPY: dict = {}
+
+
+def test_happy_path_launch_train_export_push_release(world, wheel):
+    started = time.time()
+    cloud = world["cloud"]()
+    result, lines = launch(world, "happy")  # no --package: the checkout is built into a wheel and shipped
+    request = cloud.ec2.open_request(result["instance_id"])
+    machine = cloud.boot(result["instance_id"])
+    run_until_down(cloud, machine)
+    journal = cloud.journal()
+    assert exits(machine) == ["0"], journal[-3000:]
+    ec2 = world["ec2"]
+    assert cloud.ec2.state(result["instance_id"]) in ("shutting-down", "terminated")
+    assert cloud.ec2.open_requests() == [], request
+    params = world["ssm"].describe_parameters()["Parameters"]
+    assert [p["Name"] for p in params if "hf-token" in p["Name"]] == [], "the Hub token outlived the run"
+    assert world["s3"].head_object(Bucket=world["bucket"], Key="runs/happy/summary.json")
+    assert "finished, nothing running, nothing billing except S3" in status_text("happy")
+    pushed = world["hub"] / REPO
+    weights = load_file(pushed / "model.safetensors")
+    exported = final_weights(world, "happy")
+    assert weights.keys() == exported.keys() and all(torch.equal(weights[k], exported[k]) for k in weights)
+    import timm
+
+    model = timm.create_model(f"local-dir:{pushed}", pretrained=True)
+    assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+    HAPPY.update(weights)
+    del ec2
+    record("happy path", "launch, set-up, train, export, push (weights load with timm), release; no instance, "
+           "request or token left", started)
