@@ -104,6 +104,7 @@ class Systemd:
         self.on_action = on_action or (lambda action: None)  # StartLimitAction=, for the machine to carry out
         self.main: subprocess.Popen | None = None
         self.stopping = threading.Event()
+        self.cut = threading.Event()  # the power is gone: no ExecStopPost, no restart
         self.starts: list[dict] = []  # per start: argv of ExecStart, exit, result
         self.result: str | None = None  # the unit's final result, once it stays down
         self.thread: threading.Thread | None = None
@@ -157,8 +158,11 @@ class Systemd:
                 return
             started.append(now)
             code, status, result = self.run_once()
+            if self.cut.is_set():
+                return  # the machine is gone: nothing runs after
             restart = self.should_restart(code, status, result)
-            self.starts[-1].update(exit_code=code, exit_status=status, result=result, restart=restart)
+            self.starts[-1].update(exit_code=code, exit_status=status, result=result, restart=restart,
+                                   ended=time.time())
             self.stop_post(code, status, result)
             if not restart:
                 self.result = result
@@ -233,6 +237,11 @@ class Systemd:
             main.wait(timespan(self.value("Service", "TimeoutStopSec", "90")) * SCALE)
         except subprocess.TimeoutExpired:
             self.log(f"systemd: {UNIT_NAME}: stop timed out; killing")
+        self.kill_all()
+
+    def power_cut(self) -> None:
+        self.cut.set()
+        self.stopping.set()
         self.kill_all()
 
     def kill_all(self) -> None:
@@ -447,7 +456,7 @@ class Machine:
     def shutdown(self, kill_after: float) -> None:
         """An interruption with stop behaviour: the OS stops the unit, and the machine is cut off `kill_after`
         seconds later whatever is still running."""
-        threading.Timer(kill_after, self.systemd.kill_all).start()
+        threading.Timer(kill_after, self.systemd.power_cut).start()
         self.systemd.stop()
         self.systemd.join(kill_after + 30)
         self.halted.set()
@@ -482,6 +491,34 @@ class SpotCloud:
         self.machine = Machine(self, instance_id, disk or self.new_disk())
         self.machine.boot()
         return self.machine
+
+    def interrupt(self, notice_s: float = 120 * SCALE) -> float:
+        """A spot interruption with stop behaviour: the notice in the metadata, the OS's SIGTERM to the unit a
+        quarter of the notice before its end, the power cut at its end; then EC2 starts the same instance again
+        with its disk. Returns the notice's deadline (epoch seconds)."""
+        machine = self.machine
+        deadline = time.time() + notice_s
+        Metadata.notice = {"action": "stop",
+                           "time": datetime.fromtimestamp(deadline, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        # The notice's time has whole seconds: the deadline the trainer reads is the floor.
+        deadline = float(int(deadline))
+        time.sleep(max(0.0, deadline - time.time() - notice_s / 4))
+        machine.shutdown(kill_after=max(0.0, deadline - time.time()))
+        self.ec2.client.stop_instances(InstanceIds=[machine.instance_id])
+        Metadata.notice = None
+        self.ec2.client.start_instances(InstanceIds=[machine.instance_id])
+        self.log(f"{machine.instance_id}: interrupted (stop), started again with its disk")
+        self.boot(machine.instance_id, machine.disk)
+        return deadline
+
+    def lose(self) -> None:
+        """The instance is lost with no notice: power cut; the persistent request starts a new instance, empty disk."""
+        machine = self.machine
+        machine.systemd.power_cut()
+        machine.halted.set()
+        new = self.ec2.replace(machine.instance_id)
+        self.log(f"{machine.instance_id}: lost; the request started {new}")
+        self.boot(new)
 
     def journal(self) -> str:
         return "\n".join((self.root / p).read_text(errors="replace") for p in sorted(

@@ -9,7 +9,7 @@ import time
 import boto3
 import pytest
 import torch
-from helpers import start_hub
+from helpers import last_step, start_hub
 from journey import SCALE, SpotCloud, dependencies_dir
 from safetensors.torch import load, load_file
 
@@ -124,6 +124,26 @@ def final_weights(world, name) -> dict:
     return load(got)
 
 
+def wait_for(condition, what, cloud, timeout=300):
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, f"{what} did not happen in {timeout} s:\n{cloud.journal()[-3000:]}"
+        time.sleep(0.2)
+
+
+def run_dir(machine, name):
+    return machine.disk / "data/runs" / name
+
+
+def assert_same_as_happy(world, name):
+    if not HAPPY:
+        pytest.skip("compares with the happy path's weights: run the whole file (make journey)")
+    weights = final_weights(world, name)
+    assert weights.keys() == HAPPY.keys()
+    different = [k for k in weights if not torch.equal(weights[k], HAPPY[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run's, e.g. {different[:3]}"
+
+
 HAPPY: dict = {}
 
 
@@ -155,3 +175,97 @@ def test_happy_path_launch_train_export_push_release(world, wheel):
     del ec2
     record("happy path", "launch, set-up, train, export, push (weights load with timm), release; no instance, "
            "request or token left", started)
+
+
+def test_a_spot_notice_mid_epoch_exits_75_in_time_and_the_same_instance_resumes_bitwise(world, wheel):
+    started = time.time()
+    cloud = world["cloud"]()
+    result, _ = launch(world, "notice", package=wheel)
+    cloud.ec2.open_request(result["instance_id"])
+    machine = cloud.boot(result["instance_id"])
+    wait_for(lambda: last_step(run_dir(machine, "notice")) >= 3, "step 3", cloud)  # mid-epoch 1 of 8 steps
+    deadline = cloud.interrupt()
+    first = machine.systemd.starts[0]
+    assert first["exit_status"] == "75" and first["ended"] <= deadline, (first, deadline, cloud.journal()[-3000:])
+    again = cloud.machine
+    assert again.instance_id == machine.instance_id and again.disk == machine.disk
+    run_until_down(cloud, again)
+    assert exits(again) == ["0"], cloud.journal()[-3000:]
+    assert_same_as_happy(world, "notice")
+    record("spot notice", f"exit 75 {deadline - first['ended']:.1f} s before the notice's end; same instance and "
+           "disk resume; final weights bitwise equal to the happy path's", started)
+
+
+def test_a_lost_instance_is_replaced_by_an_empty_one_that_resumes_from_s3_bitwise(world, wheel):
+    started = time.time()
+    cloud = world["cloud"]()
+    result, _ = launch(world, "lost", package=wheel)
+    cloud.ec2.open_request(result["instance_id"])
+    machine = cloud.boot(result["instance_id"])
+
+    def in_s3():
+        listed = world["s3"].list_objects_v2(Bucket=world["bucket"], Prefix="runs/lost/checkpoints/")
+        return last_step(run_dir(machine, "lost")) >= 5 and any(
+            o["Key"].endswith(".safetensors") for o in listed.get("Contents", []))
+    wait_for(in_s3, "a checkpoint in S3", cloud)
+    cloud.lose()
+    fresh = cloud.machine
+    assert fresh.instance_id != machine.instance_id and fresh.disk != machine.disk
+    run_until_down(cloud, fresh)
+    assert exits(fresh) == ["0"], cloud.journal()[-3000:]
+    assert "resum" in cloud.journal().lower()
+    assert_same_as_happy(world, "lost")
+    record("lost instance", "a new instance with an empty disk resumes from S3 alone; final weights bitwise equal "
+           "to the happy path's", started)
+
+
+def test_a_crash_loop_ends_with_nothing_billing_but_s3_or_the_disk(world, wheel, tmp_path):
+    started = time.time()
+    broken = tmp_path / "broken"
+    (broken / "timm").mkdir(parents=True)
+    (broken / "timm" / "__init__.py").write_text("raise RuntimeError('a crash at every start')\n")
+    cloud = world["cloud"]()
+    cloud.instance_env["PYTHONPATH"] = str(broken)  # every start of the trainer crashes: exit 1
+    result, _ = launch(world, "crash", package=wheel)
+    cloud.ec2.open_request(result["instance_id"])
+    machine = cloud.boot(result["instance_id"])
+    run_until_down(cloud, machine)
+    assert set(exits(machine)) == {"1"}, cloud.journal()[-3000:]
+    state = cloud.ec2.state(result["instance_id"])
+    assert state in ("stopping", "stopped", "shutting-down", "terminated"), \
+        f"{len(exits(machine))} crashes, then the instance is still {state} (billing)"
+    assert cloud.ec2.open_requests() == [], "a persistent request would start the instance again"
+    text = status_text("crash")
+    assert ("powered off" in text) if state in ("stopping", "stopped") else ("nothing billing" in text), text
+    assert [p for p in world["ssm"].describe_parameters()["Parameters"] if "crash" in p["Name"]] == []
+    record("crash loop", f"{len(exits(machine))} starts exit 1, then the instance is {state} with its request "
+           "cancelled; aws status says so", started)
+
+
+def test_a_multi_gpu_type_runs_one_process_per_gpu(world, wheel):
+    started = time.time()
+    cloud = world["cloud"](gpus=4)
+    result, _ = launch(world, "multi", package=wheel, instance_type="g4dn.12xlarge")
+    cloud.ec2.open_request(result["instance_id"])
+    machine = cloud.boot(result["instance_id"])
+    wait_for(lambda: machine.systemd.starts and machine.systemd.starts[0]["argv"], "the trainer's start", cloud)
+    argv = machine.systemd.starts[0]["argv"]
+    machine.systemd.power_cut()
+    assert "--nproc-per-node" in " ".join(argv) and "4" in " ".join(argv).split("--nproc-per-node")[1][:3], argv
+    record("multi-GPU type", f"4 GPUs reported: the unit runs {' '.join(argv[1:3])} ... "
+           f"{' '.join(a for a in argv if 'nproc' in a)}", started)
+
+
+@pytest.mark.parametrize("extra", [["export.repo_id=someone/model", "export.enabled=true"], ["log.wandb=true"]])
+def test_a_recipe_that_could_only_fail_on_the_instance_is_refused_on_the_laptop(world, wheel, extra):
+    started = time.time()
+    with pytest.raises(UserError) as refused:
+        launch(world, "refused", *extra, package=wheel, push=None)
+    assert extra[0].split("=")[0] in str(refused.value)
+    assert world["ec2"].describe_instances()["Reservations"] == [] or all(
+        i["State"]["Name"] == "terminated" for r in world["ec2"].describe_instances()["Reservations"]
+        for i in r["Instances"] if any(t["Value"] == "refused" for t in i.get("Tags", [])))
+    listed = world["s3"].list_objects_v2(Bucket=world["bucket"], Prefix="runs/refused/")
+    assert listed.get("KeyCount", 0) == 0, "the refusal came after the launch had written to S3"
+    record(f"refused: {extra[0].split('=')[0]}", f"aws launch refuses it before any AWS call: {refused.value}"[:110],
+           started)
