@@ -4,12 +4,16 @@
 # First boot (cloud-init runs this once): copy this script to /opt/resnet50-recipe/setup.sh, write a systemd
 # unit for the training run, enable and start it. Before every start of the unit (every boot: a persistent spot
 # request restarts a stopped instance) `setup.sh --setup` runs; its steps leave markers, so a setup interrupted
-# by a preemption continues where it was, and a finished one costs seconds. The unit runs
-# `resnet50-recipe train ... --resume auto --remote s3://...` and restarts on exit 75 (stopped with a
-# checkpoint) and 74 (not yet all in S3). On 0 (finished), 3 (finished, export or push failed), 4 (stopped by
-# train.budget_usd) or 2 (bad input) `setup.sh --end STATUS` runs: it checks that the run's files are in S3 (for
-# 2: puts the log there first), then cancels the instance's own persistent spot request and terminates it, so
-# that nothing is left billing but S3. With KEEP_INSTANCE=yes (`aws launch --keep-instance`) it powers off instead.
+# by a preemption continues where it was, and a finished one costs seconds. It also counts the GPUs: the unit
+# runs `resnet50-recipe train ... --resume auto --remote s3://...`, with `--nproc-per-node N` on N > 1 GPUs.
+# After every stop of the unit `setup.sh --end STATUS RESULT` runs. 75 (stopped with a checkpoint) and 74 (not yet
+# all in S3) are restarted and end nothing. 0 (finished), 3 (finished, export or push failed), 4 (stopped by
+# train.budget_usd), 2 (bad input) and the last of MAX_CRASHES crashes in a row (exit 1, a signal, a failed
+# setup, with no new checkpoint between them) end the run: the log goes to S3 (2 and crashes), the Hub token's
+# SSM parameter is deleted, and if the run's files are in S3 (the summary for 0, 3, 4; the newest checkpoint for
+# 2 and crashes) the instance cancels its own persistent spot request and terminates, so that nothing is left
+# billing but S3; if not, it cancels the request and powers off, keeping the disk (`aws stop` deletes it). With
+# KEEP_INSTANCE=yes (`aws launch --keep-instance`) it powers off. logs/end.json in S3 says which (`aws status`).
 #
 # `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is.
 
@@ -173,7 +177,7 @@ if [ "${1:-}" != "--setup" ]; then
         # HF_TOKEN for the push at the end, from a file only root reads: never in the unit, the log or S3.
         hub_env="EnvironmentFile=-$HOME_DIR/hub.env"
     fi
-    # The shape of README's unit (Preemption section): 75 restarts, other exits do not loop forever.
+    # The shape of docs/preemption.md's unit: 74 and 75 restart, a crash loop ends (--end), other exits end.
     mkdir -p "$UNIT_DIR"
     cat > "$UNIT_DIR/resnet50-recipe-train.service" <<EOF
 [Unit]
