@@ -573,26 +573,43 @@ class ReleasingInstance(MetadataStandIn):
         return super().do_GET()
 
 
-def run_end_of_run(tmp_path, s3_endpoint, status: int, **settings) -> subprocess.CompletedProcess:
-    """The rendered user data's end-of-run path (`setup.sh --end STATUS`, what the unit's ExecStopPost runs) under
-    bash, with the real AWS CLI against the moto server; systemctl is a stand-in that records its arguments."""
+def run_end_of_run(tmp_path, s3_endpoint, status, result: str | None = None, **settings) -> subprocess.CompletedProcess:
+    """The rendered user data's end-of-run path (`setup.sh --end STATUS [RESULT]`, what the unit's ExecStopPost
+    runs with $EXIT_STATUS and $SERVICE_RESULT) under bash, with the real AWS CLI against the moto server."""
+    return run_user_data(tmp_path, s3_endpoint, ["--end", str(status), *([result] if result is not None else [])],
+                         **settings)
+
+
+def run_user_data(tmp_path, s3_endpoint, args: list[str], gpus: int = 0,
+                  **settings) -> subprocess.CompletedProcess:
+    """The rendered user data under bash, its fixed paths under tmp_path/root (RESNET50_RECIPE_ROOT), with the real
+    AWS CLI against the moto server. systemctl is a stand-in that records its arguments in tmp_path/systemctl.calls
+    (and answers is-system-running with $SYSTEM_STATE, default running); nvidia-smi is a stand-in that lists `gpus`
+    GPUs, or with none fails as it does without a driver."""
     if shutil.which("aws") is None:
         if os.environ.get("CI") == "true":
             pytest.fail("the AWS CLI is missing; .ci/run installs it from Debian")
         pytest.skip("the AWS CLI is not installed (apt-get install awscli, or pip install awscli)")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.calls\n")
-    (bin_dir / "systemctl").chmod(0o755)
+    stand_ins = {"systemctl": "#!/bin/sh\nif [ \"$1\" = is-system-running ]; then echo \"${SYSTEM_STATE:-running}\"; "
+                              f"exit 0; fi\necho \"$@\" >> {tmp_path}/systemctl.calls\n"}
+    stand_ins["nvidia-smi"] = "#!/bin/sh\n" + ("".join(
+        f"echo 'GPU {i}: Tesla T4 (UUID: GPU-{i:08d}-0000-0000-0000-000000000000)'\n" for i in range(gpus))
+        if gpus else "echo 'NVIDIA-SMI has failed because it could not communicate with the NVIDIA driver.'\nexit 9\n")
+    for name, text in stand_ins.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "root" / "opt" / "resnet50-recipe").mkdir(parents=True, exist_ok=True)  # where setup.sh lives
     script = tmp_path / "setup.sh"
     script.write_text(render(**settings))
     server = ThreadingHTTPServer(("127.0.0.1", 0), ReleasingInstance)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "AWS_ENDPOINT_URL": s3_endpoint,
-               "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{server.server_port}"}
-        return subprocess.run(["bash", str(script), "--end", str(status)], env=env, capture_output=True, text=True,
-                              timeout=120)
+               "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+               "RESNET50_RECIPE_ROOT": str(tmp_path / "root")}
+        return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=120)
     finally:
         server.shutdown()
 
@@ -636,7 +653,8 @@ def test_the_end_of_run_path_keeps_an_unsynced_run_or_a_kept_instance(cloud, s3_
     ReleasingInstance.instance_id = instance_id
     remote = f"s3://{cloud['bucket']}/runs/r1"
     ended = run_end_of_run(tmp_path, s3_endpoint, 0, RUN="r1", REMOTE=remote)  # no summary.json in S3
-    assert ended.returncode == 0 and "is not in S3: powering off" in ended.stdout
+    assert ended.returncode == 0 and f"is not in S3: cancelled spot request(s) {request_id} and powering off " \
+        "instead of terminating; the disk is kept" in ended.stdout
     cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=b"{}")
     ended = run_end_of_run(tmp_path, s3_endpoint, 0, RUN="r1", REMOTE=remote, KEEP_INSTANCE="yes")
     assert "(--keep-instance)" in ended.stdout
@@ -832,3 +850,322 @@ def test_the_plan_says_how_to_keep_the_global_batch_when_the_batch_does_not_fit_
            "--set train.batch_size=256 --set train.accum_steps=2 keeps the global batch" in lines
     assert load_recipe("imagenet-100ep").train.batch_size == 128  # the shipped recipes fit: nothing said for them
     assert estimates.batch_advice(load_recipe("imagenet-100ep"), "T4") is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 23: one process per GPU, ending a run without losing its newest checkpoint, crash loops, checks that
+# the instance would make, the dry run's budget, the Hub token after the run, the unit under systemd-analyze
+
+
+def unit_command(unit_text: str) -> list[str]:
+    """The argv of the unit's ExecStart as systemd builds it (systemd.service(5), "Command lines"; systemd.exec(5),
+    EnvironmentFile=): Environment=, then EnvironmentFile= files (a leading "-": optional) overriding them; "${VAR}"
+    is replaced by its value, and "$VAR" as a word of its own by its value split at whitespace, zero or more words."""
+    import re
+    import shlex
+
+    env, command = {}, None
+    for line in unit_text.splitlines():
+        key, _, value = line.partition("=")
+        if key == "Environment":
+            env.update(item.split("=", 1) for item in shlex.split(value))
+        elif key == "EnvironmentFile":
+            path = value.removeprefix("-")
+            if os.path.exists(path):
+                for assignment in open(path).read().splitlines():
+                    name, _, text = assignment.partition("=")
+                    env[name] = shlex.split(text)[0] if text.strip() else ""
+        elif key == "ExecStart":
+            command = value
+    argv = []
+    for word in shlex.split(command):
+        whole = re.fullmatch(r"\$(\w+)", word)
+        if whole:
+            argv.extend(env.get(whole.group(1), "").split())
+        else:
+            argv.append(re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), word))
+    return argv
+
+
+def first_boot_then_setup(cloud, s3_endpoint, tmp_path, gpus: int) -> list[str]:
+    """The user data's first boot (the unit written), then `setup.sh --setup` with `gpus` GPUs visible, the package
+    already installed (its marker) and no data to fetch; returns the command the unit would run."""
+    import hashlib
+
+    settings = {"RUN": "r1", "REMOTE": f"s3://{cloud['bucket']}/runs/r1", "DATA": ""}
+    home = tmp_path / "root" / "opt" / "resnet50-recipe"
+    home.mkdir(parents=True, exist_ok=True)
+    package = "resnet50-recipe[aws]==0.1"
+    (home / f".installed-{hashlib.md5((package + chr(10)).encode()).hexdigest()[:12]}").touch()
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/launch/recipe.yaml", Body=b"name: smoke\n")
+    booted = run_user_data(tmp_path, s3_endpoint, [], **settings)
+    assert booted.returncode == 0, booted.stderr
+    setup = run_user_data(tmp_path, s3_endpoint, ["--setup"], gpus=gpus, **settings)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    unit = tmp_path / "root" / "etc" / "systemd" / "system" / "resnet50-recipe-train.service"
+    return unit_command(unit.read_text())
+
+
+@pytest.mark.parametrize("gpus", [4, 1, 0])
+def test_setup_counts_the_gpus_and_the_unit_runs_one_training_process_per_gpu(cloud, s3_endpoint, tmp_path, gpus):
+    argv = first_boot_then_setup(cloud, s3_endpoint, tmp_path, gpus)
+    root = tmp_path / "root"
+    assert argv[:3] == [f"{root}/opt/resnet50-recipe/venv/bin/resnet50-recipe", "train",
+                        f"{root}/opt/resnet50-recipe/recipe.yaml"]
+    # One GPU or none: one plain process, as before (no torchrun, whose failures all read as exit 1).
+    expected = ["--nproc-per-node", "4"] if gpus == 4 else []
+    assert argv[3:] == ["--output", f"{root}/data/runs/r1", "--remote", f"s3://{cloud['bucket']}/runs/r1",
+                        "--resume", "auto", *expected]
+
+
+def test_the_plan_says_how_many_processes_train_and_the_estimate_assumes_as_many(cloud):
+    lines = []
+    launch(cloud, instance_type="g4dn.12xlarge", out=lines.append)
+    recipe = load_recipe("smoke")
+    batch, accum = recipe.train.batch_size, recipe.train.accum_steps
+    assert f"g4dn.12xlarge: 4 GPUs, 4 training processes (one per GPU): a global batch of 4 x {batch} x " \
+           f"{accum} = {4 * batch * accum} images per step, the learning rate scaled to it (docs/distributed.md)" \
+           in lines, lines
+    plan = launcher.plan_launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", "r1", [], "g4dn.12xlarge",
+                                f"s3://{cloud['bucket']}/imagenet/", None, RELEASE, None, None, None, False, False)
+    one_gpu = estimates.estimate(plan.recipe, "T4", estimates.recipe_images(plan.recipe))["hours"]
+    hours = one_gpu / 4  # four processes, each at one T4's throughput
+    assert launcher.cost_to_finish(plan, "g4dn.12xlarge", 1.0) == pytest.approx(
+        hours * 1.0 + ec2_facts.ebs_cost(plan.disk_gb, hours))
+
+
+def write_local_checkpoint(tmp_path, name="r1", file="ckpt-000000200.pt", sha256="b" * 64):
+    """The local run directory's latest.json (store/checkpoints.py) naming its newest checkpoint."""
+    folder = tmp_path / "root" / "data" / "runs" / name / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "latest.json").write_text(json.dumps({"file": file, "step": 200, "epoch": 2, "sha256": sha256,
+                                                    "checkpoints": [{"file": file, "sha256": sha256}]}, indent=2))
+    return {"file": file, "sha256": sha256}
+
+
+def put_remote_pointer(cloud, entry: dict, name="r1"):
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key=f"runs/{name}/checkpoints/latest.json", Body=json.dumps(
+        {**entry, "step": 100, "epoch": 1, "checkpoints": [entry]}))
+
+
+def instance_state(cloud, instance_id) -> str:
+    return cloud["ec2"].describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"][
+        "Name"]
+
+
+def live_requests(cloud) -> list:
+    return [r for r in cloud["ec2"].describe_spot_instance_requests()["SpotInstanceRequests"]
+            if r["State"] != "cancelled"]
+
+
+@pytest.mark.parametrize("synced", [False, True])
+def test_exit_2_after_a_checkpoint_terminates_only_when_that_checkpoint_is_in_s3(cloud, s3_endpoint, tmp_path, synced):
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    local = write_local_checkpoint(tmp_path)
+    put_remote_pointer(cloud, local if synced else {"file": "ckpt-000000100.pt", "sha256": "a" * 64})
+    ended = run_end_of_run(tmp_path, s3_endpoint, 2, "exit-code", RUN="r1", REMOTE=f"s3://{cloud['bucket']}/runs/r1")
+    assert ended.returncode == 0, ended.stderr
+    assert live_requests(cloud) == []  # cancelled either way
+    assert cloud["s3"].head_object(Bucket=cloud["bucket"], Key="runs/r1/logs/train-exit-2.log")
+    if synced:
+        assert f"cancelled spot request(s) {request_id}, terminating {instance_id}" in ended.stdout
+        assert instance_state(cloud, instance_id) in ("shutting-down", "terminated")
+        assert not (tmp_path / "systemctl.calls").exists()
+    else:
+        assert "exit 2 but the newest checkpoint, ckpt-000000200.pt, is not in S3: cancelled spot request(s) " \
+               f"{request_id} and powering off instead of terminating; the disk is kept and bills until " \
+               "resnet50-recipe aws stop r1 deletes it" in ended.stdout, ended.stdout
+        assert instance_state(cloud, instance_id) == "running"
+        assert (tmp_path / "systemctl.calls").read_text() == "poweroff\n"
+
+
+def end_record(cloud) -> dict:
+    return json.loads(cloud["s3"].get_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json")["Body"].read())
+
+
+@pytest.mark.parametrize("synced", [True, False])
+def test_a_crash_loop_ends_after_max_crashes_and_74_and_75_never_count(cloud, s3_endpoint, tmp_path, synced):
+    import re
+
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    settings = {"RUN": "r1", "REMOTE": f"s3://{cloud['bucket']}/runs/r1"}
+    found = re.search(r"^MAX_CRASHES=(\d+)$", render(), re.M)
+    most = int(found.group(1)) if found else 5
+    assert 3 <= most <= 10
+    home = tmp_path / "root" / "opt" / "resnet50-recipe"
+    local = write_local_checkpoint(tmp_path, file="ckpt-000000100.pt")
+
+    def end(status, result):
+        ended = run_end_of_run(tmp_path, s3_endpoint, status, result, **settings)
+        assert ended.returncode == 0, ended.stderr
+        return ended
+
+    # A crash, then a new checkpoint, then crashes: the count starts again after the checkpoint.
+    end(1, "exit-code")
+    local = write_local_checkpoint(tmp_path, file="ckpt-000000200.pt")
+    put_remote_pointer(cloud, local if synced else {"file": "ckpt-000000100.pt", "sha256": "b" * 64})
+    # The trainer exiting 1, killed by the OOM killer, the setup failing (EXIT_STATUS unset, or a previous start's
+    # 75): crashes. 74 and 75 after a stop with a checkpoint, and a crash during a shutdown: never counted.
+    crashes = [(1, "exit-code"), ("KILL", "signal"), ("", "exit-code"), (75, "exit-code"), (1, "exit-code"),
+               (1, "exit-code"), (1, "exit-code"), (1, "exit-code")][:most]
+    for i, (status, result) in enumerate(crashes[:-1], 1):
+        for stop in ((75, "success"), (74, "success"), ("", "success")):
+            assert end(*stop).stdout == ""
+        ended = end(status, result)
+        assert f"crash {i} of {most} in a row without a new checkpoint; the unit restarts it" in ended.stdout
+        assert end_record(cloud)["state"] == "crash-looping" and end_record(cloud)["crashes"] == i
+        assert instance_state(cloud, instance_id) == "running" and len(live_requests(cloud)) == 1
+        assert not (tmp_path / "systemctl.calls").exists() and not (home / "ended").exists()
+    os.environ["SYSTEM_STATE"] = "stopping"  # a crash while the machine shuts down is not the run's
+    try:
+        assert end(1, "exit-code").stdout == ""
+    finally:
+        del os.environ["SYSTEM_STATE"]
+    ended = end(*crashes[-1])
+    assert f"{most} crashes in a row without a new checkpoint: ending the run" in ended.stdout
+    assert (home / "ended").exists()  # the unit's ConditionPathExists=! starts it no more
+    assert cloud["s3"].head_object(Bucket=cloud["bucket"], Key="runs/r1/logs/train-crash-loop.log")
+    assert live_requests(cloud) == []
+    if synced:
+        assert instance_state(cloud, instance_id) in ("shutting-down", "terminated")
+        assert end_record(cloud)["state"] == "released"
+    else:
+        assert instance_state(cloud, instance_id) == "running"
+        assert (tmp_path / "systemctl.calls").read_text() == "poweroff\n"
+        assert end_record(cloud)["state"] == "powered-off"
+        cloud["ec2"].stop_instances(InstanceIds=[instance_id])  # what the poweroff does on EC2
+    # `aws status` says which end it was.
+    launch_tags = [{"Key": launcher.TAG_REMOTE, "Value": settings["REMOTE"]}]
+    cloud["ec2"].create_tags(Resources=[instance_id], Tags=launch_tags)
+    status = instances.run_status("r1", REGION)
+    lines = []
+    instances.print_status(status, out=lines.append)
+    text = "\n".join(lines)
+    if synced:
+        assert f"  ended after {most} crashes in a row: released, nothing running, nothing billing except S3 (the " \
+               "instance and its spot request are gone); the log is in " \
+               f"{settings['REMOTE']}/logs/train-crash-loop.log" in lines, text
+    else:
+        assert f"  ended after {most} crashes in a row: powered off with its spot request cancelled, nothing " \
+               "running, but its disk bills until `resnet50-recipe aws stop r1` deletes it (it holds " \
+               "ckpt-000000200.pt, which is not in S3); the log is in " \
+               f"{settings['REMOTE']}/logs/train-crash-loop.log" in lines, text
+
+
+def test_aws_status_says_when_a_run_is_crash_looping(cloud):
+    launch(cloud)
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json", Body=json.dumps(
+        {"state": "crash-looping", "exit_status": "1", "crashes": 2, "max_crashes": 5, "checkpoint": ""}))
+    lines = []
+    instances.print_status(instances.run_status("r1", REGION), out=lines.append)
+    assert "  crash-looping: 2 crashes in a row without a new checkpoint (the last exit 1); the unit restarts it, " \
+           "and crash 5 ends the run (released, or powered off if its newest checkpoint is not in S3)" in lines, lines
+
+
+@pytest.mark.parametrize("overrides, refusal", [
+    (["export.enabled=true", "export.repo_id=me/resnet50"], "export.repo_id: 'me/resnet50' without --push: the "
+     "instance gets a Hub token only with --push; pass --push me/resnet50, or --set export.repo_id=null and push "
+     "later with `resnet50-recipe push`"),
+    (["log.wandb=true"], "log.wandb: true: the instance installs resnet50-recipe[aws], without wandb, and has no W&B "
+     "login; set log.wandb=false (the metrics go to S3 and `resnet50-recipe aws status`)"),
+    (["export.enabled=true", "export.label_names=/home/me/labels.txt"], "export.label_names: '/home/me/labels.txt' "
+     "is a file on this machine, which the instance does not have; put it in the dataset and name it by its path "
+     "there (/data/dataset/...), or leave it unset"),
+])
+def test_launch_refuses_what_the_trainer_would_refuse_on_the_instance_before_any_aws_call(cloud, overrides, refusal):
+    from resnet50_recipe.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        launch(cloud, overrides=overrides)
+    assert str(refused.value) == refusal
+    assert cloud["iam"].list_roles()["Roles"] == [] and live_instances(cloud["ec2"]) == []
+    # A label file in the dataset the instance copies is fine.
+    launch(cloud, overrides=["export.enabled=true", "export.label_names=/data/dataset/labels.txt"])
+
+
+def test_a_dry_run_checks_the_budget_at_on_demand_list_prices(capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # no call may be made
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    command = ["aws", "launch", "imagenet-100ep", "--bucket", "s3://my-bucket/runs", "--data", "s3://my-bucket/in/",
+               "--region", REGION, "--dry-run", "--budget-usd"]
+    assert main([*command, "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--budget-usd 1: the estimate for imagenet-100ep passes it (g4dn.2xlarge ~$" in err
+    assert "on-demand list price x hours (a dry run reads no spot prices; spot is usually lower, and the launch " \
+           "checks again at the spot price)" in err, err
+    assert main([*command, "1000"]) == 0
+    out = capsys.readouterr().out
+    hours = estimates.estimate(load_recipe("imagenet-100ep"), "T4", 1_281_167)["hours"]
+    cost = hours * 0.752 + ec2_facts.ebs_cost(300, hours)
+    assert f"# --budget-usd 1000: checked at the on-demand list price (a dry run reads no spot prices): " \
+           f"g4dn.2xlarge ~${cost:.2f}" in out, out
+
+
+def test_the_run_role_may_delete_its_own_hub_token_and_no_other(cloud, enforced_iam, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_own-token")
+    launch(cloud, push="me/resnet50-a3")
+    admin_ssm = boto3.client("ssm", region_name=REGION)
+    admin_ssm.put_parameter(Name="/resnet50-recipe/r2/hf-token", Type="SecureString", Value="hf_other")
+    _, ssm = instance_clients(cloud)
+    enforced_iam()
+    assert denied(ssm.delete_parameter, Name="/resnet50-recipe/r2/hf-token")
+    ssm.delete_parameter(Name="/resnet50-recipe/r1/hf-token")
+
+
+def test_the_hub_token_is_deleted_when_the_run_ends_and_by_aws_stop(cloud, s3_endpoint, tmp_path, monkeypatch):
+    admin_ssm = boto3.client("ssm", region_name=REGION)
+
+    def parameters():
+        return {p["Name"] for p in admin_ssm.describe_parameters()["Parameters"]}
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    admin_ssm.put_parameter(Name="/resnet50-recipe/r1/hf-token", Type="SecureString", Value="hf_own")
+    admin_ssm.put_parameter(Name="/resnet50-recipe/r2/hf-token", Type="SecureString", Value="hf_other")
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=b"{}")
+    ended = run_end_of_run(tmp_path, s3_endpoint, 0, "success", RUN="r1", REMOTE=f"s3://{cloud['bucket']}/runs/r1",
+                           HUB_TOKEN_PARAMETER="/resnet50-recipe/r1/hf-token")
+    assert ended.returncode == 0, ended.stderr
+    assert parameters() == {"/resnet50-recipe/r2/hf-token"}
+    # `aws stop` deletes it too: a run stopped by hand, or one whose instance could not delete it.
+    monkeypatch.setenv("HF_TOKEN", "hf_own-token")
+    launch(cloud, name="r3", push="me/resnet50-a3")
+    assert "/resnet50-recipe/r3/hf-token" in parameters()
+    said = []
+    instances.stop("r3", REGION, out=said.append)
+    assert parameters() == {"/resnet50-recipe/r2/hf-token"}
+    assert "deleted the Hub token /resnet50-recipe/r3/hf-token" in said[0]
+
+
+def test_the_unit_the_first_boot_writes_passes_systemd_analyze_verify(tmp_path):
+    """The first boot under a temporary root (systemctl a stand-in), then systemd's own check of the unit file:
+    its directives, and its commands, which verify wants to exist and be executable (stand-ins where the venv's
+    entry point would be)."""
+    if shutil.which("systemd-analyze") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is missing; .ci/run installs Debian's systemd package")
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    root = tmp_path / "root"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/systemctl.calls\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    script = tmp_path / "user-data.sh"
+    script.write_text(render(HUB_TOKEN_PARAMETER="/resnet50-recipe/in1k/hf-token"))
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RESNET50_RECIPE_ROOT": str(root)}
+    booted = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert booted.returncode == 0, booted.stderr
+    assert (tmp_path / "systemctl.calls").read_text() == \
+        "daemon-reload\nenable resnet50-recipe-train.service\nstart --no-block resnet50-recipe-train.service\n"
+    entry = root / "opt" / "resnet50-recipe" / "venv" / "bin" / "resnet50-recipe"
+    entry.parent.mkdir(parents=True)
+    entry.write_text("#!/bin/sh\n")
+    entry.chmod(0o755)
+    unit = root / "etc" / "systemd" / "system" / "resnet50-recipe-train.service"
+    text = unit.read_text()
+    assert "StartLimitIntervalSec=0\n" in text and "StartLimitBurst" not in text
+    verified = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True,
+                              timeout=120)
+    assert verified.returncode == 0 and verified.stderr.strip() == "", verified.stdout + verified.stderr

@@ -7,7 +7,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from resnet50_recipe.cloud.api import TAG_LAUNCHED, TAG_REMOTE, TAG_RUN, Api, AwsError, tag
+from resnet50_recipe.cloud.api import TAG_LAUNCHED, TAG_REMOTE, TAG_RUN, Api, AwsError, error_code, tag
 from resnet50_recipe.cloud.cost import integrate_cost
 from resnet50_recipe.ec2 import PRODUCT
 from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_FINISHED, EXIT_PUBLISH_FAILED
@@ -113,7 +113,15 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
         status["cost_usd_recorded"], status["price_usd_per_h"] = recorded[-1]["cost_usd"], recorded[-1].get(
             "price_usd_per_h")
     live = [i for i in instances if i["State"]["Name"] not in ("terminated", "shutting-down")]
-    status["released"] = not live and not [r for r in requests if r["State"] in ("open", "active", "disabled")]
+    live_requests = [r for r in requests if r["State"] in ("open", "active", "disabled")]
+    status["released"] = not live and not live_requests
+    status["powered_off"] = status["state"] in ("stopping", "stopped") and not live_requests
+    # How the instance ended its run, or that it is crash-looping (user-data.sh --end writes it); one written
+    # before this instance was launched belongs to an earlier run of the same name.
+    end, _ = store.get_json("logs/end.json")
+    head = store.head("logs/end.json") if end else None
+    if end and (head is None or "LaunchTime" not in instance or head["LastModified"] >= instance["LaunchTime"]):
+        status["end"] = end
     return status
 
 
@@ -156,14 +164,45 @@ def print_status(status: dict, out=print) -> None:
     if spent is not None and (status.get("budget_usd") is not None or status.get("eta_hours") is not None):
         tail = budget_text(spent, status.get("budget_usd"), status.get("price_usd_per_h"), status.get("eta_hours"))
         out(f"  spent ~${spent:.2f}{tail}")
+    end = status.get("end") or {}
+    log_file = {"2": "train-exit-2.log"}.get(str(end.get("exit_status")), "train-crash-loop.log")
+    log_text = f"; the log is in {status['remote']}/logs/{log_file}" if _ended_by(end) != "finished" else ""
+    disk = f"its disk bills until `resnet50-recipe aws stop {status['run']}` deletes it"
     if status.get("finished") and status.get("released"):
         out("  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)")
+    elif status.get("released") and end.get("state") == "released":
+        out(f"  ended {_ended_by(end)}: released, nothing running, nothing billing except S3 (the instance and its "
+            f"spot request are gone){log_text}")
+    elif status.get("powered_off"):
+        why = ""
+        if end.get("reason") == "not-in-s3":
+            why = f" (it holds {end.get('checkpoint') or 'the run'}, which is not in S3)"
+        elif end.get("reason") == "keep-instance":
+            why = " (--keep-instance)"
+        ended = f"ended {_ended_by(end)}: " if end.get("state") == "powered-off" else ""
+        out(f"  {ended}powered off with its spot request cancelled, nothing running, but {disk}{why}"
+            + (log_text if ended else ""))
+    elif end.get("state") == "crash-looping" and status["state"] == "running":
+        out(f"  crash-looping: {end['crashes']} crashes in a row without a new checkpoint (the last exit "
+            f"{end.get('exit_status') or '?'}); the unit restarts it, and crash {end['max_crashes']} ends the run "
+            "(released, or powered off if its newest checkpoint is not in S3)")
     elif status.get("finished"):
         out(f"  finished; the instance releases itself (or powers off with --keep-instance): `resnet50-recipe aws "
             f"stop {status['run']}` deletes it and its disk, keeping S3")
     elif "eta_hours" in status:
         out(f"  ETA: {status['eta_hours']:.1f} h of training (mean of the last epochs' times)")
     out(f"  files: {status['remote']}")
+
+_EXITS = {"0": "finished", "2": "with exit 2 (bad input)", "3": "with exit 3 (trained; the export or push failed)",
+          "4": "with exit 4 (train.budget_usd)"}
+
+
+def _ended_by(end: dict) -> str:
+    """How a run ended, from end.json: "finished", "with exit 2 (bad input)", "after 5 crashes in a row"."""
+    code = str(end.get("exit_status", ""))
+    if code in _EXITS:
+        return _EXITS[code]
+    return f"after {end.get('crashes', '?')} crashes in a row"
 
 # The exit statuses after which the unit starts the trainer no more (user-data.sh's RestartPreventExitStatus, and 0)
 ENDED = (EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_PUBLISH_FAILED, EXIT_BUDGET)
@@ -206,7 +245,9 @@ def logs(name: str, region: str | None = None, api: Api | None = None) -> str:
 
 def stop(name: str, region: str | None = None, api: Api | None = None, out=print) -> dict:
     """Cancel the run's persistent spot request first (else EC2 would replace the instance), then terminate its
-    instances. S3 is left as it is."""
+    instances (a powered-off one too: its disk), and delete the run's Hub token. S3 is left as it is."""
+    from botocore.exceptions import ClientError
+
     api = api or Api(region)
     instances = [i for i in run_instances_of(api, name) if i["State"]["Name"] != "terminated"]
     requests = [r for r in spot_requests_of(api, name, instances)
@@ -219,7 +260,17 @@ def stop(name: str, region: str | None = None, api: Api | None = None, out=print
     ids = sorted({i["InstanceId"] for i in instances} | {r["InstanceId"] for r in requests if r.get("InstanceId")})
     if ids:
         api("ec2", "terminate_instances", InstanceIds=ids)
-    out(f"run {name}: cancelled {len(requests)} spot request(s), terminating {', '.join(ids) or 'nothing'}; "
+    # The Hub token of a --push run (launch.py's Plan.token_parameter), which the instance deletes itself when the
+    # run ends; gone already, or never stored, is fine.
+    token = f"/resnet50-recipe/{name}/hf-token"
+    try:
+        api("ssm", "delete_parameter", Name=token)
+        deleted = f"; deleted the Hub token {token}"
+    except ClientError as e:
+        if error_code(e) != "ParameterNotFound":
+            raise
+        deleted = ""
+    out(f"run {name}: cancelled {len(requests)} spot request(s), terminating {', '.join(ids) or 'nothing'}{deleted}; "
         f"the files in S3 stay ({tag(instances[0], TAG_REMOTE) if instances else 'its prefix'})")
     return {"cancelled": [r["SpotInstanceRequestId"] for r in requests], "terminated": ids}
 

@@ -37,7 +37,9 @@ from resnet50_recipe.store.s3 import parse_remote
 
 __all__ = ["DLAMI_PARAMETER", "SPOT_QUOTAS", "run_location", "check_name", "asset", "policy_document", "ASSUME_ROLE",
            "iam_get", "ensure_instance_profile", "quota_family", "spot_quota", "check_quota", "spot_vcpus_in_use",
-           "render_user_data", "Plan", "plan_launch", "cost_to_finish", "rank_types", "budget_refusal", "check_free",
+           "render_user_data", "Plan", "plan_launch", "INSTANCE_DATA_DIR", "check_for_the_instance",
+           "training_processes", "cost_to_finish", "rank_types", "hourly_price", "price_source", "budget_refusal",
+           "check_free",
            "find_image", "hub_token", "store_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
            "instance_params", "NO_CAPACITY", "place", "launch"]
 
@@ -280,8 +282,36 @@ def plan_launch(recipe_source: str, bucket: str, name: str | None, overrides: li
         reads.append(parse_remote(chosen.spec))
     if disk_gb is None:  # ImageNet copied from S3 is ~150 GB, besides the AMI's files and the environment
         disk_gb = 300 if data and (recipe_images(recipe) or 0) > 100_000 else 150
+    check_for_the_instance(recipe, push)
     return Plan(recipe, name, run_bucket, run_prefix, remote, types, chosen, data, volume, disk_gb, budget_usd,
                 push, keep_instance, reads)
+
+
+# Where the instance has the dataset (user-data.sh's DATA_DIR): the one folder of its own a recipe can name.
+INSTANCE_DATA_DIR = "/data/dataset"
+
+
+def check_for_the_instance(recipe, push: str | None) -> None:
+    """What the trainer's check_inputs and check_export_settings (trainer/run.py) would refuse on the instance,
+    with exit 2 after the whole set-up, because of what the instance has: the package with the [aws] extra only,
+    a Hub token only with --push, and none of this machine's files but the recipe (and the dataset)."""
+    ec = recipe.export
+    if ec.enabled and ec.repo_id and not push:
+        raise UserError(f"export.repo_id: {ec.repo_id!r} without --push: the instance gets a Hub token only with "
+                        f"--push; pass --push {ec.repo_id}, or --set export.repo_id=null and push later with "
+                        "`resnet50-recipe push`")
+    if recipe.log.wandb:
+        raise UserError("log.wandb: true: the instance installs resnet50-recipe[aws], without wandb, and has no W&B "
+                        "login; set log.wandb=false (the metrics go to S3 and `resnet50-recipe aws status`)")
+    if ec.enabled and ec.label_names and not str(ec.label_names).startswith(INSTANCE_DATA_DIR + "/"):
+        raise UserError(f"export.label_names: {str(ec.label_names)!r} is a file on this machine, which the instance "
+                        f"does not have; put it in the dataset and name it by its path there "
+                        f"({INSTANCE_DATA_DIR}/...), or leave it unset")
+
+
+def training_processes(instance_type: str) -> int | None:
+    """How many training processes the instance runs: one per GPU (user-data.sh counts them); None if unknown."""
+    return INSTANCE_TYPES.get(instance_type, (None, None))[1]
 
 
 def cost_to_finish(plan: Plan, instance_type: str, spot: float | None) -> float | None:
@@ -298,7 +328,8 @@ def cost_to_finish(plan: Plan, instance_type: str, spot: float | None) -> float 
 def rank_types(api: Api, plan: Plan, quotas: dict, out) -> list[tuple[str, dict]]:
     """Step 2: the instance types to try, each with its spot price per AZ. `auto` ranks every type of the table
     with a throughput figure that fits the spot quota by estimated cost to finish; a list keeps its order. With a
-    budget, types whose estimate passes it are dropped, and none left is a refusal that lists the estimates."""
+    budget, types whose estimate passes it are dropped, and none left is a refusal that lists the estimates. A dry
+    run reads no spot prices: it estimates at the on-demand list price (ec2.INSTANCE_TYPES) and says so."""
     auto = plan.types == ["auto"]
     candidates = [t for t in INSTANCE_TYPES if INSTANCE_TYPES[t][0] in THROUGHPUT_224] if auto else plan.types
     rows = []
@@ -313,23 +344,46 @@ def rank_types(api: Api, plan: Plan, quotas: dict, out) -> list[tuple[str, dict]
         prices = spot_prices(api, itype) if not refused else {}
         if refused or (auto and not prices and not api.dry_run):
             continue
-        rows.append((itype, prices, cost_to_finish(plan, itype, next(iter(prices.values()), None))))
+        rows.append((itype, prices, cost_to_finish(plan, itype, hourly_price(api, itype, prices))))
     if auto:
         rows.sort(key=lambda r: (r[2] is None, r[2] or 0.0))
-        out("instance types by estimated cost to finish (spot price x hours from the per-GPU throughput table, "
-            "plus the disk): " + ", ".join(f"{t} ~${c:.2f}" if c is not None else f"{t} ?" for t, _, c in rows))
-    if plan.budget_usd is not None and not api.dry_run:
+        out(f"instance types by estimated cost to finish ({price_source(api)} x hours from the per-GPU throughput "
+            "table, plus the disk): " + ", ".join(f"{t} ~${c:.2f}" if c is not None else f"{t} ?" for t, _, c in rows))
+    if plan.budget_usd is not None:
         fits = [r for r in rows if r[2] is None or r[2] <= plan.budget_usd]
         if not fits:
             raise AwsError(budget_refusal(api, plan, rows))
         rows = fits
+        if api.dry_run:
+            out(f"--budget-usd {plan.budget_usd:g}: checked at the on-demand list price (a dry run reads no spot "
+                "prices): " + ", ".join(f"{t} ~${c:.2f}" if c is not None else f"{t} not checked (no list price or "
+                                        "throughput figure)" for t, _, c in rows))
     if not rows:
         raise AwsError(f"no instance type fits the account's spot quotas in {api.region}")
+    train = plan.recipe.train
     for itype, _, _ in rows[:3]:  # the types a launch is likely to land on
+        processes = training_processes(itype)
+        if processes and processes > 1:  # train.batch_size is per process; the lr follows the global batch
+            out(f"{itype}: {processes} GPUs, {processes} training processes (one per GPU): a global batch of "
+                f"{processes} x {train.batch_size} x {train.accum_steps} = "
+                f"{processes * train.batch_size * train.accum_steps} images per step, the learning rate scaled to it "
+                "(docs/distributed.md)")
         advice = batch_advice(plan.recipe, INSTANCE_TYPES.get(itype, (None,))[0])
         if advice:
             out(f"{itype}: {advice}")
     return [(t, prices) for t, prices, _ in rows]
+
+
+def hourly_price(api: Api, instance_type: str, prices: dict) -> float | None:
+    """The price an estimate uses: the cheapest AZ's spot price; in a dry run, which reads none, the on-demand list
+    price (an upper bound: spot is usually lower)."""
+    if api.dry_run:
+        return INSTANCE_TYPES.get(instance_type, (None, None, None, None))[3]
+    return next(iter(prices.values()), None)
+
+
+def price_source(api: Api) -> str:
+    return "on-demand list price" if api.dry_run else "spot price"
 
 
 def budget_refusal(api: Api, plan: Plan, rows: list) -> str:
@@ -338,14 +392,18 @@ def budget_refusal(api: Api, plan: Plan, rows: list) -> str:
     others = []
     for itype in INSTANCE_TYPES:
         if itype not in shown and INSTANCE_TYPES[itype][0] in THROUGHPUT_224:
-            cost = cost_to_finish(plan, itype, next(iter(spot_prices(api, itype).values()), None))
+            prices = {} if api.dry_run else spot_prices(api, itype)
+            cost = cost_to_finish(plan, itype, hourly_price(api, itype, prices))
             if cost is not None and cost <= plan.budget_usd:
                 others.append((cost, itype))
     estimates = "; ".join(f"{t} ~${c:.2f}" for t, _, c in rows)
     cheaper = ", ".join(f"{t} ~${c:.2f}" for c, t in sorted(others)) or "none of the instance types this command knows"
-    return (f"--budget-usd {plan.budget_usd:g}: the estimate for {plan.recipe.name} passes it ({estimates}: spot price "
-            f"x hours from the per-GPU throughput table, plus {plan.disk_gb} GB of gp3 for as long); within the "
-            f"budget: {cheaper}. Try --instance-type auto, fewer epochs (--set train.epochs=N) or a larger budget")
+    dry = " (a dry run reads no spot prices; spot is usually lower, and the launch checks again at the spot " \
+        "price)" if api.dry_run else ""
+    return (f"--budget-usd {plan.budget_usd:g}: the estimate for {plan.recipe.name} passes it ({estimates}: "
+            f"{price_source(api)} x hours{dry} from the per-GPU throughput table, plus {plan.disk_gb} GB of gp3 for as "
+            f"long); within the budget: {cheaper}. Try --instance-type auto, fewer epochs (--set train.epochs=N) or a "
+            "larger budget")
 
 
 def check_free(api: Api, name: str) -> None:

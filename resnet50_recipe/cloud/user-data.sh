@@ -4,12 +4,16 @@
 # First boot (cloud-init runs this once): copy this script to /opt/resnet50-recipe/setup.sh, write a systemd
 # unit for the training run, enable and start it. Before every start of the unit (every boot: a persistent spot
 # request restarts a stopped instance) `setup.sh --setup` runs; its steps leave markers, so a setup interrupted
-# by a preemption continues where it was, and a finished one costs seconds. The unit runs
-# `resnet50-recipe train ... --resume auto --remote s3://...` and restarts on exit 75 (stopped with a
-# checkpoint) and 74 (not yet all in S3). On 0 (finished), 3 (finished, export or push failed), 4 (stopped by
-# train.budget_usd) or 2 (bad input) `setup.sh --end STATUS` runs: it checks that the run's files are in S3 (for
-# 2: puts the log there first), then cancels the instance's own persistent spot request and terminates it, so
-# that nothing is left billing but S3. With KEEP_INSTANCE=yes (`aws launch --keep-instance`) it powers off instead.
+# by a preemption continues where it was, and a finished one costs seconds. It also counts the GPUs: the unit
+# runs `resnet50-recipe train ... --resume auto --remote s3://...`, with `--nproc-per-node N` on N > 1 GPUs.
+# After every stop of the unit `setup.sh --end STATUS RESULT` runs. 75 (stopped with a checkpoint) and 74 (not yet
+# all in S3) are restarted and end nothing. 0 (finished), 3 (finished, export or push failed), 4 (stopped by
+# train.budget_usd), 2 (bad input) and the last of MAX_CRASHES crashes in a row (exit 1, a signal, a failed
+# setup, with no new checkpoint between them) end the run: the log goes to S3 (2 and crashes), the Hub token's
+# SSM parameter is deleted, and if the run's files are in S3 (the summary for 0, 3, 4; the newest checkpoint for
+# 2 and crashes) the instance cancels its own persistent spot request and terminates, so that nothing is left
+# billing but S3; if not, it cancels the request and powers off, keeping the disk (`aws stop` deletes it). With
+# KEEP_INSTANCE=yes (`aws launch --keep-instance`) it powers off. logs/end.json in S3 says which (`aws status`).
 #
 # `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is.
 
@@ -41,42 +45,123 @@ export AWS_DEFAULT_REGION=$REGION
 
 say() { echo "resnet50-recipe: $*"; }
 
+# How many crashes in a row, with no new checkpoint between them, end the run (see --end).
+MAX_CRASHES=5
+
 if [ "${1:-}" = "--end" ]; then
+    # The unit's ExecStopPost, after every stop of the unit: $EXIT_STATUS and $SERVICE_RESULT.
     status=${2:-}
+    result=${3:-}
     AWS=$(command -v aws || echo "$HOME_DIR/awscli/bin/aws")
     # Whatever fails here, the machine must not keep running: power off (it then costs only its disk).
     trap 'say "ending the run failed at line $LINENO: powering off (aws stop deletes the instance)"; systemctl poweroff; exit 1' ERR
+    # EXIT_STATUS is the trainer's; when the setup (ExecStartPre) failed there was no trainer, and it is unset or
+    # a previous start's. SERVICE_RESULT tells: "success" for 0 and the SuccessExitStatus= 74 75 only.
+    case "$status" in
+        "" | 0 | 74 | 75) if [ -n "$result" ] && [ "$result" != success ]; then status=setup-failed; fi ;;
+    esac
+    # The last checkpoint on this disk (the name latest.json gives, store/checkpoints.py), or nothing.
+    local_manifest=$RUN_DIR/checkpoints/latest.json
+    newest=""
+    if [ -s "$local_manifest" ]; then
+        # (an unreadable one is a checkpoint that cannot be shown to be in S3: the disk is kept)
+        newest=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("file") or "")' \
+            "$local_manifest") || newest="$local_manifest (unreadable)"
+    fi
+    # end.json in S3 says how the instance ended, for `aws status` (cloud/instances.py); a failed put is only said.
+    note() {
+        printf '{"state": "%s", "reason": "%s", "exit_status": "%s", "crashes": %s, "max_crashes": %s, "checkpoint": "%s"}\n' \
+            "$1" "${2:-}" "$status" "${crashes:-0}" "$MAX_CRASHES" "$newest" \
+            | "$AWS" s3 cp --only-show-errors - "$REMOTE/logs/end.json" \
+            || say "could not put $REMOTE/logs/end.json"
+    }
     # The numbers are resnet50_recipe/errors.py's: 0 EXIT_FINISHED, 3 EXIT_PUBLISH_FAILED, 4 EXIT_BUDGET,
-    # 2 EXIT_BAD_INPUT.
+    # 2 EXIT_BAD_INPUT, 74 EXIT_INCOMPLETE, 75 EXIT_PREEMPTED, 1 EXIT_BUG.
+    case "$status" in
+        0 | 3 | 4 | 2) ;;
+        "" | 74 | 75) exit 0 ;;  # a stop with a checkpoint, or one not yet in S3: the unit restarts it, never counted
+        *)  # a crash: exit 1, a signal (KILL: the OOM killer), a timeout, the setup failing
+            if [ "$(systemctl is-system-running 2> /dev/null || true)" = stopping ]; then
+                exit 0  # killed by the shutdown (a spot stop): not the run's fault
+            fi
+            # Crashes in a row with no new checkpoint between them; one after a new checkpoint counts from 1.
+            crashes=0
+            last=""
+            if [ -s "$HOME_DIR/crashes" ]; then
+                { read -r crashes last || true; } < "$HOME_DIR/crashes"
+            fi
+            [ "$newest" = "$last" ] || crashes=0
+            crashes=$((crashes + 1))
+            echo "$crashes $newest" > "$HOME_DIR/crashes"
+            if [ "$crashes" -lt "$MAX_CRASHES" ]; then
+                say "exit $status ($result): crash $crashes of $MAX_CRASHES in a row without a new checkpoint; the unit restarts it"
+                note crash-looping
+                exit 0
+            fi
+            say "exit $status: $crashes crashes in a row without a new checkpoint: ending the run"
+            ;;
+    esac
+    # From here the run has ended for good. The unit's ConditionPathExists=! on this file keeps systemd from
+    # starting it again: no restart after a crash, nothing on a later boot.
+    touch "$HOME_DIR/ended"
     case "$status" in
         0 | 3 | 4) ;;
-        2)  # EXIT_BAD_INPUT: the log goes to S3 first, since the machine it is on is about to go
-            { journalctl -u resnet50-recipe-train.service --no-pager -o cat 2> /dev/null || true; } \
-                | "$AWS" s3 cp --only-show-errors - "$REMOTE/logs/train-exit-2.log" ;;
-        *) exit 0 ;;  # a crash or a stop: the unit decides about restarts; nothing to end
+        2) log=train-exit-2.log ;;
+        *) log=train-crash-loop.log ;;
     esac
+    if [ -n "${log:-}" ]; then  # the log goes to S3 first, since the machine it is on is about to go
+        { journalctl -u resnet50-recipe-train.service --no-pager -o cat 2> /dev/null || true; } \
+            | "$AWS" s3 cp --only-show-errors - "$REMOTE/logs/$log" || say "could not put the log in $REMOTE/logs/$log"
+    fi
+    # The Hub token is needed no more: its SSM parameter goes (the run role may delete that one alone), and so
+    # does the copy on this disk, which a powered-off instance keeps.
+    if [ -n "$HUB_TOKEN_PARAMETER" ]; then
+        "$AWS" ssm delete-parameter --name "$HUB_TOKEN_PARAMETER" \
+            || say "could not delete the SSM parameter $HUB_TOKEN_PARAMETER (resnet50-recipe aws stop $RUN deletes it)"
+        rm -f "$HOME_DIR/hub.env"
+    fi
     if [ -n "$KEEP_INSTANCE" ]; then
         say "exit $status: powering off (--keep-instance); resnet50-recipe aws stop $RUN deletes the instance"
+        note powered-off keep-instance
         systemctl poweroff
         exit 0
     fi
-    # The run's files must be in S3 before the disk that also holds them goes away (2: EXIT_BAD_INPUT, none yet).
-    if [ "$status" != 2 ] && ! "$AWS" s3 ls "$REMOTE/summary.json" > /dev/null; then
-        say "exit $status but $REMOTE/summary.json is not in S3: powering off instead of terminating"
+    # The run's files must be in S3 before the disk that also holds them goes away: for 0, 3 and 4 the summary,
+    # the trainer's last upload; for 2 and a crash loop the newest checkpoint on this disk, which is in S3 when
+    # the remote pointer (checkpoints/latest.json, store/uploader.py) names the same file with the same sha256.
+    # A run that wrote no checkpoint (bad input at start-up) has nothing to lose.
+    missing=""
+    case "$status" in
+        0 | 3 | 4) "$AWS" s3 ls "$REMOTE/summary.json" > /dev/null || missing=$REMOTE/summary.json ;;
+        *)
+            if [ -n "$newest" ]; then
+                remote_manifest=$("$AWS" s3 cp --only-show-errors "$REMOTE/checkpoints/latest.json" - 2> /dev/null || true)
+                python3 -c 'import json, sys
+local, remote = json.load(open(sys.argv[1])), json.loads(sys.argv[2] or "{}")
+sys.exit(0 if (remote.get("file"), remote.get("sha256")) == (local["file"], local.get("sha256")) else 1)' \
+                    "$local_manifest" "$remote_manifest" || missing="the newest checkpoint, $newest,"
+            fi
+            ;;
+    esac
+    # The run's own requests, by the tag EC2 copied onto them from the launch (what `aws stop` also cancels);
+    # the requests first: a persistent request whose instance is terminated would start a new one.
+    requests=$("$AWS" ec2 describe-spot-instance-requests --output text \
+        --filters "Name=tag:resnet50-recipe:run,Values=$RUN" "Name=state,Values=open,active,disabled" \
+        --query 'SpotInstanceRequests[].SpotInstanceRequestId')
+    for request in $requests; do
+        "$AWS" ec2 cancel-spot-instance-requests --spot-instance-request-ids "$request" > /dev/null
+    done
+    if [ -n "$missing" ]; then
+        say "exit $status but $missing is not in S3: cancelled spot request(s) ${requests:-none} and powering off" \
+            "instead of terminating; the disk is kept and bills until resnet50-recipe aws stop $RUN deletes it"
+        note powered-off not-in-s3
         systemctl poweroff
         exit 0
     fi
     token=$(curl -sf -X PUT -H "X-aws-ec2-metadata-token-ttl-seconds: 300" "$IMDS/latest/api/token")
     instance=$(curl -sf -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/instance-id")
-    # The run's own requests, by the tag EC2 copied onto them from the launch (what `aws stop` also cancels).
-    requests=$("$AWS" ec2 describe-spot-instance-requests --output text \
-        --filters "Name=tag:resnet50-recipe:run,Values=$RUN" "Name=state,Values=open,active,disabled" \
-        --query 'SpotInstanceRequests[].SpotInstanceRequestId')
-    # The requests first: a persistent request whose instance is terminated would start a new one.
-    for request in $requests; do
-        "$AWS" ec2 cancel-spot-instance-requests --spot-instance-request-ids "$request" > /dev/null
-    done
     say "exit $status: run files in $REMOTE; cancelled spot request(s) ${requests:-none}, terminating $instance"
+    note released
     "$AWS" ec2 terminate-instances --instance-ids "$instance" > /dev/null
     exit 0
 fi
@@ -92,25 +177,35 @@ if [ "${1:-}" != "--setup" ]; then
         # HF_TOKEN for the push at the end, from a file only root reads: never in the unit, the log or S3.
         hub_env="EnvironmentFile=-$HOME_DIR/hub.env"
     fi
-    # The shape of README's unit (Preemption section): 75 restarts, other exits do not loop forever.
+    # The shape of docs/preemption.md's unit: 74 and 75 restart, a crash loop ends (--end), other exits end.
     mkdir -p "$UNIT_DIR"
     cat > "$UNIT_DIR/resnet50-recipe-train.service" <<EOF
 [Unit]
 Description=resnet50-recipe training run $RUN ($EPOCHS_NOTE)
 Wants=network-online.target
 After=network-online.target
-# A failure that repeats 4 times within an hour stops the retries; the instance stays up for aws logs.
-StartLimitIntervalSec=3600
-StartLimitBurst=4
+# systemd's own start limit is off: it counts every start, the restarts after 74 and 75 included, and once it is
+# hit the unit is left failed with nothing released, the GPU billing by the hour. setup.sh --end counts the
+# crashes instead (MAX_CRASHES in a row without a new checkpoint) and ends the run on the last; RestartSec
+# spaces the tries.
+StartLimitIntervalSec=0
+# Written by setup.sh --end once the run has ended for good: a restart already queued, or a later boot of a
+# powered-off instance, then starts nothing.
+ConditionPathExists=!$HOME_DIR/ended
 
 [Service]
-Environment=PYTHONUNBUFFERED=1 AWS_DEFAULT_REGION=$REGION
+Environment=PYTHONUNBUFFERED=1 AWS_DEFAULT_REGION=$REGION TRAIN_PROCESSES=
 $hub_env
+# TRAIN_PROCESSES, written by setup.sh --setup, which counts the GPUs: "--nproc-per-node N" for N GPUs (one
+# process per GPU, as aws launch's estimate assumes), empty for one GPU or none (one plain process). An env file
+# is read before each command of the unit, so ExecStart sees what ExecStartPre wrote.
+EnvironmentFile=-$HOME_DIR/train.env
 WorkingDirectory=$HOME_DIR
 # Setup before every start: finished steps are skipped, a failed one (the network, say) is retried with the unit.
 ExecStartPre=$HOME_DIR/setup.sh --setup
 TimeoutStartSec=infinity
-ExecStart=$VENV/bin/resnet50-recipe train $HOME_DIR/recipe.yaml $data_arg --output $RUN_DIR --remote $REMOTE --resume auto
+ExecStart=$VENV/bin/resnet50-recipe train $HOME_DIR/recipe.yaml $data_arg --output $RUN_DIR --remote $REMOTE --resume auto \$TRAIN_PROCESSES
+# (\$TRAIN_PROCESSES, unbraced and a word of its own: split at whitespace into zero or more arguments.)
 # The numbers are resnet50_recipe/errors.py's EXIT_* constants (README, "Exit codes").
 # 75 EXIT_PREEMPTED: stopped with a checkpoint (a signal, the spot notice); 74 EXIT_INCOMPLETE: a checkpoint or
 # the run's files had not reached S3 by the deadline. Neither is a failure, and both are restarted; after a spot
@@ -127,10 +222,11 @@ RestartSec=120
 KillMode=mixed
 KillSignal=SIGTERM
 TimeoutStopSec=110
-# Finished (0 EXIT_FINISHED), finished with a failed export or push (3 EXIT_PUBLISH_FAILED), over budget
-# (4 EXIT_BUDGET) or bad input (2 EXIT_BAD_INPUT): release the instance and its spot request (or power off with
-# --keep-instance). (a doubled dollar sign is systemd's escape for one, left for the shell to expand)
-ExecStopPost=/bin/sh -c '$HOME_DIR/setup.sh --end "\$\$EXIT_STATUS"'
+# After every stop: finished (0 EXIT_FINISHED), finished with a failed export or push (3 EXIT_PUBLISH_FAILED),
+# over budget (4 EXIT_BUDGET), bad input (2 EXIT_BAD_INPUT) or the last of MAX_CRASHES crashes in a row: the run
+# has ended; release the instance and its spot request, or power off (--keep-instance, or a checkpoint not yet
+# in S3). 74 and 75 end nothing. (a doubled dollar sign is systemd's escape for one, left for the shell)
+ExecStopPost=/bin/sh -c '$HOME_DIR/setup.sh --end "\$\$EXIT_STATUS" "\$\$SERVICE_RESULT"'
 StandardOutput=journal+console
 StandardError=journal+console
 
@@ -225,4 +321,15 @@ elif [ -n "$DATA" ] && ! [ -e "$DATA_DIR/.complete" ]; then
     touch "$DATA_DIR/.complete"
 fi
 mkdir -p "$RUN_DIR"
+# One training process per GPU (nvidia-smi -L lists one line per GPU; none visible: one process). The instance
+# type is known only here: aws launch may try several types with this same script.
+gpus=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true)
+processes=1
+train_processes=""
+if [ "${gpus:-0}" -gt 1 ]; then
+    processes=$gpus
+    train_processes="--nproc-per-node $gpus"
+fi
+printf 'TRAIN_PROCESSES="%s"\n' "$train_processes" > "$HOME_DIR/train.env"
+say "${gpus:-0} GPU(s) visible: $processes training process(es)"
 say "ready: $(nvidia-smi --query-gpu=name --format=csv,noheader 2> /dev/null || echo 'no GPU visible')"
