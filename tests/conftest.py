@@ -49,6 +49,7 @@ SLOW = {
     "test_storage.py::test_a_5xx_storm_at_start_up_is_retried_then_exits_75_and_no_such_bucket_exits_2",
     "test_storage.py::test_server_down_mid_upload_training_goes_on_and_the_pointer_stays_valid",
     "test_lifecycle.py::test_with_s3_down_a_stop_ends_by_its_deadline",
+    "test_lifecycle.py::test_a_sigterm_with_the_store_stalled_ends_within_one_stop_timeout",
     "test_speed.py::test_compiled_model_trains_and_recompiles_when_the_resolution_changes",
     "test_train.py::test_deterministic_runs_give_identical_weights_from_library_and_cli",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-100ep]",

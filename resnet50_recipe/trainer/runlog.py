@@ -32,11 +32,24 @@ RESULTS = ("summary.json", "export")
 
 
 def check_replaceable(out: Path, force: bool) -> None:
-    """A fresh start in `out` replaces its logs; a finished run's results are never replaced without `force`."""
-    results = [name for name in RESULTS if (out / name).exists()]
+    """A fresh start in `out` replaces its logs; a finished run's results are never replaced without `force`.
+
+    A summary that says the run stopped (`stopped`: a signal, a spot notice; exit 74 or 75) is no result: the run was
+    meant to go on, and a restart that finds no checkpoint beside it (the process was killed before the first
+    one reached the disk) starts it over, as the unit's restart expects, instead of refusing with exit 2."""
+    results = [name for name in RESULTS if (out / name).exists() and not (name == "summary.json" and _stopped(out))]
     if results and not force:
         raise ExistingOutput(f"{out} holds the results of an earlier run ({', '.join(results)}) and no checkpoint "
                              "to resume; pass --output DIR for a new run, or --force to replace them")
+
+
+def _stopped(out: Path) -> bool:
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    # `stopped`, not the status: 74 alone may also be a finished run whose last sync did not complete.
+    return isinstance(summary, dict) and summary.get("stopped") is True
 
 
 def clear_run_dir(out: Path) -> None:
