@@ -21,6 +21,7 @@ SLOW = {
     "test_resume.py::test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one",
     "test_resume.py::test_spot_notice_checkpoints_and_exits_75_within_seconds",
     "test_resume.py::test_resume_refuses_a_changed_recipe_with_a_diff",
+    "test_aws.py::test_the_cost_carried_across_a_kill_counts_every_starts_time",
     "test_lifecycle.py::test_sigterm_during_a_slow_evaluation_exits_at_once_and_the_resumed_run_is_identical",
     "test_lifecycle.py::test_ddp_stop_every_rank_waits_for_rank_0s_checkpoint",
     # a fresh `python -m resnet50_recipe` (3-4 s of imports) per case, many cases; test_errors.py keeps the

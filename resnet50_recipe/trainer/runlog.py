@@ -69,6 +69,7 @@ class RunLog:
         self.epochs: list[dict] = []  # per-epoch records, for curves.png and the summary
         self.extra: Callable[[], dict] | None = None  # fields added to every line (on EC2: instance and cost)
         self.resumed_at: int | None = None  # the global step of the checkpoint this process resumed from
+        self.spent: dict = {}  # on EC2: the cost (and price) recorded before a resume, kept in its start line
         self.trackers: list = []
 
     def start(self, recipe: Recipe, plan: dict | None = None) -> None:
@@ -78,7 +79,8 @@ class RunLog:
         (self.out / "recipe.yaml").write_text(to_yaml(recipe))
         write_json(self.out / "env.json", versions())
         self.trackers = open_trackers(self.out, recipe, self.resumed_at)
-        self.log({"kind": "start", "global_step": self.resumed_at or 0, "time": time.time(), **(plan or {})})
+        self.log({"kind": "start", "global_step": self.resumed_at or 0, "time": time.time(), **(plan or {}),
+                  **self.spent})
 
     def sample_images(self, dataset, count: int = 16) -> None:
         """A grid of augmented training images as epoch 0 sees them (before Mixup and erasing, which happen
@@ -93,13 +95,18 @@ class RunLog:
             tracker.images("train/augmented_samples", grid)
 
     def resume(self, global_step: int, history: list[dict]) -> None:
-        """Drop what was logged after the checkpoint being resumed: those steps will run again."""
+        """Drop what was logged after the checkpoint being resumed: those steps will run again. The money they
+        cost was spent all the same: the last recorded `cost_usd` goes into the start line (`start`), from which
+        the cost carried over (budget.py's InstanceCost) and `watch` read it."""
         self.resumed_at = global_step
         self.epochs = [r for r in history if r.get("kind") == "epoch"]
         path = self.out / "metrics.jsonl"
         if not self.enabled or not path.exists():
             return
-        kept = [r for r in read_metrics(path) if r.get("global_step", 0) <= global_step]
+        records = read_metrics(path)
+        costed = [r for r in records if r.get("cost_usd") is not None]
+        self.spent = {k: costed[-1][k] for k in ("cost_usd", "price_usd_per_h") if k in costed[-1]} if costed else {}
+        kept = [r for r in records if r.get("global_step", 0) <= global_step]
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)
