@@ -36,6 +36,7 @@ SLOW = {
     "test_lifecycle.py::test_an_unreadable_jpeg_is_one_line_through_a_loader_worker_and_keeps_the_work_done[zero-byte]",
     "test_storage.py::test_missing_credentials_fail_with_a_clear_message",
     "test_storage.py::test_missing_permission_fails_fast_with_a_clear_message",
+    "test_storage.py::test_on_ec2_a_slow_instance_role_is_waited_for_not_refused",
     "test_sources.py::test_sigterm_mid_unpack_then_rerun_finishes_with_the_right_counts",
     "test_sources.py::test_hub_download_resumes_a_dropped_file_then_unpacks",
     "test_sources.py::test_hub_token_from_hf_token_opens_a_gated_repo",

@@ -86,6 +86,8 @@ from resnet50_recipe.trainer.step import Trainer, agreed_stop, build_trainer, ev
 from resnet50_recipe.trainer.stop import (
     StopControl,
     install_signal_handlers,
+    metadata_endpoint,
+    on_ec2,
     restore_signal_handlers,
     start_spot_watcher,
 )
@@ -201,7 +203,10 @@ def check_inputs(recipe: Recipe, rt: Runtime, control: StopControl) -> Inputs:
     cc = recipe.checkpoint
     if cc.remote:
         check_stop(control, "checking the remote")
-        store = S3Store(cc.remote, cc.endpoint_url, cc.checksum)
+        # On EC2 missing credentials are the instance role's, late: the store waits for them (its own layer cannot
+        # ask the metadata service the trainer's way, so it is handed the probe, asked only if they are missing).
+        store = S3Store(cc.remote, cc.endpoint_url, cc.checksum,
+                        on_ec2=lambda: on_ec2(metadata_endpoint(cc.imds_endpoint)))
         if rt.is_main:
             store.preflight(cc.startup_retry_s)  # a wrong bucket or a missing permission fails here, before any work
     return Inputs(data_dir, classes, train_set, val_set, num_batches, num_batches // tc.accum_steps,

@@ -22,7 +22,7 @@ import urllib.request
 from resnet50_recipe.errors import EXIT_INTERRUPTED
 
 __all__ = ["IMDS_ENDPOINT", "StopControl", "install_signal_handlers", "restore_signal_handlers", "SpotWatcher",
-           "on_ec2", "start_spot_watcher"]
+           "on_ec2", "metadata_endpoint", "start_spot_watcher"]
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,19 @@ def start_spot_watcher(control: StopControl, mode: str, endpoint: str | None, in
     link-local IMDS address."""
     if mode == "off":
         return None
-    endpoint = endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_ENDPOINT
+    endpoint = metadata_endpoint(endpoint)
     if mode == "auto" and not on_ec2(endpoint):
         return None
     watcher = SpotWatcher(control, endpoint, interval_s)
     watcher.start()
     log.info("watching %s for EC2 spot interruption notices every %.1f s", endpoint, interval_s)
     return watcher
+
+
+def metadata_endpoint(endpoint: str | None = None) -> str:
+    """The metadata service's address: the recipe's (checkpoint.imds_endpoint), botocore's override variable, or
+    the link-local IMDS address."""
+    return endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_ENDPOINT
 
 
 def _parse_time(text: str | None) -> float | None:
