@@ -21,6 +21,7 @@ SLOW = {
     "test_resume.py::test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one",
     "test_resume.py::test_spot_notice_checkpoints_and_exits_75_within_seconds",
     "test_resume.py::test_resume_refuses_a_changed_recipe_with_a_diff",
+    "test_aws.py::test_the_cost_carried_across_a_kill_counts_every_starts_time",
     "test_lifecycle.py::test_sigterm_during_a_slow_evaluation_exits_at_once_and_the_resumed_run_is_identical",
     "test_lifecycle.py::test_ddp_stop_every_rank_waits_for_rank_0s_checkpoint",
     # a fresh `python -m resnet50_recipe` (3-4 s of imports) per case, many cases; test_errors.py keeps the
@@ -35,6 +36,7 @@ SLOW = {
     "test_lifecycle.py::test_an_unreadable_jpeg_is_one_line_through_a_loader_worker_and_keeps_the_work_done[zero-byte]",
     "test_storage.py::test_missing_credentials_fail_with_a_clear_message",
     "test_storage.py::test_missing_permission_fails_fast_with_a_clear_message",
+    "test_storage.py::test_on_ec2_a_slow_instance_role_is_waited_for_not_refused",
     "test_sources.py::test_sigterm_mid_unpack_then_rerun_finishes_with_the_right_counts",
     "test_sources.py::test_hub_download_resumes_a_dropped_file_then_unpacks",
     "test_sources.py::test_hub_token_from_hf_token_opens_a_gated_repo",
@@ -49,6 +51,7 @@ SLOW = {
     "test_storage.py::test_a_5xx_storm_at_start_up_is_retried_then_exits_75_and_no_such_bucket_exits_2",
     "test_storage.py::test_server_down_mid_upload_training_goes_on_and_the_pointer_stays_valid",
     "test_lifecycle.py::test_with_s3_down_a_stop_ends_by_its_deadline",
+    "test_lifecycle.py::test_a_sigterm_with_the_store_stalled_ends_within_one_stop_timeout",
     "test_speed.py::test_compiled_model_trains_and_recompiles_when_the_resolution_changes",
     "test_train.py::test_deterministic_runs_give_identical_weights_from_library_and_cli",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-100ep]",

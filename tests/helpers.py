@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -154,10 +155,19 @@ def worker_pids(root: int) -> dict[int, int]:
 
 
 class MetadataStandIn(BaseHTTPRequestHandler):
-    """IMDSv2 as amazon-ec2-metadata-mock serves it: a token first, then 404 until a notice is posted."""
+    """IMDSv2 as amazon-ec2-metadata-mock serves it: a token first, then 404 until a notice is posted.
+
+    A subclass may also answer the instance's identity (`identity`: meta-data path -> text) and an instance
+    role's credentials (`role`), as botocore reads them: the role's name at iam/security-credentials/, then its
+    keys at iam/security-credentials/<role>. The first `stalls` credential requests hang `stall_s` seconds
+    first, past botocore's default one-second metadata timeout, as a busy metadata service does."""
     token = "AQAEAtest-token=="
     notice: dict | None = None
     rebalance: dict | None = None
+    identity: dict = {}
+    role: str | None = None
+    stalls = 0
+    stall_s = 2.5
     requests: list = []
 
     def do_PUT(self):
@@ -167,18 +177,40 @@ class MetadataStandIn(BaseHTTPRequestHandler):
             self._send(400, "missing X-aws-ec2-metadata-token-ttl-seconds")
 
     def do_GET(self):
-        type(self).requests.append(self.path)
+        cls = type(self)
+        cls.requests.append(self.path)
         if self.headers.get("X-aws-ec2-metadata-token") != self.token:
             return self._send(401, "")
-        body = {"/latest/meta-data/spot/instance-action": type(self).notice,
-                "/latest/meta-data/events/recommendations/rebalance": type(self).rebalance}.get(self.path)
+        path = self.path.removeprefix("/latest/meta-data/")
+        if path.startswith("iam/security-credentials/") and cls.role is not None:
+            return self._credentials(path.removeprefix("iam/security-credentials/"))
+        if path in cls.identity:
+            return self._send(200, cls.identity[path])
+        body = {"spot/instance-action": cls.notice, "events/recommendations/rebalance": cls.rebalance}.get(path)
         self._send(200, json.dumps(body)) if body else self._send(404, "Not Found")
 
+    def _credentials(self, name: str):
+        cls = type(self)
+        if cls.stalls > 0:
+            cls.stalls -= 1
+            time.sleep(cls.stall_s)
+        if not name:
+            return self._send(200, cls.role)
+        if name != cls.role:
+            return self._send(404, "Not Found")
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 6 * 3600))
+        self._send(200, json.dumps({"Code": "Success", "Type": "AWS-HMAC", "AccessKeyId": "ASIAROLE",
+                                    "SecretAccessKey": "role-secret", "Token": "role-token", "Expiration": expires,
+                                    "LastUpdated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+
     def _send(self, code, body):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body.encode())
+        try:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+        except OSError:  # the client gave up waiting (a stalled request): nothing to answer
+            pass
 
     def log_message(self, *args):
         pass

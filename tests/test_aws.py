@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -423,6 +424,85 @@ def test_on_ec2_every_metrics_line_records_the_instance_and_its_cost(tiny_data, 
     assert costs == sorted(costs) and costs[-1] > 0
 
 
+class OnDemandInstance(MetadataStandIn):
+    """IMDSv2 of an on-demand g4dn.xlarge: its list price (ec2.py) needs no EC2 API."""
+    identity = {"instance-type": "g4dn.xlarge", "placement/availability-zone": "us-east-1a",
+                "placement/region": "us-east-1", "instance-life-cycle": "on-demand"}
+
+
+def test_the_cost_carried_across_a_kill_counts_every_starts_time(tiny_data, tmp_path):
+    """SIGKILL after spending past the last checkpoint: the resumed run drops the metrics lines after the
+    checkpoint's step, but not the money they recorded."""
+    from resnet50_recipe.store.checkpoints import find_latest
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OnDemandInstance)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = tmp_path / "run"
+    settings = {"train.epochs": 2, "train.steps_per_epoch": 12, "train.batch_size": 2, "checkpoint.every_steps": 4,
+                "checkpoint.spot_notice": "on", "export.enabled": "false",
+                "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"}
+    command = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(out)]
+    for item in tiny_overlay(tiny_data, **settings):
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def costed() -> list[dict]:
+        try:
+            return [r for r in read_metrics(out / "metrics.jsonl") if r.get("cost_usd") is not None]
+        except (OSError, ValueError):  # not there yet, or a line half written
+            return []
+    try:
+        while True:  # pause the process at a step whose next one is no checkpoint's
+            assert process.poll() is None, process.stdout.read()
+            if costed() and costed()[-1]["global_step"] >= 5:
+                os.kill(process.pid, signal.SIGSTOP)
+                paused_at = costed()[-1]["global_step"]
+                if (paused_at + 1) % 4:
+                    break
+                os.kill(process.pid, signal.SIGCONT)
+            time.sleep(0.01)
+        time.sleep(4)  # a slow step, say: the next line is charged for these seconds
+        os.kill(process.pid, signal.SIGCONT)
+        while costed()[-1]["global_step"] <= paused_at:
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGSTOP)
+        before = costed()[-1]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+        resumed_from = find_latest(out / "checkpoints")[1]["global_step"]
+        assert resumed_from < paused_at + 1 <= before["global_step"]  # the costly line falls after the checkpoint
+        train(load_recipe("smoke", tiny_overlay(tiny_data, **settings)), out, quiet=True)
+    finally:
+        process.stdout.close()
+        server.shutdown()
+    records = read_metrics(out / "metrics.jsonl")
+    restart = max(i for i, r in enumerate(records) if r["kind"] == "start")
+    after = [r["cost_usd"] for r in records[restart + 1:] if r.get("cost_usd") is not None]
+    assert after and after[0] >= before["cost_usd"], \
+        f"the resumed run carried ${after[0]:.7f} over, less than the ${before['cost_usd']:.7f} spent before the kill"
+
+
+def test_the_first_budget_check_after_a_mid_epoch_restart_estimates_a_whole_epoch(tmp_path):
+    """Resumed mid-epoch 2 (epoch 1 ended at $1.00, $1.60 spent when the process stopped): at the end of epoch 2,
+    $2.00 spent, the epoch cost $1.00, not the $0.40 this process saw of it, so a $2.50 budget stops the run."""
+    from resnet50_recipe.trainer.budget import Budget
+    from resnet50_recipe.trainer.stop import StopControl
+
+    lines = [{"kind": "start", "global_step": 0, "time": 0.0},
+             {"kind": "step", "global_step": 5, "cost_usd": 0.5, "price_usd_per_h": 1.0},
+             {"kind": "epoch", "epoch": 0, "global_step": 10, "cost_usd": 1.0, "price_usd_per_h": 1.0},
+             {"kind": "step", "global_step": 15, "cost_usd": 1.3, "price_usd_per_h": 1.0},
+             {"kind": "step", "global_step": 18, "cost_usd": 1.6, "price_usd_per_h": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cost = InstanceCost(None, tmp_path / "metrics.jsonl")
+    assert cost.cost == 1.6
+    cost.price, cost.cost = 1.0, 2.0  # what the process's own metrics lines bring it to by the end of epoch 2
+    control = StopControl()
+    reason = Budget(2.5, cost).check(control, last_epoch=False)
+    assert reason is not None and control.stop.is_set(), "the next epoch (~$1.00) would pass the $2.50 budget"
+    assert "(~$1.00)" in reason
+
+
 def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, monkeypatch):
     """moto with IAM enforced (after 4 set-up calls), a user holding exactly the run's policy: the trainer's S3
     preflight and pointer writes work on the run's prefix and are refused next door; of EC2 only the spot price
@@ -669,7 +749,7 @@ class FakeCost:
     price = 0.5
 
     def __init__(self, watcher, metrics_path):
-        self.cost = self.cost_at_start = 0.0
+        self.cost = self.cost_at_epoch_start = 0.0
 
     def __call__(self) -> dict:
         self.cost += 0.10

@@ -3,6 +3,7 @@ bounded drains, the DDP stop, the finish, and failing starts that leave everythi
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    MetadataStandIn,
     args_for,
     assert_same_tree,
     final_state,
@@ -411,6 +413,143 @@ def test_with_s3_down_a_stop_ends_by_its_deadline(tiny_data, s3_endpoint, tmp_pa
     assert any("upload of checkpoints/" in u for u in summary["unfinished"]), summary["unfinished"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["unfinished"] == summary["unfinished"]
     assert find_latest(tmp_path / "run" / "checkpoints")[1]["global_step"] == summary["global_step"]
+
+
+def test_a_stops_deadline_is_fixed_when_it_is_asked_for_and_only_an_earlier_one_shortens_it():
+    control = StopControl(timeout_s=100.0)
+    asked = time.time()
+    control.request_stop("SIGTERM received")
+    first = control.stop_deadline()
+    assert asked + 100 <= first <= time.time() + 100
+    time.sleep(0.05)
+    assert control.stop_deadline() == first  # the drain and the final sync share it: they never add up
+    control.request_stop("EC2 spot interruption notice", deadline=first + 60)
+    assert control.stop_deadline() == first  # a later notice does not lengthen it...
+    control.request_stop("EC2 spot interruption notice", deadline=first - 30)
+    assert control.stop_deadline() == first - 30  # ...an earlier one shortens it
+    notice = StopControl(timeout_s=100.0)
+    notice.request_stop("EC2 spot interruption notice", deadline=time.time() + 120)
+    assert notice.stop_deadline() <= time.time() + 100  # a notice two minutes out still ends in stop_timeout_s
+
+
+def test_a_sigterm_with_the_store_stalled_ends_within_one_stop_timeout(tiny_data, tmp_path):
+    """The store stops answering (moto's server paused: the kernel accepts connections, nobody replies), then
+    SIGTERM: the stop's drain and the final sync share one deadline, so the process is gone within
+    checkpoint.stop_timeout_s (plus the exit), not twice that; systemd's TimeoutStopSec=110 covers 100 s once."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trainer = None
+    try:
+        for _ in range(400):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+        s3.create_bucket(Bucket="stalls")
+        out = tmp_path / "run"
+        args = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(out)]
+        for item in tiny_overlay(tiny_data, **{
+                "checkpoint.remote": "s3://stalls/r", "checkpoint.endpoint_url": endpoint, "train.epochs": 500,
+                "train.steps_per_epoch": 4, "train.batch_size": 2, "checkpoint.every_steps": 1,
+                "checkpoint.stop_timeout_s": 5, "checkpoint.spot_notice": "off", "export.enabled": "false"}):
+            args += ["--set", item]
+        trainer = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        while trainer.poll() is None and s3.list_objects_v2(Bucket="stalls", Prefix="r/checkpoints/latest.json",
+                                                            MaxKeys=1).get("KeyCount", 0) == 0:
+            time.sleep(0.1)
+        os.kill(server.pid, signal.SIGSTOP)  # the store stalls: uploads hang on their read timeout (60 s)
+        time.sleep(0.5)
+        asked = time.monotonic()
+        trainer.send_signal(signal.SIGTERM)
+        output = trainer.communicate(timeout=300)[0]
+        took = time.monotonic() - asked
+    finally:
+        if trainer is not None and trainer.poll() is None:
+            trainer.kill()
+        os.kill(server.pid, signal.SIGCONT)
+        server.terminate()
+        server.wait(timeout=30)
+    assert trainer.returncode == EXIT_INCOMPLETE, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] and any("upload of checkpoints/" in u for u in summary["unfinished"])
+    assert find_latest(out / "checkpoints")[1]["global_step"] == summary["global_step"]
+    # One 5 s deadline, with 4 s to spare for the step boundary, the save and the exit; the old second deadline
+    # for the final sync alone made it 10 s or more.
+    assert took < 9, f"SIGTERM to exit took {took:.1f} s against a 5 s stop_timeout_s\n{output}"
+
+
+class PassedNotice(MetadataStandIn):
+    """A spot notice whose time has already passed: the run's first stop save starts after its deadline."""
+    notice = {"action": "terminate", "time": "2001-01-01T00:00:00Z"}
+
+
+def test_a_stop_past_its_deadline_has_its_checkpoint_on_disk_before_the_summary(tiny_data, tmp_path, monkeypatch):
+    from http.server import ThreadingHTTPServer
+
+    from resnet50_recipe.trainer import run
+
+    out, seen = tmp_path / "run", []
+    real = run.write_json
+
+    def recording_write_json(path, data):  # what the disk holds at the moment the summary says "stopped"
+        if path.name == "summary.json":
+            seen.append((data["stopped"], find_latest(out / "checkpoints")))
+        real(path, data)
+    monkeypatch.setattr(run, "write_json", recording_write_json)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PassedNotice)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{
+            "train.epochs": 3, "train.steps_per_epoch": 6, "checkpoint.spot_notice": "on", "export.enabled": "false",
+            "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"}))
+        summary = train(recipe, out, quiet=True)
+    finally:
+        server.shutdown()
+    assert summary["stopped"] and summary["global_step"] < 18
+    assert seen and all(stopped for stopped, _ in seen)
+    assert all(latest is not None and latest[1]["global_step"] == summary["global_step"] for _, latest in seen), \
+        f"summary.json written before the stop's checkpoint was on disk: {seen}"
+    assert not any(u.startswith("write of checkpoint") for u in summary["unfinished"])
+
+
+def test_a_stopped_runs_summary_is_resumed_or_started_over_never_refused(tiny_data, tmp_path):
+    """A summary that says the run stopped (74, 75) is no finished run's result: --resume auto resumes from the
+    checkpoint, or, where the process was killed before it was written, starts cleanly, never exits 2."""
+    from http.server import ThreadingHTTPServer
+
+    class Notice(PassedNotice):
+        pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Notice)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = {"train.epochs": 2, "train.steps_per_epoch": 3, "checkpoint.spot_notice": "on",
+                "export.enabled": "false", "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"}
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **settings))
+    try:
+        stopped = [train(recipe, tmp_path / name, quiet=True) for name in ("kept", "lost")]
+        Notice.notice = None  # the restart: on a new instance, no notice
+        assert all(s["stopped"] for s in stopped)
+        shutil.rmtree(tmp_path / "lost" / "checkpoints")  # killed before the checkpoint reached the disk
+        assert json.loads((tmp_path / "lost" / "summary.json").read_text())["stopped"]
+        resumed = train(recipe, tmp_path / "kept", quiet=True)
+        fresh = train(recipe, tmp_path / "lost", quiet=True)
+    finally:
+        server.shutdown()
+    assert resumed["exit_status"] == fresh["exit_status"] == 0 and resumed["global_step"] == fresh["global_step"] == 6
+    assert read_metrics_kinds(tmp_path / "kept").count("start") == 2  # resumed: the same log, a second start
+    assert read_metrics_kinds(tmp_path / "lost").count("start") == 1  # started over: a fresh log
+
+
+def read_metrics_kinds(out: Path) -> list[str]:
+    return [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("failing", ["push", "export"])

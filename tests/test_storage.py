@@ -13,6 +13,7 @@ import time
 import boto3
 import pytest
 from helpers import (
+    MetadataStandIn,
     assert_same_tree,
     final_state,
     free_port,
@@ -169,6 +170,60 @@ def test_missing_credentials_fail_with_a_clear_message(tiny_data, s3_endpoint, t
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "no AWS credentials found" in done.stderr and "testing" not in done.stderr + done.stdout
+
+
+def test_on_ec2_a_slow_instance_role_is_waited_for_not_refused(tiny_data, bucket, s3_endpoint, tmp_path):
+    """On EC2 the credentials come from the instance role, through the metadata service, which botocore asks with
+    a 1 s timeout and one attempt. A busy metadata service then means NoCredentialsError: transient there, so
+    the start waits for it (preflight's retry window) instead of exiting 2, which terminates the instance."""
+    from http.server import ThreadingHTTPServer
+
+    class SlowRole(MetadataStandIn):
+        role, stalls, stall_s, requests = "resnet50-recipe-run", 2, 2.5, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowRole)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # The instance's environment: no keys, the metadata service enabled (the s3_endpoint fixture sets both).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_SERVICE_ENDPOINT=f"http://127.0.0.1:{server.server_port}/",
+               AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
+               AWS_DEFAULT_REGION="us-east-1", HOME=str(tmp_path))
+    args = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(tmp_path / "run"),
+            "--remote", f"s3://{bucket}/runs/role"]
+    for item in tiny_overlay(tiny_data, **{"checkpoint.endpoint_url": s3_endpoint, "export.enabled": "false"}):
+        args += ["--set", item]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert SlowRole.stalls == 0 and "/latest/meta-data/iam/security-credentials/resnet50-recipe-run" in \
+        SlowRole.requests  # the role's keys were read, after the stalls
+    assert S3Store(f"s3://{bucket}/runs/role", s3_endpoint).manifest()[0]["step"] == 2
+
+
+def test_on_ec2_a_role_that_never_answers_exits_75_and_off_ec2_no_credentials_exit_2(s3_endpoint, monkeypatch):
+    from http.server import ThreadingHTTPServer
+
+    from resnet50_recipe.store.s3 import RemoteRefused
+
+    class NoRole(MetadataStandIn):  # an instance without a role: 404 where the credentials would be
+        requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoRole)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{server.server_port}/")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the credentials an earlier test resolved
+    try:
+        with pytest.raises(RemoteUnavailable, match="kept failing for 2 s .*Unable to locate credentials"):
+            S3Store("s3://any-bucket/x", s3_endpoint, on_ec2=lambda: True).preflight(retry_s=2)
+        with pytest.raises(RemoteRefused, match="no AWS credentials found"):
+            S3Store("s3://any-bucket/x", s3_endpoint, on_ec2=lambda: False).preflight(retry_s=60)
+    finally:
+        server.shutdown()
+    assert "/latest/meta-data/iam/security-credentials/" in NoRole.requests
 
 
 def test_runs_ls_and_pull(tiny_data, bucket, s3_endpoint, tmp_path, capsys):

@@ -14,10 +14,12 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from resnet50_recipe.errors import UserError
 from resnet50_recipe.store.checkpoints import MANIFEST, check_manifest
@@ -56,14 +58,18 @@ class RemoteUnavailable(RemoteError):
     the whole start-up retry window: exit 75, so that the unit tries again later."""
 
 
-def is_transient(error: BaseException) -> bool:
-    """Whether an error from boto3 may go away by itself (README, "Exit codes")."""
+def is_transient(error: BaseException, on_ec2: bool = False) -> bool:
+    """Whether an error from boto3 may go away by itself (README, "Exit codes"). `on_ec2`: the credentials come
+    from the instance role, so that missing credentials mean a metadata service too slow for botocore's one
+    attempt of 1 s, which passes; elsewhere they mean none were given, which does not."""
     try:
         from botocore import exceptions as bx
     except ImportError:
         return False
     if isinstance(error, RemoteUnavailable):
         return True
+    if isinstance(error, bx.NoCredentialsError):
+        return on_ec2
     if isinstance(error, bx.ClientError):
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return error.response["Error"].get("Code") in _TRANSIENT_CODES or status >= 500
@@ -109,23 +115,60 @@ class S3Store:
     argument, or AWS_ENDPOINT_URL_S3 (read by boto3 itself), for MinIO, R2 and other S3-compatible stores.
 
     Uploads carry a full-object CRC64NVME (flexible checksums) when awscrt is installed and the store keeps
-    them (`crc64`, found out by `preflight`); otherwise an upload is verified by reading it back."""
+    them (`crc64`, found out by `preflight`); otherwise an upload is verified by reading it back.
 
-    def __init__(self, remote: str, endpoint_url: str | None = None, checksum: str = "when_supported"):
-        import boto3
+    `on_ec2` (the trainer passes its metadata-service probe, trainer/stop.py's `on_ec2`; this layer cannot import
+    it) is asked only when credentials are missing: on EC2 they are the instance role's, late, and are waited
+    for (`credentials_pending`); elsewhere missing credentials stay a permanent error."""
+
+    def __init__(self, remote: str, endpoint_url: str | None = None, checksum: str = "when_supported",
+                 on_ec2: Callable[[], bool] | None = None):
         from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
 
         self.remote = remote.rstrip("/")
         self.bucket, self.prefix = parse_remote(remote)
-        config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
-                        request_checksum_calculation=checksum, response_checksum_validation=checksum)
-        self.client = boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+        self.endpoint_url, self.checksum, self.on_ec2 = endpoint_url or None, checksum, on_ec2
+        self._ec2: bool | None = None  # on_ec2's answer, once asked
+        self.client = self._new_client()
         self.transfer = TransferConfig(multipart_threshold=_CHUNK, multipart_chunksize=_CHUNK, max_concurrency=4)
         # `when_required` is for stores that reject checksums they were not asked for: send none then.
-        self.checksum = checksum
         self.crc64 = checksum == "when_supported" and has_crc64()
         self.created = datetime.datetime.now(datetime.timezone.utc)
+
+    def _new_client(self, patient: bool = False):
+        """An S3 client; `patient`, one whose credentials are read from the instance metadata service with 5 s
+        timeouts and 3 attempts instead of botocore's 1 s and 1 (botocore's metadata_service_timeout and
+        metadata_service_num_attempts settings, AWS_METADATA_SERVICE_TIMEOUT / _NUM_ATTEMPTS in the environment)."""
+        import boto3
+        import botocore.session
+        from botocore.config import Config
+
+        config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+                        request_checksum_calculation=self.checksum, response_checksum_validation=self.checksum)
+        if not patient:
+            return boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
+        session = botocore.session.get_session()
+        for name, value in (("metadata_service_timeout", 5), ("metadata_service_num_attempts", 3)):
+            if session.get_config_variable(name) in (None, 1):  # botocore's defaults; a user's own setting stays
+                session.set_config_variable(name, value)
+        return boto3.Session(botocore_session=session).client("s3", endpoint_url=self.endpoint_url, config=config)
+
+    def credentials_pending(self, error: BaseException) -> bool:
+        """Whether `error` is missing credentials that the instance role will bring: on EC2, with the metadata
+        service enabled. The caller then retries after `renew_client`."""
+        from botocore.exceptions import NoCredentialsError
+
+        if not isinstance(error, NoCredentialsError) or self.on_ec2 is None or \
+                os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+            return False
+        if self._ec2 is None:
+            self._ec2 = bool(self.on_ec2())
+        return self._ec2
+
+    def renew_client(self) -> None:
+        """A fresh, patient client: botocore reads the credentials once, when it makes a client, and a client made
+        without them never asks again."""
+        self.client = self._new_client(patient=True)
 
     def child(self, sub: str) -> "S3Store":
         """The same store and client, one level deeper: `store.child("runs/in1k")`."""
@@ -233,13 +276,17 @@ class S3Store:
                 self._probe()
                 break
             except Exception as e:
-                if not is_transient(e):
+                pending = self.credentials_pending(e)
+                if not is_transient(e, on_ec2=pending):
                     raise self._explain(e) from None
                 if time.monotonic() + delay > deadline:
                     raise RemoteUnavailable(f"{self.remote}: the store kept failing for {retry_s:.0f} s ({e}); "
                                             "exiting 75 so that a restart tries again") from None
-                log.warning("%s: the store is not answering (%s); retrying in %.0f s", self.remote, e, delay)
+                log.warning("%s: %s (%s); retrying in %.0f s", self.remote, "the instance role's credentials are "
+                            "not there yet" if pending else "the store is not answering", e, delay)
                 time.sleep(delay)
+                if pending:
+                    self.renew_client()
                 delay = min(delay * 2, 30.0)
         self.abort_stale_uploads()
 

@@ -133,6 +133,8 @@ class Uploader:
                 with self._cond:
                     if self._closed:  # the run has ended: what is left was reported as unfinished
                         return
+                if self.store.credentials_pending(e):  # on EC2: the instance role's credentials, late
+                    self.store.renew_client()
                 log.warning("upload to %s failed (%s); retrying in %.0f s", self.store.remote, e, delay)
                 with self._cond:
                     self._busy = False

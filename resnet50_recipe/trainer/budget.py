@@ -23,7 +23,8 @@ BUDGET_REASON = "train.budget_usd"
 
 class InstanceCost:
     """Fields merged into every metrics.jsonl record on EC2: the instance type, AZ, market, the price now and the
-    cost so far (price x time of the training processes, carried over from the last record of an earlier one).
+    cost so far (price x time of the training processes, carried over from the last record of an earlier one; a
+    resume keeps that record's cost in its start line when it drops the lines after its checkpoint, runlog.py).
 
     It asks the instance metadata (through the spot watcher's IMDSv2 session) once, and the spot price at most
     every `refresh_s` seconds, never per step. Only the first price is read in the caller's thread; later
@@ -37,13 +38,18 @@ class InstanceCost:
         self.price: float | None = None
         self.priced_at = -float("inf")
         self.pricing: threading.Thread | None = None
-        self.cost = 0.0
         try:
-            costs = [r["cost_usd"] for r in read_metrics(metrics_path) if r.get("cost_usd") is not None]
-            self.cost = costs[-1] if costs else 0.0
+            records = read_metrics(metrics_path)
         except (OSError, ValueError):
-            pass
-        self.cost_at_start = self.cost  # what earlier processes spent: a budget's first epoch is measured from it
+            records = []
+        costs = [r["cost_usd"] for r in records if r.get("cost_usd") is not None]
+        self.cost = costs[-1] if costs else 0.0  # what earlier processes spent
+        # The cost when the epoch this process starts in began: the last epoch line's, or none spent before the
+        # first one ended. A restart mid-epoch then measures the budget's first epoch whole (this process's part of
+        # it would underestimate the next one); an epoch line without a price falls back to this process's start.
+        epochs = [r for r in records if r.get("kind") == "epoch"]
+        at_epoch_start = epochs[-1].get("cost_usd") if epochs else 0.0
+        self.cost_at_epoch_start = self.cost if at_epoch_start is None else at_epoch_start
         self.last = time.time()
 
     def __call__(self) -> dict:
@@ -105,7 +111,8 @@ class Budget:
         spent = getattr(self.source, "cost", None)
         if spent is None or getattr(self.source, "price", None) is None:
             return None  # no price known yet: the cost is not known, and an unknown cost stops nothing
-        epoch_cost = spent - (self.at_last_epoch if self.at_last_epoch is not None else self.source.cost_at_start)
+        epoch_cost = spent - (self.at_last_epoch if self.at_last_epoch is not None else
+                              self.source.cost_at_epoch_start)
         self.at_last_epoch = spent
         if last_epoch or spent + epoch_cost <= self.budget_usd:
             return None

@@ -86,6 +86,8 @@ from resnet50_recipe.trainer.step import Trainer, agreed_stop, build_trainer, ev
 from resnet50_recipe.trainer.stop import (
     StopControl,
     install_signal_handlers,
+    metadata_endpoint,
+    on_ec2,
     restore_signal_handlers,
     start_spot_watcher,
 )
@@ -114,6 +116,9 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     boundary with a checkpoint, and `summary["stopped"]` set.
     """
     control = control or StopControl()
+    # A stop's whole budget, from the moment it is asked for (a stop asked for before this, while the CLI loaded the
+    # recipe, ends in set-up at once).
+    control.timeout_s = recipe.checkpoint.stop_timeout_s
     handlers = install_signal_handlers(control)  # before any set-up work: a stop is honoured from here on
     run = services = None
     try:
@@ -198,7 +203,10 @@ def check_inputs(recipe: Recipe, rt: Runtime, control: StopControl) -> Inputs:
     cc = recipe.checkpoint
     if cc.remote:
         check_stop(control, "checking the remote")
-        store = S3Store(cc.remote, cc.endpoint_url, cc.checksum)
+        # On EC2 missing credentials are the instance role's, late: the store waits for them (its own layer cannot
+        # ask the metadata service the trainer's way, so it is handed the probe, asked only if they are missing).
+        store = S3Store(cc.remote, cc.endpoint_url, cc.checksum,
+                        on_ec2=lambda: on_ec2(metadata_endpoint(cc.imds_endpoint)))
         if rt.is_main:
             store.preflight(cc.startup_retry_s)  # a wrong bucket or a missing permission fails here, before any work
     return Inputs(data_dir, classes, train_set, val_set, num_batches, num_batches // tc.accum_steps,
@@ -532,6 +540,7 @@ class Services:
 
     def __init__(self, run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, control: StopControl, runlog):
         cc = recipe.checkpoint
+        self.control = control
         self.uploader = self.writer = self.watcher = self.budget = None
         if not rt.is_main:
             return
@@ -549,16 +558,23 @@ class Services:
                 self.budget = Budget(recipe.train.budget_usd, runlog.extra)
 
     def drain(self, deadline: float) -> list[str]:
-        """Wait, until `deadline` (epoch seconds) at most, for the checkpoint on disk and then in S3; return what
-        did not finish. The writer's errors (a full disk) are raised, not waited out."""
-        unfinished = []
-        if self.writer is not None and not self.writer.drain(max(0.0, deadline - time.time())):
-            unfinished += [f"write of checkpoint at step {step}" for step in self.writer.waiting]
-        if self.uploader is not None:
-            if not unfinished:
-                self.uploader.drain(max(0.0, deadline - time.time()))
-            unfinished += self.uploader.unfinished()
-        return unfinished
+        """Wait for the checkpoint on disk, then in S3 until `deadline` (epoch seconds) at most, or the stop's own
+        deadline once a stop has been asked for (a signal during the final sync, or a spot notice after a signal,
+        only ever shortens the wait); return what did not finish.
+
+        The local write is waited for whatever the deadline: a summary that says the run stopped must never come
+        before the stop's checkpoint is on disk (a restart would find a stopped run and nothing to resume), and an
+        atomic save to local disk takes seconds at most. The writer's errors (a full disk) are raised."""
+        if self.writer is not None:
+            self.writer.drain()
+        if self.uploader is None:
+            return []
+        while True:
+            if self.control.stop.is_set():
+                deadline = min(deadline, self.control.stop_deadline())
+            left = max(0.0, deadline - time.time())
+            if self.uploader.drain(min(left, 1.0)) or left <= 1.0:  # a second at a time: the deadline may move
+                return self.uploader.unfinished()
 
     def sync(self, deadline: float) -> list[str]:
         """The run's files (metrics, summary, export, ...) after the checkpoints; what did not finish."""
@@ -764,17 +780,18 @@ def evaluate_epoch(loop: Loop, control: StopControl) -> dict | None:
 
 
 def stop_and_drain(loop: Loop, services: Services, outcome: Outcome, control: StopControl) -> list[str]:
-    """After a stop: wait for its checkpoint on disk and in S3, until the deadline at most (the spot notice's,
-    or `checkpoint.stop_timeout_s` from now); return what did not finish."""
+    """After a stop: wait for its checkpoint on disk, then in S3 until the stop's deadline at most (fixed when the
+    stop was asked for: `checkpoint.stop_timeout_s` from then, or the spot notice's if earlier); return what did
+    not finish."""
     if not outcome.stopped:
         return []
     cc = loop.recipe.checkpoint
     started = time.time()
-    deadline = control.stop_deadline(cc.stop_timeout_s)
+    deadline = control.stop_deadline()  # fixed when the stop was asked for: finish's sync shares it
     unfinished = services.drain(deadline)
-    where = f"written and uploaded to {cc.remote}" if services.uploader is not None else "written"
+    where = f"written and uploaded to {cc.remote}" if services.uploader is not None and not unfinished else "written"
     loop.say(f"stopped ({control.reason}): checkpoint at step {loop.t.global_step} {where} in "
-             f"{time.time() - started:.1f} s of the {deadline - started:.0f} s left before the deadline"
+             f"{time.time() - started:.1f} s of the {max(0.0, deadline - started):.0f} s left before the deadline"
              + (f"; not finished by then: {', '.join(unfinished)}" if unfinished else "")
              + (f"; the resumed run evaluates epoch {outcome.at[0]} first" if outcome.during == "evaluation" else ""))
     return unfinished
@@ -793,7 +810,8 @@ def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[st
     summary.update(during=outcome.during, run_id=loop.run.lineage["run_id"])
     if outcome.stopped and (control.reason or "").startswith(BUDGET_REASON):
         summary.update(over_budget=True, stop_reason=control.reason)
-    deadline = control.stop_deadline(cc.stop_timeout_s) if control.stop.is_set() else time.time() + cc.upload_timeout_s
+    # A stop has one deadline for all of it; otherwise the final sync has its own, cut short by a stop during it.
+    deadline = control.stop_deadline() if control.stop.is_set() else time.time() + cc.upload_timeout_s
     publish = recipe.export.enabled and rt.is_main and not outcome.stopped
     if publish and control.stop.is_set():  # trained to the end, but the machine is going: the restart exports
         summary.update(stopped=True, during="finish")

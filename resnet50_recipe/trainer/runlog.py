@@ -32,11 +32,24 @@ RESULTS = ("summary.json", "export")
 
 
 def check_replaceable(out: Path, force: bool) -> None:
-    """A fresh start in `out` replaces its logs; a finished run's results are never replaced without `force`."""
-    results = [name for name in RESULTS if (out / name).exists()]
+    """A fresh start in `out` replaces its logs; a finished run's results are never replaced without `force`.
+
+    A summary that says the run stopped (`stopped`: a signal, a spot notice; exit 74 or 75) is no result: the run was
+    meant to go on, and a restart that finds no checkpoint beside it (the process was killed before the first
+    one reached the disk) starts it over, as the unit's restart expects, instead of refusing with exit 2."""
+    results = [name for name in RESULTS if (out / name).exists() and not (name == "summary.json" and _stopped(out))]
     if results and not force:
         raise ExistingOutput(f"{out} holds the results of an earlier run ({', '.join(results)}) and no checkpoint "
                              "to resume; pass --output DIR for a new run, or --force to replace them")
+
+
+def _stopped(out: Path) -> bool:
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    # `stopped`, not the status: 74 alone may also be a finished run whose last sync did not complete.
+    return isinstance(summary, dict) and summary.get("stopped") is True
 
 
 def clear_run_dir(out: Path) -> None:
@@ -56,6 +69,7 @@ class RunLog:
         self.epochs: list[dict] = []  # per-epoch records, for curves.png and the summary
         self.extra: Callable[[], dict] | None = None  # fields added to every line (on EC2: instance and cost)
         self.resumed_at: int | None = None  # the global step of the checkpoint this process resumed from
+        self.spent: dict = {}  # on EC2: the cost (and price) recorded before a resume, kept in its start line
         self.trackers: list = []
 
     def start(self, recipe: Recipe, plan: dict | None = None) -> None:
@@ -65,7 +79,8 @@ class RunLog:
         (self.out / "recipe.yaml").write_text(to_yaml(recipe))
         write_json(self.out / "env.json", versions())
         self.trackers = open_trackers(self.out, recipe, self.resumed_at)
-        self.log({"kind": "start", "global_step": self.resumed_at or 0, "time": time.time(), **(plan or {})})
+        self.log({"kind": "start", "global_step": self.resumed_at or 0, "time": time.time(), **(plan or {}),
+                  **self.spent})
 
     def sample_images(self, dataset, count: int = 16) -> None:
         """A grid of augmented training images as epoch 0 sees them (before Mixup and erasing, which happen
@@ -80,13 +95,18 @@ class RunLog:
             tracker.images("train/augmented_samples", grid)
 
     def resume(self, global_step: int, history: list[dict]) -> None:
-        """Drop what was logged after the checkpoint being resumed: those steps will run again."""
+        """Drop what was logged after the checkpoint being resumed: those steps will run again. The money they
+        cost was spent all the same: the last recorded `cost_usd` goes into the start line (`start`), from which
+        the cost carried over (budget.py's InstanceCost) and `watch` read it."""
         self.resumed_at = global_step
         self.epochs = [r for r in history if r.get("kind") == "epoch"]
         path = self.out / "metrics.jsonl"
         if not self.enabled or not path.exists():
             return
-        kept = [r for r in read_metrics(path) if r.get("global_step", 0) <= global_step]
+        records = read_metrics(path)
+        costed = [r for r in records if r.get("cost_usd") is not None]
+        self.spent = {k: costed[-1][k] for k in ("cost_usd", "price_usd_per_h") if k in costed[-1]} if costed else {}
+        kept = [r for r in records if r.get("global_step", 0) <= global_step]
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(path)

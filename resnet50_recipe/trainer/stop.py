@@ -22,7 +22,7 @@ import urllib.request
 from resnet50_recipe.errors import EXIT_INTERRUPTED
 
 __all__ = ["IMDS_ENDPOINT", "StopControl", "install_signal_handlers", "restore_signal_handlers", "SpotWatcher",
-           "on_ec2", "start_spot_watcher"]
+           "on_ec2", "metadata_endpoint", "start_spot_watcher"]
 
 log = logging.getLogger(__name__)
 
@@ -30,26 +30,34 @@ IMDS_ENDPOINT = "http://169.254.169.254"
 
 
 class StopControl:
-    """The stop event plus why it was set, and a separate request for an extra checkpoint."""
+    """The stop event plus why it was set, and a separate request for an extra checkpoint.
 
-    def __init__(self):
+    A stop's deadline is fixed once, when the stop is asked for: `timeout_s` (checkpoint.stop_timeout_s) from
+    then, or a spot notice's time when that is earlier. Everything the stop does (the checkpoint's drain, the
+    final sync, the exit) shares it, so that the whole stop ends inside systemd's TimeoutStopSec and torchrun's
+    grace period; a deadline computed afresh at each wait would add the waits up."""
+
+    def __init__(self, timeout_s: float = 100.0):
         self.stop = threading.Event()
         self.checkpoint_now = threading.Event()
+        self.timeout_s = timeout_s  # seconds a stop may take from the moment it is asked for
         self.reason: str | None = None
-        self.deadline: float | None = None  # epoch seconds by which the checkpoint must be safe, when known
+        self.deadline: float | None = None  # epoch seconds by which the stop must be complete, once asked for
         self.interrupts = 0  # SIGINTs received: the second one exits at once
 
     def request_stop(self, reason: str, deadline: float | None = None) -> None:
         if not self.stop.is_set():
-            self.reason, self.deadline = reason, deadline
+            own = time.time() + self.timeout_s
+            self.reason, self.deadline = reason, own if deadline is None else min(deadline, own)
             log.warning("stop requested: %s", reason)
         elif deadline is not None and (self.deadline is None or deadline < self.deadline):
-            self.deadline = deadline  # a spot notice after a signal: its deadline is the one that holds
+            self.deadline = deadline  # a spot notice after a signal: the earlier deadline is the one that holds
         self.stop.set()
 
-    def stop_deadline(self, default_s: float) -> float:
-        """Epoch seconds by which a stop must be complete: the notice's deadline, or `default_s` from now."""
-        return self.deadline if self.deadline is not None else time.time() + default_s
+    def stop_deadline(self) -> float:
+        """Epoch seconds by which the stop must be complete: the one deadline fixed when it was asked for (a
+        caller that asks before any stop gets `timeout_s` from now)."""
+        return self.deadline if self.deadline is not None else time.time() + self.timeout_s
 
 
 def install_signal_handlers(control: StopControl) -> dict:
@@ -177,13 +185,19 @@ def start_spot_watcher(control: StopControl, mode: str, endpoint: str | None, in
     link-local IMDS address."""
     if mode == "off":
         return None
-    endpoint = endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_ENDPOINT
+    endpoint = metadata_endpoint(endpoint)
     if mode == "auto" and not on_ec2(endpoint):
         return None
     watcher = SpotWatcher(control, endpoint, interval_s)
     watcher.start()
     log.info("watching %s for EC2 spot interruption notices every %.1f s", endpoint, interval_s)
     return watcher
+
+
+def metadata_endpoint(endpoint: str | None = None) -> str:
+    """The metadata service's address: the recipe's (checkpoint.imds_endpoint), botocore's override variable, or
+    the link-local IMDS address."""
+    return endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT") or IMDS_ENDPOINT
 
 
 def _parse_time(text: str | None) -> float | None:
