@@ -68,12 +68,25 @@ def pytest_collection_modifyitems(config, items):
         keys = {file, f"{file}::{getattr(item, 'originalname', item.name)}", f"{file}::{item.name}"}
         if keys & SLOW or "smoke_run" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+        if file == "test_journey.py":  # `make journey` runs these, in a pass of their own
+            item.add_marker(pytest.mark.journey)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """`make journey`: one line per scenario of tests/test_journey.py that ran, with what it checked."""
+    import sys
+
+    journey = sys.modules.get("journey")
+    if journey is not None and journey.RESULTS:
+        terminalreporter.section("journey")
+        for name, checked, seconds in journey.RESULTS:
+            terminalreporter.write_line(f"{name:<26} {seconds:5.0f} s  {checked}")
 
 
 @pytest.fixture(scope="session")

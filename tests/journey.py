@@ -37,6 +37,8 @@ from helpers import MetadataStandIn
 SCALE = 1 / 20
 UNIT_NAME = "resnet50-recipe-train.service"
 ACCOUNT = "123456789012"  # moto's default account
+# (scenario, what it checked, seconds): conftest.py's pytest_terminal_summary prints one line each (`make journey`)
+RESULTS: list[tuple[str, str, float]] = []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,6 +241,11 @@ class Systemd:
             self.log(f"systemd: {UNIT_NAME}: stop timed out; killing")
         self.kill_all()
 
+    def pause(self, paused: bool = True) -> None:
+        """SIGSTOP (or SIGCONT) the running processes: lets a scenario act at a step of its choosing."""
+        if self.main is not None and self.main.poll() is None:
+            os.killpg(self.main.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def power_cut(self) -> None:
         self.cut.set()
         self.stopping.set()
@@ -334,9 +341,11 @@ class Ec2:
                 instance_interruption_behaviour="stop")
         return request.id
 
-    def open_requests(self) -> list[dict]:
+    def open_requests(self, run: str) -> list[dict]:
+        """The run's requests that EC2 would still fulfil (moto's state is shared by the session's tests)."""
         return [r for r in self.client.describe_spot_instance_requests()["SpotInstanceRequests"]
-                if r["State"] in ("open", "active", "disabled")]
+                if r["State"] in ("open", "active", "disabled")
+                and {"Key": "resnet50-recipe:run", "Value": run} in r.get("Tags", [])]
 
     def replace(self, instance_id: str) -> str:
         """A lost instance: terminated, and the persistent request starts a new one with the same user data."""
@@ -366,7 +375,8 @@ def dependencies_dir(into: Path) -> Path:
 
 
 def write_stand_ins(bin_dir: Path, calls: Path, deps: Path, gpus: int) -> None:
-    """systemctl (records its calls), python3 (the real one; a venv it makes sees `deps`), nvidia-smi (`gpus`)."""
+    """systemctl (records its calls), python3 (the real one; a venv it makes sees `deps`), journalctl (the unit's
+    output), nvidia-smi (`gpus` GPUs; none: it fails, as on a machine without a driver)."""
     bin_dir.mkdir(parents=True, exist_ok=True)
     base = getattr(sys, "_base_executable", sys.executable)
     scripts = {
@@ -374,11 +384,14 @@ def write_stand_ins(bin_dir: Path, calls: Path, deps: Path, gpus: int) -> None:
         "python3": (f'#!/bin/sh\n{base} "$@" || exit $?\n'
                     'if [ "$1" = -m ] && [ "$2" = venv ]; then\n'
                     '    for target; do :; done\n'
-                    '    site=$("$target/bin/python" -c "import sysconfig; print(sysconfig.get_paths()[\'purelib\'])")\n'
+                    '    site=$("$target/bin/python" -c '
+                    '"import sysconfig; print(sysconfig.get_paths()[\'purelib\'])")\n'
                     # ensurepip's older setuptools would shadow the one torch asks for
-                    '    rm -rf "$site"/setuptools* "$site"/pkg_resources "$site"/_distutils_hack "$site"/distutils-precedence.pth\n'
+                    '    rm -rf "$site"/setuptools* "$site"/pkg_resources "$site"/_distutils_hack '
+                    '"$site"/distutils-precedence.pth\n'
                     f'    echo {deps} > "$site/journey-deps.pth"\n'
                     'fi\n'),
+        "journalctl": '#!/bin/sh\ncat "$JOURNAL"\n',  # the unit's output, which Systemd writes to $JOURNAL
         "nvidia-smi": ("#!/bin/sh\n" + "".join(f'echo "GPU {i}: NVIDIA T4 (UUID: GPU-{i})"\n' for i in range(gpus))
                        if gpus else "#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n"),
     }
@@ -409,7 +422,8 @@ class Machine:
         Metadata.instance = {"id": self.instance_id, "type": instance["InstanceType"], "region": cloud.region,
                              "az": instance["Placement"]["AvailabilityZone"]}
         # The profile's role, by the launcher's naming: the profile and its role share the name.
-        Metadata.role = instance.get("IamInstanceProfile", {}).get("Arn", "/").rsplit("/", 1)[-1]
+        # (moto starts a persistent request's next instance without the profile; EC2 gives it the request's.)
+        Metadata.role = instance.get("IamInstanceProfile", {}).get("Arn", "/").rsplit("/", 1)[-1] or Metadata.role
         (self.disk / "root").mkdir(parents=True, exist_ok=True)
         write_stand_ins(self.disk / "bin", self.calls, cloud.deps, cloud.gpus)
         marker = self.disk / "var/lib/cloud" / self.instance_id
@@ -492,14 +506,17 @@ class SpotCloud:
         self.machine.boot()
         return self.machine
 
-    def interrupt(self, notice_s: float = 120 * SCALE) -> float:
+    def interrupt(self, notice_s: float = 120 * SCALE, paused: bool = False) -> float:
         """A spot interruption with stop behaviour: the notice in the metadata, the OS's SIGTERM to the unit a
         quarter of the notice before its end, the power cut at its end; then EC2 starts the same instance again
-        with its disk. Returns the notice's deadline (epoch seconds)."""
+        with its disk. `paused`: the unit's processes were paused, and go on once the notice is posted. Returns the
+        notice's deadline (epoch seconds)."""
         machine = self.machine
         deadline = time.time() + notice_s
         Metadata.notice = {"action": "stop",
                            "time": datetime.fromtimestamp(deadline, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if paused:
+            machine.systemd.pause(False)
         # The notice's time has whole seconds: the deadline the trainer reads is the floor.
         deadline = float(int(deadline))
         time.sleep(max(0.0, deadline - time.time() - notice_s / 4))

@@ -1,7 +1,6 @@
 """The journey as one piece: `aws launch` on the laptop to weights on the Hub, through the instance's user data,
 its systemd unit, the trainer, S3 and the release, on the spot cloud of tests/journey.py. `make journey` runs
 these alone and prints one line per scenario: its name, what it checked, and how long it took."""
-import base64
 import os
 import shutil
 import time
@@ -10,7 +9,7 @@ import boto3
 import pytest
 import torch
 from helpers import last_step, start_hub
-from journey import SCALE, SpotCloud, dependencies_dir
+from journey import RESULTS, SCALE, SpotCloud, dependencies_dir
 from safetensors.torch import load, load_file
 
 from resnet50_recipe.cloud import instances, ship
@@ -19,25 +18,14 @@ from resnet50_recipe.errors import UserError
 
 REGION = "us-east-1"
 REPO = "journey-user/resnet-journey"
-RESULTS: list[tuple[str, str, float]] = []
 
-# The smoke recipe shrunk to 2 epochs of 8 steps at 32 px, deterministic on CPU (so that runs compare bitwise),
+# The smoke recipe shrunk to 2 epochs of 16 steps at 32 px, deterministic on CPU (so that runs compare bitwise),
 # with checkpoints every 2 steps and the trainer's stop deadline scaled as the unit's TimeoutStopSec is.
-TINY = ["data.synthetic.classes=4", "data.synthetic.per_class=16", "data.synthetic.val_per_class=4",
+TINY = ["data.synthetic.classes=4", "data.synthetic.per_class=32", "data.synthetic.val_per_class=4",
         "data.synthetic.size=32", "data.workers=0", "train.epochs=2", "train.batch_size=8", "train.device=cpu",
         "train.deterministic=true", "augment.train_size=32", "augment.eval_size=32", "log.every_steps=1",
         "log.tensorboard=false", "checkpoint.every_steps=2", "checkpoint.every_epochs=1",
         f"checkpoint.stop_timeout_s={100 * SCALE:g}", "checkpoint.spot_poll_s=0.2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report(request):
-    yield
-    terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-    if terminal is not None and RESULTS:
-        terminal.write_line("")
-        for name, checked, seconds in RESULTS:
-            terminal.write_line(f"journey {name:<22} {seconds:6.0f} s  {checked}")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +49,10 @@ def hub(tmp_path_factory):
 @pytest.fixture
 def world(s3_endpoint, bucket, tmp_path, monkeypatch, deps, hub):
     """The laptop's AWS (moto through AWS_ENDPOINT_URL) and a SpotCloud for the run's instances."""
+    if shutil.which("aws") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the AWS CLI is missing; .ci/run installs it from Debian")
+        pytest.skip("the instance side needs the AWS CLI (apt-get install awscli, or pip install awscli)")
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setenv("HF_TOKEN", "hf_journeytoken")
     ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=s3_endpoint)
@@ -158,7 +150,7 @@ def test_happy_path_launch_train_export_push_release(world, wheel):
     assert exits(machine) == ["0"], journal[-3000:]
     ec2 = world["ec2"]
     assert cloud.ec2.state(result["instance_id"]) in ("shutting-down", "terminated")
-    assert cloud.ec2.open_requests() == [], request
+    assert cloud.ec2.open_requests("happy") == [], request
     params = world["ssm"].describe_parameters()["Parameters"]
     assert [p["Name"] for p in params if "hf-token" in p["Name"]] == [], "the Hub token outlived the run"
     assert world["s3"].head_object(Bucket=world["bucket"], Key="runs/happy/summary.json")
@@ -183,8 +175,9 @@ def test_a_spot_notice_mid_epoch_exits_75_in_time_and_the_same_instance_resumes_
     result, _ = launch(world, "notice", package=wheel)
     cloud.ec2.open_request(result["instance_id"])
     machine = cloud.boot(result["instance_id"])
-    wait_for(lambda: last_step(run_dir(machine, "notice")) >= 3, "step 3", cloud)  # mid-epoch 1 of 8 steps
-    deadline = cloud.interrupt()
+    wait_for(lambda: last_step(run_dir(machine, "notice")) >= 3, "step 3", cloud)
+    machine.systemd.pause()  # mid-epoch 1 of 16 steps, whatever the machine's speed
+    deadline = cloud.interrupt(paused=True)
     first = machine.systemd.starts[0]
     assert first["exit_status"] == "75" and first["ended"] <= deadline, (first, deadline, cloud.journal()[-3000:])
     again = cloud.machine
@@ -206,8 +199,10 @@ def test_a_lost_instance_is_replaced_by_an_empty_one_that_resumes_from_s3_bitwis
     def in_s3():
         listed = world["s3"].list_objects_v2(Bucket=world["bucket"], Prefix="runs/lost/checkpoints/")
         return last_step(run_dir(machine, "lost")) >= 5 and any(
-            o["Key"].endswith(".safetensors") for o in listed.get("Contents", []))
+            o["Key"].endswith(".pt") for o in listed.get("Contents", []))
     wait_for(in_s3, "a checkpoint in S3", cloud)
+    machine.systemd.pause()  # before the run can end
+    assert last_step(run_dir(machine, "lost")) < 31
     cloud.lose()
     fresh = cloud.machine
     assert fresh.instance_id != machine.instance_id and fresh.disk != machine.disk
@@ -234,7 +229,7 @@ def test_a_crash_loop_ends_with_nothing_billing_but_s3_or_the_disk(world, wheel,
     state = cloud.ec2.state(result["instance_id"])
     assert state in ("stopping", "stopped", "shutting-down", "terminated"), \
         f"{len(exits(machine))} crashes, then the instance is still {state} (billing)"
-    assert cloud.ec2.open_requests() == [], "a persistent request would start the instance again"
+    assert cloud.ec2.open_requests("crash") == [], "a persistent request would start the instance again"
     text = status_text("crash")
     assert ("powered off" in text) if state in ("stopping", "stopped") else ("nothing billing" in text), text
     assert [p for p in world["ssm"].describe_parameters()["Parameters"] if "crash" in p["Name"]] == []
@@ -260,12 +255,84 @@ def test_a_multi_gpu_type_runs_one_process_per_gpu(world, wheel):
 def test_a_recipe_that_could_only_fail_on_the_instance_is_refused_on_the_laptop(world, wheel, extra):
     started = time.time()
     with pytest.raises(UserError) as refused:
-        launch(world, "refused", *extra, package=wheel, push=None)
+        launch(world, f"refused{len(extra[0])}", *extra, package=wheel, push=None)
     assert extra[0].split("=")[0] in str(refused.value)
     assert world["ec2"].describe_instances()["Reservations"] == [] or all(
         i["State"]["Name"] == "terminated" for r in world["ec2"].describe_instances()["Reservations"]
-        for i in r["Instances"] if any(t["Value"] == "refused" for t in i.get("Tags", [])))
-    listed = world["s3"].list_objects_v2(Bucket=world["bucket"], Prefix="runs/refused/")
+        for i in r["Instances"] if any(t["Value"].startswith("refused") for t in i.get("Tags", [])))
+    listed = world["s3"].list_objects_v2(Bucket=world["bucket"], Prefix=f"runs/refused{len(extra[0])}/")
     assert listed.get("KeyCount", 0) == 0, "the refusal came after the launch had written to S3"
     record(f"refused: {extra[0].split('=')[0]}", f"aws launch refuses it before any AWS call: {refused.value}"[:110],
            started)
+
+
+def test_the_budget_stops_the_run_with_exit_4_counting_every_starts_time_then_releases(world, wheel):
+    started = time.time()
+    cloud = world["cloud"]()
+    # moto's spot price is $0.00001/h: a second of training costs ~3e-9 USD, so this budget ends the run after
+    # its first epoch. (Through --set: `--budget-usd` would first refuse a budget below the estimate.)
+    result, _ = launch(world, "budget", "train.budget_usd=1e-10", package=wheel)
+    cloud.ec2.open_request(result["instance_id"])
+    machine = cloud.boot(result["instance_id"])
+    wait_for(lambda: last_step(run_dir(machine, "budget")) >= 3, "step 3", cloud)
+    machine.systemd.pause()
+    cloud.interrupt(paused=True)  # a restart in the middle of the first epoch
+    run_until_down(cloud, cloud.machine)
+    assert exits(machine) == ["75"] and exits(cloud.machine) == ["4"], cloud.journal()[-3000:]
+    assert cloud.ec2.state(result["instance_id"]) in ("shutting-down", "terminated")
+    assert cloud.ec2.open_requests("budget") == []
+    import json
+
+    lines = world["s3"].get_object(Bucket=world["bucket"], Key="runs/budget/metrics.jsonl")["Body"].read()
+    costs = [r["cost_usd"] for r in map(json.loads, lines.decode().splitlines()) if r.get("cost_usd") is not None]
+    assert costs and all(b >= a for a, b in zip(costs, costs[1:])), f"the cost went back at a restart: {costs}"
+    summary = json.loads(world["s3"].get_object(Bucket=world["bucket"], Key="runs/budget/summary.json")["Body"].read())
+    assert summary["over_budget"] and summary["exit_status"] == 4
+    record("budget", f"exit 4 after a restart, ${costs[-1]:.2e} counted without a step back; released", started)
+
+
+def test_credentials_that_time_out_for_a_while_are_waited_for_not_taken_as_bad_input(world, wheel):
+    from journey import Metadata
+
+    started = time.time()
+    cloud = world["cloud"]()
+    result, _ = launch(world, "creds", package=wheel)
+    cloud.ec2.open_request(result["instance_id"])
+    machine = cloud.boot(result["instance_id"])
+    wait_for(lambda: machine.systemd.starts and machine.systemd.starts[0]["argv"], "the trainer's start", cloud)
+    Metadata.stall_credentials_until = time.time() + 15  # every credential fetch takes 3 s: botocore gives up at 1 s
+    run_until_down(cloud, machine)
+    assert "2" not in exits(machine) and exits(machine)[-1] == "0", cloud.journal()[-3000:]
+    assert cloud.ec2.state(result["instance_id"]) in ("shutting-down", "terminated")
+    record("slow credentials", f"the role's credentials time out for 15 s: exits {', '.join(exits(machine))}, "
+           "no exit 2", started)
+
+
+def test_exit_2_mid_run_terminates_only_with_the_newest_checkpoint_in_s3(world, wheel, tmp_path):
+    from helpers import jpeg_bytes
+
+    started = time.time()
+    s3, bucket = world["s3"], world["bucket"]
+    for split, count in (("train", 32), ("val", 4)):
+        for c in range(2):
+            for i in range(count):
+                s3.put_object(Bucket=bucket, Key=f"data/tiny/{split}/c{c}/{i}.jpg", Body=jpeg_bytes(c * 100 + i))
+    # An image nobody can read, met by the first evaluation, after the epoch's checkpoints
+    s3.put_object(Bucket=bucket, Key="data/tiny/val/c1/unreadable.jpg", Body=b"not a JPEG")
+    cloud = world["cloud"]()
+    result, _ = launch(world, "bad", "data.synthetic=null", package=wheel, data=f"s3://{bucket}/data/tiny/")
+    cloud.ec2.open_request(result["instance_id"])
+    machine = cloud.boot(result["instance_id"])
+    run_until_down(cloud, machine)
+    assert exits(machine) == ["2"], cloud.journal()[-3000:]
+    state = cloud.ec2.state(result["instance_id"])
+    local = (run_dir(machine, "bad") / "checkpoints/latest.json").read_bytes()
+    remote = s3.get_object(Bucket=bucket, Key="runs/bad/checkpoints/latest.json")["Body"].read()
+    import json
+
+    in_s3 = json.loads(local)["file"] == json.loads(remote)["file"]
+    assert (state in ("shutting-down", "terminated")) == in_s3, (state, local, remote)
+    assert state in ("shutting-down", "terminated", "stopping", "stopped") and cloud.ec2.open_requests("bad") == []
+    assert s3.head_object(Bucket=bucket, Key="runs/bad/logs/train-exit-2.log")
+    record("exit 2 mid-run", f"unreadable image after checkpoints: newest checkpoint in S3 {in_s3}, instance "
+           f"{state}, request cancelled, log in S3", started)
