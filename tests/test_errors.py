@@ -155,10 +155,10 @@ def test_the_systemd_unit_tests_only_named_exit_statuses():
         assert lines, key
         used |= {int(n) for line in lines for n in line.split()}
     end = script[script.index('if [ "${1:-}" = "--end" ]'):]
-    case = end[end.index('case "$status" in'):end.index("esac")]
-    arms = re.findall(r"^\s*([\d |]+)\)", case, re.M)
-    assert arms, case
-    used |= {int(n) for arm in arms for n in arm.split("|")}
+    cases = re.findall(r'case "\$status" in(.*?)esac', end, re.S)
+    arms = [arm for case in cases for arm in re.findall(r'^\s*((?:""|\d+)(?:\s*\|\s*(?:""|\d+))*)\)', case, re.M)]
+    assert arms, cases
+    used |= {int(n) for arm in arms for n in re.findall(r"\d+", arm)}
     used |= {int(n) for n in re.findall(r'"\$status" [!=]= (\d+)', end)}
     assert used == {0, 2, 3, 4, 74, 75}, used
     for status in used:
