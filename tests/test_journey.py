@@ -81,6 +81,15 @@ def launch(world, name, *extra, package=None, **kwargs):
     return result, lines
 
 
+def start(world, name, *extra, gpus=0, env=None, **kwargs):
+    """`aws launch`, the persistent request EC2 opens for it, and the instance's first boot."""
+    cloud = world["cloud"](gpus)
+    cloud.instance_env.update(env or {})
+    result, _ = launch(world, name, *extra, **kwargs)
+    cloud.ec2.open_request(result["instance_id"])
+    return cloud, result, cloud.boot(result["instance_id"])
+
+
 def run_until_down(cloud, machine, timeout=420):
     """Until the machine is halted or its unit stays down; the journal on failure."""
     done = {}
@@ -141,16 +150,12 @@ HAPPY: dict = {}
 
 def test_happy_path_launch_train_export_push_release(world, wheel):
     started = time.time()
-    cloud = world["cloud"]()
-    result, lines = launch(world, "happy")  # no --package: the checkout is built into a wheel and shipped
-    request = cloud.ec2.open_request(result["instance_id"])
-    machine = cloud.boot(result["instance_id"])
+    cloud, result, machine = start(world, "happy")  # no --package: the checkout is built into a wheel and shipped
     run_until_down(cloud, machine)
     journal = cloud.journal()
     assert exits(machine) == ["0"], journal[-3000:]
-    ec2 = world["ec2"]
     assert cloud.ec2.state(result["instance_id"]) in ("shutting-down", "terminated")
-    assert cloud.ec2.open_requests("happy") == [], request
+    assert cloud.ec2.open_requests("happy") == []
     params = world["ssm"].describe_parameters()["Parameters"]
     assert [p["Name"] for p in params if "hf-token" in p["Name"]] == [], "the Hub token outlived the run"
     assert world["s3"].head_object(Bucket=world["bucket"], Key="runs/happy/summary.json")
@@ -164,17 +169,13 @@ def test_happy_path_launch_train_export_push_release(world, wheel):
     model = timm.create_model(f"local-dir:{pushed}", pretrained=True)
     assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
     HAPPY.update(weights)
-    del ec2
     record("happy path", "launch, set-up, train, export, push (weights load with timm), release; no instance, "
            "request or token left", started)
 
 
 def test_a_spot_notice_mid_epoch_exits_75_in_time_and_the_same_instance_resumes_bitwise(world, wheel):
     started = time.time()
-    cloud = world["cloud"]()
-    result, _ = launch(world, "notice", package=wheel)
-    cloud.ec2.open_request(result["instance_id"])
-    machine = cloud.boot(result["instance_id"])
+    cloud, result, machine = start(world, "notice", package=wheel)
     wait_for(lambda: last_step(run_dir(machine, "notice")) >= 3, "step 3", cloud)
     machine.systemd.pause()  # mid-epoch 1 of 16 steps, whatever the machine's speed
     deadline = cloud.interrupt(paused=True)
@@ -191,10 +192,7 @@ def test_a_spot_notice_mid_epoch_exits_75_in_time_and_the_same_instance_resumes_
 
 def test_a_lost_instance_is_replaced_by_an_empty_one_that_resumes_from_s3_bitwise(world, wheel):
     started = time.time()
-    cloud = world["cloud"]()
-    result, _ = launch(world, "lost", package=wheel)
-    cloud.ec2.open_request(result["instance_id"])
-    machine = cloud.boot(result["instance_id"])
+    cloud, result, machine = start(world, "lost", package=wheel)
 
     def in_s3():
         listed = world["s3"].list_objects_v2(Bucket=world["bucket"], Prefix="runs/lost/checkpoints/")
@@ -219,11 +217,8 @@ def test_a_crash_loop_ends_with_nothing_billing_but_s3_or_the_disk(world, wheel,
     broken = tmp_path / "broken"
     (broken / "timm").mkdir(parents=True)
     (broken / "timm" / "__init__.py").write_text("raise RuntimeError('a crash at every start')\n")
-    cloud = world["cloud"]()
-    cloud.instance_env["PYTHONPATH"] = str(broken)  # every start of the trainer crashes: exit 1
-    result, _ = launch(world, "crash", package=wheel)
-    cloud.ec2.open_request(result["instance_id"])
-    machine = cloud.boot(result["instance_id"])
+    # timm fails to import on this machine: every start of the trainer crashes with exit 1
+    cloud, result, machine = start(world, "crash", package=wheel, env={"PYTHONPATH": str(broken)})
     run_until_down(cloud, machine)
     assert set(exits(machine)) == {"1"}, cloud.journal()[-3000:]
     state = cloud.ec2.state(result["instance_id"])
@@ -239,10 +234,7 @@ def test_a_crash_loop_ends_with_nothing_billing_but_s3_or_the_disk(world, wheel,
 
 def test_a_multi_gpu_type_runs_one_process_per_gpu(world, wheel):
     started = time.time()
-    cloud = world["cloud"](gpus=4)
-    result, _ = launch(world, "multi", package=wheel, instance_type="g4dn.12xlarge")
-    cloud.ec2.open_request(result["instance_id"])
-    machine = cloud.boot(result["instance_id"])
+    cloud, result, machine = start(world, "multi", package=wheel, instance_type="g4dn.12xlarge", gpus=4)
     wait_for(lambda: machine.systemd.starts and machine.systemd.starts[0]["argv"], "the trainer's start", cloud)
     argv = machine.systemd.starts[0]["argv"]
     machine.systemd.power_cut()
@@ -268,12 +260,9 @@ def test_a_recipe_that_could_only_fail_on_the_instance_is_refused_on_the_laptop(
 
 def test_the_budget_stops_the_run_with_exit_4_counting_every_starts_time_then_releases(world, wheel):
     started = time.time()
-    cloud = world["cloud"]()
     # moto's spot price is $0.00001/h: a second of training costs ~3e-9 USD, so this budget ends the run after
     # its first epoch. (Through --set: `--budget-usd` would first refuse a budget below the estimate.)
-    result, _ = launch(world, "budget", "train.budget_usd=1e-10", package=wheel)
-    cloud.ec2.open_request(result["instance_id"])
-    machine = cloud.boot(result["instance_id"])
+    cloud, result, machine = start(world, "budget", "train.budget_usd=1e-10", package=wheel)
     wait_for(lambda: last_step(run_dir(machine, "budget")) >= 3, "step 3", cloud)
     machine.systemd.pause()
     cloud.interrupt(paused=True)  # a restart in the middle of the first epoch
@@ -295,10 +284,7 @@ def test_credentials_that_time_out_for_a_while_are_waited_for_not_taken_as_bad_i
     from journey import Metadata
 
     started = time.time()
-    cloud = world["cloud"]()
-    result, _ = launch(world, "creds", package=wheel)
-    cloud.ec2.open_request(result["instance_id"])
-    machine = cloud.boot(result["instance_id"])
+    cloud, result, machine = start(world, "creds", package=wheel)
     wait_for(lambda: machine.systemd.starts and machine.systemd.starts[0]["argv"], "the trainer's start", cloud)
     Metadata.stall_credentials_until = time.time() + 15  # every credential fetch takes 3 s: botocore gives up at 1 s
     run_until_down(cloud, machine)
@@ -319,10 +305,8 @@ def test_exit_2_mid_run_terminates_only_with_the_newest_checkpoint_in_s3(world, 
                 s3.put_object(Bucket=bucket, Key=f"data/tiny/{split}/c{c}/{i}.jpg", Body=jpeg_bytes(c * 100 + i))
     # An image nobody can read, met by the first evaluation, after the epoch's checkpoints
     s3.put_object(Bucket=bucket, Key="data/tiny/val/c1/unreadable.jpg", Body=b"not a JPEG")
-    cloud = world["cloud"]()
-    result, _ = launch(world, "bad", "data.synthetic=null", package=wheel, data=f"s3://{bucket}/data/tiny/")
-    cloud.ec2.open_request(result["instance_id"])
-    machine = cloud.boot(result["instance_id"])
+    cloud, result, machine = start(world, "bad", "data.synthetic=null", package=wheel,
+                                   data=f"s3://{bucket}/data/tiny/")
     run_until_down(cloud, machine)
     assert exits(machine) == ["2"], cloud.journal()[-3000:]
     state = cloud.ec2.state(result["instance_id"])
