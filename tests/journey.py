@@ -92,9 +92,9 @@ def expand(line: str, env: dict) -> tuple[list[str], str]:
 
 class Systemd:
     """One service unit run by its own directives, read from the unit file (systemd.service(5), systemd.unit(5),
-    systemd.kill(5)): ExecStartPre, ExecStart, Environment/EnvironmentFile, WorkingDirectory, Restart= with
-    SuccessExitStatus, RestartForceExitStatus and RestartPreventExitStatus, RestartSec, the start limit and
-    StartLimitAction, ExecStopPost with $EXIT_CODE/$EXIT_STATUS/$SERVICE_RESULT, and on a stop KillMode=mixed:
+    systemd.kill(5)): ConditionPathExists, ExecStartPre, ExecStart, Environment/EnvironmentFile, WorkingDirectory,
+    Restart= with SuccessExitStatus, RestartForceExitStatus and RestartPreventExitStatus, RestartSec, the start
+    limit and StartLimitAction, ExecStopPost with $EXIT_CODE/$EXIT_STATUS/$SERVICE_RESULT, and on a stop KillMode=mixed:
     KillSignal to the main process, SIGKILL to the rest after TimeoutStopSec. Processes of one start share a
     process group, the stand-in for the unit's cgroup. `manager_env` is the manager's DefaultEnvironment=."""
 
@@ -158,6 +158,11 @@ class Systemd:
                 self.log(f"systemd: {UNIT_NAME}: start request repeated too quickly (start-limit-hit)")
                 self.on_action(self.value("Unit", "StartLimitAction", "none"))
                 return
+            unmet = self.unmet_condition()
+            if unmet:  # systemd.unit(5): a failed condition skips the start, without failing the unit
+                self.result = "condition"
+                self.log(f"systemd: {UNIT_NAME}: start condition unmet ({unmet}), skipped")
+                return
             started.append(now)
             code, status, result = self.run_once()
             if self.cut.is_set():
@@ -170,6 +175,14 @@ class Systemd:
                 self.result = result
                 return
             self.stopping.wait(timespan(self.value("Service", "RestartSec", "0.1")) * SCALE)
+
+    def unmet_condition(self) -> str | None:
+        """The first ConditionPathExists= that does not hold ("!" negates), or None."""
+        for value in self.values("Unit", "ConditionPathExists"):
+            negated = value.startswith("!")
+            if Path(value.lstrip("!")).exists() == negated:
+                return f"ConditionPathExists={value}"
+        return None
 
     def run_once(self) -> tuple[str, str, str]:
         """ExecStartPre then ExecStart; (EXIT_CODE, EXIT_STATUS, SERVICE_RESULT)."""
