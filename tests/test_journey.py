@@ -14,6 +14,7 @@ from safetensors.torch import load, load_file
 
 from resnet50_recipe.cloud import instances, ship
 from resnet50_recipe.cloud import launch as launcher
+from resnet50_recipe.ec2 import INSTANCE_TYPES
 from resnet50_recipe.errors import UserError
 
 REGION = "us-east-1"
@@ -82,10 +83,12 @@ def launch(world, name, *extra, package=None, **kwargs):
 
 
 def start(world, name, *extra, gpus=0, env=None, **kwargs):
-    """`aws launch`, the persistent request EC2 opens for it, and the instance's first boot."""
-    cloud = world["cloud"](gpus)
+    """`aws launch`, the persistent request EC2 opens for it, and the instance's first boot, on a machine whose
+    nvidia-smi reports `gpus` GPUs (None: as many as the launched type has)."""
+    cloud = world["cloud"]()
     cloud.instance_env.update(env or {})
     result, _ = launch(world, name, *extra, **kwargs)
+    cloud.gpus = INSTANCE_TYPES[result["instance_type"]][1] if gpus is None else gpus
     cloud.ec2.open_request(result["instance_id"])
     return cloud, result, cloud.boot(result["instance_id"])
 
@@ -232,15 +235,19 @@ def test_a_crash_loop_ends_with_nothing_billing_but_s3_or_the_disk(world, wheel,
            "cancelled; aws status says so", started)
 
 
-def test_a_multi_gpu_type_runs_one_process_per_gpu(world, wheel):
+@pytest.mark.parametrize("chosen", ["g4dn.12xlarge", "auto"])
+def test_a_multi_gpu_type_runs_one_process_per_gpu(world, wheel, chosen):
     started = time.time()
-    cloud, result, machine = start(world, "multi", package=wheel, instance_type="g4dn.12xlarge", gpus=4)
+    cloud, result, machine = start(world, f"multi-{chosen.split('.')[0]}", package=wheel, instance_type=chosen,
+                                   gpus=None)
     wait_for(lambda: machine.systemd.starts and machine.systemd.starts[0]["argv"], "the trainer's start", cloud)
     argv = machine.systemd.starts[0]["argv"]
     machine.systemd.power_cut()
-    assert "--nproc-per-node" in " ".join(argv) and "4" in " ".join(argv).split("--nproc-per-node")[1][:3], argv
-    record("multi-GPU type", f"4 GPUs reported: the unit runs {' '.join(argv[1:3])} ... "
-           f"{' '.join(a for a in argv if 'nproc' in a)}", started)
+    gpus = cloud.gpus
+    assert gpus > 1, f"auto chose {result['instance_type']}, a one-GPU type: pick a case that reaches several GPUs"
+    assert argv[-2:] == ["--nproc-per-node", str(gpus)], argv
+    record(f"{gpus}-GPU type ({chosen})", f"{result['instance_type']}, nvidia-smi lists {gpus}: the unit runs "
+           f"`train ... --nproc-per-node {gpus}`", started)
 
 
 @pytest.mark.parametrize("extra", [["export.repo_id=someone/model", "export.enabled=true"], ["log.wandb=true"]])
