@@ -148,8 +148,8 @@ def bucket(s3_endpoint, request):
 def hub(tmp_path, monkeypatch):
     """A HubStandIn (helpers.py) storing under tmp_path/hub, reached by huggingface_hub in this process (its
     constants.ENDPOINT, read at import) and in subprocesses (HF_ENDPOINT). Yields .endpoint, .root (repo me/x is
-    .root/me/x), .requests and .handler: set hub.handler.refuse = 401 to refuse every request. Set HF_TOKEN to an
-    hf_... token yourself."""
+    .root/me/x), .requests and .handler: set hub.handler.refuse = 401 to refuse every request; hub.handler.private
+    maps each repo id to whether it is private. Set HF_TOKEN to an hf_... token yourself."""
     from types import SimpleNamespace
 
     import huggingface_hub.constants
