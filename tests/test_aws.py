@@ -131,6 +131,33 @@ def test_launch_offers_then_sets_the_rule_for_cut_off_multipart_uploads_keeping_
     assert not any("AbortIncompleteMultipartUpload" in line for line in said), said
 
 
+def test_the_upload_rule_is_refused_over_a_whole_bucket_and_the_rewrite_keeps_the_buckets_settings(cloud):
+    """--bucket s3://BUCKET (no prefix) would put the rule over every object of the bucket: refused before any AWS
+    call. A rewrite keeps what it did not mean to change, TransitionDefaultMinimumObjectSize included (moto always
+    answers all_storage_classes_128K and ignores the put's value, so the answer is set and the put read in hooks)."""
+    s3, name = cloud["s3"], cloud["bucket"]
+    with pytest.raises(launcher.UserError, match=rf"^--abort-incomplete-uploads: --bucket s3://{name} has no prefix"):
+        launcher.launch("smoke", f"s3://{name}", name="r1", ami=cloud["ami"], region=REGION, package=RELEASE,
+                        abort_incomplete_uploads=True, out=lambda *a: None)
+    with pytest.raises(s3.exceptions.ClientError):  # nothing written
+        s3.get_bucket_lifecycle_configuration(Bucket=name)
+    assert live_instances(cloud["ec2"]) == []
+    api, sent = cloud_api.Api(REGION), []
+
+    def bucket_setting(parsed, **kwargs):
+        parsed["TransitionDefaultMinimumObjectSize"] = "varies_by_storage_class"
+
+    api.client("s3").meta.events.register("after-call.s3.GetBucketLifecycleConfiguration", bucket_setting)
+    api.client("s3").meta.events.register("provide-client-params.s3.PutBucketLifecycleConfiguration",
+                                          lambda params, **kw: sent.append(params))
+    logs = {"ID": "expire-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 30}}
+    s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": [logs]})
+    launch(cloud, api=api, abort_incomplete_uploads=True)
+    [put] = sent
+    assert put["TransitionDefaultMinimumObjectSize"] == "varies_by_storage_class"
+    assert [r["ID"] for r in put["LifecycleConfiguration"]["Rules"]] == ["expire-logs", launcher.UPLOAD_RULE_ID]
+
+
 def test_the_spot_options_are_what_run_instances_is_given(cloud, tmp_path):
     """moto keeps the lifecycle but not the spot options themselves: read them off the request that was sent."""
     sent = []

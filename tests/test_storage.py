@@ -517,6 +517,20 @@ def test_a_stale_multipart_upload_is_aborted_at_start(bucket, s3_endpoint, caplo
     assert "aborted 1 multipart upload(s)" in caplog.text
 
 
+def test_a_bucket_root_remote_is_refused_in_one_line_and_touches_nothing(bucket, s3_endpoint):
+    """At the bucket's root the run's files and its start-up clean-up would reach every object in the bucket: another
+    tool's unfinished upload there must survive the refusal."""
+    from resnet50_recipe.store.s3 import RemoteRefused
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_multipart_upload(Bucket=bucket, Key="backups/db.dump")  # another tool's, in progress
+    for remote in (f"s3://{bucket}", f"s3://{bucket}/"):
+        with pytest.raises(RemoteRefused, match=rf"^s3://{bucket}: a run needs a prefix of its own, s3://{bucket}/NAME"):
+            S3Store(remote, s3_endpoint).preflight()
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == ["backups/db.dump"]
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)
+
+
 def test_a_second_writer_on_one_prefix_is_stopped(bucket, s3_endpoint, tmp_path, caplog):
     from resnet50_recipe.store.checkpoints import new_lineage
     from resnet50_recipe.store.uploader import Uploader

@@ -473,12 +473,15 @@ def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
     """Step 6b: parts of a multipart upload cut off by a preemption are billed until aborted. The run aborts its
     own at start; the bucket's AbortIncompleteMultipartUpload rule catches what a run never restarted leaves.
     Without one over the run's prefix the launch says so, and with `set_rule` adds one to the bucket's rules
-    (a put replaces the whole configuration, so the existing rules are kept in it)."""
+    (a put replaces the whole configuration, so the existing rules are kept in it, and the bucket's
+    TransitionDefaultMinimumObjectSize). The rule covers the prefix of every run of the --bucket; launch refuses
+    to set one over a bucket's root."""
     from botocore.exceptions import ClientError
 
-    rules = []
+    rules, current = [], {}
     try:
-        rules = (api("s3", "get_bucket_lifecycle_configuration", Bucket=plan.bucket) or {}).get("Rules", [])
+        current = api("s3", "get_bucket_lifecycle_configuration", Bucket=plan.bucket) or {}
+        rules = current.get("Rules", [])
     except ClientError as e:
         if error_code(e) != "NoSuchLifecycleConfiguration":
             say(f"could not read the lifecycle rules of s3://{plan.bucket} ({error_code(e)}); see docs/aws.md for "
@@ -498,7 +501,9 @@ def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
     root = plan.prefix.rpartition("/")[0]  # where every run of this --bucket lives
     rule = {"ID": UPLOAD_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": f"{root}/" if root else ""},
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
-    api("s3", "put_bucket_lifecycle_configuration", Bucket=plan.bucket,
+    # The bucket's setting beside its rules goes back as it was: a put without it resets it to AWS's default.
+    kept = {k: current[k] for k in ("TransitionDefaultMinimumObjectSize",) if k in current}
+    api("s3", "put_bucket_lifecycle_configuration", Bucket=plan.bucket, **kept,
         LifecycleConfiguration={"Rules": [r for r in rules if r.get("ID") != UPLOAD_RULE_ID] + [rule]})
 
 
@@ -577,6 +582,10 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     _boto3()  # without boto3, say how to install it before anything else
     plan = plan_launch(recipe_source, bucket, name, list(overrides), instance_type, data, volume, package, disk_gb,
                        budget_usd, push, private, keep_instance)
+    if abort_incomplete_uploads and "/" not in plan.prefix:
+        raise UserError(f"--abort-incomplete-uploads: --bucket {bucket.rstrip('/')} has no prefix, and the rule would "
+                        "abort every unfinished upload in the bucket, any tool's; give the runs a prefix "
+                        f"(--bucket {bucket.rstrip('/')}/runs), or add a rule by hand (docs/aws.md)")
     api = api or Api(region, dry_run, out)
     say = (lambda text: out(f"# {text}")) if dry_run else out
     if dry_run:
