@@ -41,7 +41,7 @@ __all__ = ["DLAMI_PARAMETER", "SPOT_QUOTAS", "run_location", "check_name", "asse
            "training_processes", "cost_to_finish", "rank_types", "hourly_price", "price_source", "budget_refusal",
            "check_free",
            "find_image", "hub_token", "store_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
-           "instance_params", "NO_CAPACITY", "place", "launch"]
+           "instance_params", "NO_CAPACITY", "place", "SPOT_REQUEST", "record_spot_request", "launch"]
 
 log = logging.getLogger(__name__)
 
@@ -563,6 +563,23 @@ def place(api: Api, params: dict, ranked: list[tuple[str, dict]], zones_given: l
     return None, None, tried
 
 
+# The run's spot request id, under its prefix, for the instance's `setup.sh --end` to cancel: the run role may not
+# describe spot requests (that call has no resource-level permission, and on "*" it shows every request's user
+# data, other workloads' included).
+SPOT_REQUEST = "launch/spot-request"
+
+
+def record_spot_request(api: Api, remote: str, request_id: str | None) -> None:
+    """Step 9: the spot request id, from run_instances' answer, to the run's prefix (SPOT_REQUEST)."""
+    bucket, prefix = parse_remote(remote)
+    if not request_id:  # (moto's run_instances opens none) an earlier launch's id of this name must not stay
+        log.warning("run_instances named no spot request; at its end the instance cannot cancel one, and powers off "
+                    "instead of terminating: resnet50-recipe aws stop releases it")
+        api("s3", "delete_object", Bucket=bucket, Key=f"{prefix}/{SPOT_REQUEST}")
+        return
+    api("s3", "put_object", Bucket=bucket, Key=f"{prefix}/{SPOT_REQUEST}", Body=request_id, ContentType="text/plain")
+
+
 def launch(recipe_source: str, bucket: str, *, name: str | None = None, overrides: list[str] = (),
            instance_type: str = "g4dn.2xlarge", region: str | None = None, az: str = "auto",
            subnet: str | None = None, key_name: str | None = None, security_groups: list[str] = (),
@@ -576,7 +593,8 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     the spot quota and the budget (3) find the AMI, refuse a run that has a live instance (4) store the Hub token
     (--push) (5) the run's IAM role and profile (6) upload the recipe and the wheel, and offer (or set) the
     bucket's rule for cut-off multipart uploads (7) run_instances' arguments
-    (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity. Returns
+    (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity (9) record
+    its spot request id under the run's prefix, for the instance to cancel at the end. Returns
     what was launched. With `dry_run`, prints each call instead of making it.
     """
     _boto3()  # without boto3, say how to install it before anything else
@@ -609,6 +627,7 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     zones = [None] if subnet else [az] if az != "auto" else None
     reservation, itype, tried = place(api, params, ranked, zones, created)
     if dry_run:
+        record_spot_request(api, plan.remote, "<SpotInstanceRequestId from run_instances>")
         for i, (key, text) in enumerate(api.texts, 1):
             source = "resnet50_recipe/cloud/user-data.sh rendered" if key == "UserData" else "the resolved recipe"
             out(f"\n# <{key} {i}>: {source}\n{text.rstrip()}")
@@ -617,6 +636,7 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
         raise AwsError(f"no spot capacity for {', '.join(t for t, _ in ranked)} in any AZ of {api.region} "
                        f"({'; '.join(tried)}); try later, another --instance-type (or auto) or --region")
     instance = reservation["Instances"][0]
+    record_spot_request(api, plan.remote, instance.get("SpotInstanceRequestId"))
     result = {"run": plan.name, "remote": plan.remote, "instance_id": instance["InstanceId"], "instance_type": itype,
               "az": instance.get("Placement", {}).get("AvailabilityZone"), "image_id": image_id,
               "instance_profile": profile, "spot_request_id": instance.get("SpotInstanceRequestId"), "tried": tried}
