@@ -305,8 +305,9 @@ class S3Store:
     def preflight(self, retry_s: float = 300.0) -> None:
         """Write, check and delete a small probe object, so that a wrong bucket or a missing permission fails
         now, before any training, instead of at the first checkpoint; then abort the multipart uploads an
-        earlier process left unfinished. A bucket's root is refused: a run needs a prefix of its own. Errors that may pass are retried for `retry_s` seconds, with backoff
-        (on top of boto3's own retries), then raise RemoteUnavailable; the others raise RemoteRefused at once."""
+        earlier process recorded and left unfinished. A bucket's root is refused: a run needs a prefix of its own.
+        Errors that may pass are retried for `retry_s` seconds, with backoff (on top of boto3's own retries), then
+        raise RemoteUnavailable; the others raise RemoteRefused at once."""
         if not self.prefix:  # the run's files would mix with the whole bucket's
             raise RemoteRefused(f"{self.remote}: a run needs a prefix of its own, s3://{self.bucket}/NAME; at the "
                                 "bucket's root its files would mix with every other object in the bucket")
