@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import boto3
 import pytest
@@ -633,20 +634,39 @@ def instance_user_data(ec2, instance_id) -> str:
     return base64.b64decode(attribute["UserData"]["Value"]).decode()
 
 
-def test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel(tmp_path):
-    """The choice as an installed package makes it: from a --find-links index (no direct_url.json, as from PyPI)
-    and from a wheel file (pip records its path). Run in fresh interpreters outside the checkout."""
+def test_an_index_release_ships_the_installed_wheel_and_a_wheel_install_ships_its_wheel(tmp_path):
+    """The choice as an installed package makes it: from a --find-links index (no direct_url.json, as from PyPI or
+    a private index: which one is not recorded) the installed files are packed into a wheel, the same files as the
+    release's, so that the instance never asks the public index for a name a private index served; from a wheel
+    file (pip records its path) that file. Run in fresh interpreters outside the checkout."""
+    import zipfile
+
     wheel = ship.build_wheel(ship._source(), tmp_path / "dist")
-    probe = "from resnet50_recipe.cloud import ship; p = ship.choose(None); print(p.spec, p.wheel, sep='|')"
-    for how, expected in (("index", f"{ship.DIST}[aws]==0.1.0|None"), ("file", f"None|{wheel}")):
+    probe = ("import sys; from resnet50_recipe.cloud import ship; p = ship.choose(None); "
+             "print(p.spec, p.wheel, p.wheel_name, p.installed and ship.pack_installed(p.installed, sys.argv[1]), "
+             "sep='|')")
+    for how in ("index", "file"):
         target = tmp_path / how
         source = ["--no-index", "--find-links", str(wheel.parent), "resnet50-recipe"] if how == "index" \
             else [str(wheel)]
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                         *source], check=True)
-        chosen = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH":
-                                str(target)}, capture_output=True, text=True, check=True)
-        assert chosen.stdout.strip() == expected, how
+        chosen = subprocess.run([sys.executable, "-c", probe, str(tmp_path / f"{how}-wheel")], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True)
+        assert chosen.returncode == 0, chosen.stderr
+        spec, shipped, name, packed = chosen.stdout.strip().split("|")
+        if how == "file":
+            assert (spec, shipped, packed) == ("None", str(wheel), "None")
+            continue
+        assert (spec, shipped, name) == ("None", "None", wheel.name)  # no pip spec for the instance's index
+        with zipfile.ZipFile(wheel) as original, zipfile.ZipFile(packed) as rebuilt:
+            members = {n for n in original.namelist() if not n.endswith(".dist-info/RECORD")}
+            assert {n for n in rebuilt.namelist() if not n.endswith(".dist-info/RECORD")} == members
+            assert all(original.read(n) == rebuilt.read(n) for n in members)
+        assert Path(packed).name == wheel.name
+        check = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                                "--target", str(tmp_path / "again"), packed], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr  # a wheel pip installs, RECORD and all
 
 
 def test_a_budget_below_the_estimate_refuses_with_the_estimate_and_the_cheaper_choices(cloud):

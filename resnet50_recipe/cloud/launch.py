@@ -462,7 +462,10 @@ def upload_launch_files(api: Api, plan: Plan) -> str:
     wheel = chosen.wheel
     if chosen.build_from is not None:
         wheel = ship.build_wheel(chosen.build_from) if not api.dry_run else None
-    api("s3", "upload_file", Filename=str(wheel) if wheel else f"<{chosen.wheel_name}, built by pip wheel>",
+    elif chosen.installed is not None:
+        wheel = ship.pack_installed(chosen.installed) if not api.dry_run else None
+    made = "packed from the installed files" if chosen.installed is not None else "built by pip wheel"
+    api("s3", "upload_file", Filename=str(wheel) if wheel else f"<{chosen.wheel_name}, {made}>",
         Bucket=plan.bucket, Key=plan.wheel_key)
     return f"s3://{plan.bucket}/{plan.wheel_key}"
 
