@@ -44,7 +44,7 @@ SLOW = {
     "test_sources.py::test_hub_refusals_are_one_line",
     "test_recipe.py::test_console_script_runs",
     "test_recipe.py::test_wheel_ships_recipes_and_resolves_them_without_the_repository",
-    "test_aws.py::test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel",
+    "test_aws.py::test_an_index_release_ships_the_installed_wheel_and_a_wheel_install_ships_its_wheel",
     "test_aws.py::test_the_cli_runs_against_a_moto_server_through_aws_endpoint_url",
     # seconds of waiting or compiling: S3 outages and their back-off (4-30 s), torch.compile (4 s warm, a minute
     # cold), resnet10t with 2 loader workers (5 s), the larger recipes' models (2-4 s each; imagenet-fast-32 stays)
@@ -148,8 +148,8 @@ def bucket(s3_endpoint, request):
 def hub(tmp_path, monkeypatch):
     """A HubStandIn (helpers.py) storing under tmp_path/hub, reached by huggingface_hub in this process (its
     constants.ENDPOINT, read at import) and in subprocesses (HF_ENDPOINT). Yields .endpoint, .root (repo me/x is
-    .root/me/x), .requests and .handler: set hub.handler.refuse = 401 to refuse every request. Set HF_TOKEN to an
-    hf_... token yourself."""
+    .root/me/x), .requests and .handler: set hub.handler.refuse = 401 to refuse every request; hub.handler.private
+    maps each repo id to whether it is private. Set HF_TOKEN to an hf_... token yourself."""
     from types import SimpleNamespace
 
     import huggingface_hub.constants

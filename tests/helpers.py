@@ -222,7 +222,10 @@ class MetadataStandIn(BaseHTTPRequestHandler):
 
 class HubStandIn(BaseHTTPRequestHandler):
     """The Hub's write API, answered as the Hub does, for what huggingface_hub 2.x sends in create_repo(exist_ok=True),
-    create_branch and upload_folder (with or without create_pr), repo_info too. A model repo's main branch is the
+    create_branch and upload_folder (with or without create_pr), repo_info and update_repo_settings too. Each repo's
+    visibility is remembered (`private`, repo id -> bool): set at create_repo (public unless asked), answered by
+    repo_info, changed by update_repo_settings; as on the Hub, create_repo of an existing repo changes nothing.
+    A model repo's main branch is the
     folder root/OWNER/NAME, any other revision root/OWNER/NAME@REVISION (URL-quoted: me/x@refs%2Fpr%2F1). Every
     preupload is answered "regular", so each file comes inline, base64, in the commit: no LFS, no Xet. Any
     "Bearer hf_..." token is accepted; `refuse` (a status) answers every request with it; `requests` records
@@ -232,14 +235,18 @@ class HubStandIn(BaseHTTPRequestHandler):
     root: Path
     refuse: int | None = None
     requests: list = []
+    private: dict = {}
     lock = threading.Lock()
     ROUTE = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+?)"
-                       r"(?:/(?P<action>revision|branch|preupload|commit|discussions)(?:/(?P<arg>[^/]+))?)?")
+                       r"(?:/(?P<action>revision|branch|preupload|commit|discussions|settings)(?:/(?P<arg>[^/]+))?)?")
 
     def do_GET(self):
         self.answer()
 
     def do_POST(self):
+        self.answer()
+
+    def do_PUT(self):
         self.answer()
 
     def answer(self):
@@ -266,6 +273,10 @@ class HubStandIn(BaseHTTPRequestHandler):
                 return self.create_branch(repo, arg)
             if action == "discussions":
                 return self.pull_request(repo, None if self.command == "POST" else int(arg))
+            if action == "settings" and self.command == "PUT":
+                if "visibility" in payload:
+                    type(self).private[repo] = payload["visibility"] == "private"
+                return self.send(200, {})
             if not self.folder(repo, arg).is_dir():
                 return self.error(404, f"Invalid rev id: {arg}", "RevisionNotFound")
             if action == "preupload":
@@ -279,7 +290,7 @@ class HubStandIn(BaseHTTPRequestHandler):
                 return self.commit(self.folder(repo, arg), repo, body)
             files = sorted(p.relative_to(self.folder(repo, arg)).as_posix()
                            for p in self.folder(repo, arg).rglob("*") if p.is_file())
-            self.send(200, {"id": repo, "modelId": repo, "sha": "0" * 40, "private": False,
+            self.send(200, {"id": repo, "modelId": repo, "sha": "0" * 40, "private": self.private.get(repo, False),
                             "siblings": [{"rfilename": f} for f in files]})
 
     def folder(self, repo: str, revision: str = "main") -> Path:
@@ -293,6 +304,7 @@ class HubStandIn(BaseHTTPRequestHandler):
         if self.folder(repo).is_dir():
             return self.error(409, "You already created this model repo", extra={"url": url})
         self.folder(repo).mkdir(parents=True)
+        type(self).private[repo] = payload.get("visibility") == "private" or payload.get("private") is True
         self.send(200, {"url": url, "name": repo, "id": uuid.uuid4().hex[:24]})
 
     def create_branch(self, repo: str, branch: str):
@@ -359,7 +371,7 @@ def start_hub(root, refuse: int | None = None) -> tuple[ThreadingHTTPServer, str
     """A HubStandIn on 127.0.0.1, serving from a thread, with its own `requests` and `refuse`: (server, endpoint),
     the endpoint for HF_ENDPOINT (a subprocess) or huggingface_hub.constants.ENDPOINT (in process). The handler
     class is server.RequestHandlerClass; stop it with server.shutdown() and server.server_close()."""
-    handler = type("HubStandIn", (HubStandIn,), {"root": Path(root), "refuse": refuse, "requests": []})
+    handler = type("HubStandIn", (HubStandIn,), {"root": Path(root), "refuse": refuse, "requests": [], "private": {}})
     Path(root).mkdir(parents=True, exist_ok=True)
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

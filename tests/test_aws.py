@@ -12,6 +12,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import boto3
 import pytest
@@ -19,6 +20,7 @@ import yaml
 from botocore.stub import Stubber
 from helpers import MetadataStandIn, free_port, tiny_overlay
 from moto import mock_aws
+from moto.core import DEFAULT_ACCOUNT_ID
 
 from resnet50_recipe import ec2 as ec2_facts
 from resnet50_recipe import load_recipe, train
@@ -78,15 +80,11 @@ def test_launch_creates_the_role_policy_profile_and_a_tagged_persistent_spot_ins
     assert objects == [{"Sid": "RunPrefixObjects", "Effect": "Allow",
                         "Resource": f"arn:aws:s3:::{cloud['bucket']}/runs/r1/*",
                         "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]}]
-    # Listing unfinished uploads (to abort the run's own at start) has no s3:prefix condition in AWS: the bucket.
-    uploads = next(s for s in policy["Statement"] if s["Action"] == "s3:ListBucketMultipartUploads")
-    assert uploads["Resource"] == f"arn:aws:s3:::{cloud['bucket']}" and "Condition" not in uploads
     listing = next(s for s in policy["Statement"] if s["Action"] == "s3:ListBucket")
     assert listing["Condition"] == {"StringLike": {"s3:prefix": ["runs/r1", "runs/r1/*"]}}
     assert {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])} \
         == {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
-            "s3:ListBucketMultipartUploads", "ec2:DescribeSpotPriceHistory", "ec2:DescribeSpotInstanceRequests",
-            "ec2:CancelSpotInstanceRequests", "ec2:TerminateInstances"}
+            "ec2:DescribeSpotPriceHistory", "ec2:CancelSpotInstanceRequests", "ec2:TerminateInstances"}
     profiles = iam.list_instance_profiles()["InstanceProfiles"]
     assert [(p["InstanceProfileName"], [r["RoleName"] for r in p["Roles"]]) for p in profiles] == \
         [("resnet50-recipe-r1", ["resnet50-recipe-r1"])]
@@ -129,6 +127,33 @@ def test_launch_offers_then_sets_the_rule_for_cut_off_multipart_uploads_keeping_
     assert not any("AbortIncompleteMultipartUpload" in line for line in said)
     launch(cloud, name="r3", package=str(wheel), out=said.append)  # covered now: nothing to offer
     assert not any("AbortIncompleteMultipartUpload" in line for line in said), said
+
+
+def test_the_upload_rule_is_refused_over_a_whole_bucket_and_the_rewrite_keeps_the_buckets_settings(cloud):
+    """--bucket s3://BUCKET (no prefix) would put the rule over every object of the bucket: refused before any AWS
+    call. A rewrite keeps what it did not mean to change, TransitionDefaultMinimumObjectSize included (moto always
+    answers all_storage_classes_128K and ignores the put's value, so the answer is set and the put read in hooks)."""
+    s3, name = cloud["s3"], cloud["bucket"]
+    with pytest.raises(launcher.UserError, match=rf"^--abort-incomplete-uploads: --bucket s3://{name} has no prefix"):
+        launcher.launch("smoke", f"s3://{name}", name="r1", ami=cloud["ami"], region=REGION, package=RELEASE,
+                        abort_incomplete_uploads=True, out=lambda *a: None)
+    with pytest.raises(s3.exceptions.ClientError):  # nothing written
+        s3.get_bucket_lifecycle_configuration(Bucket=name)
+    assert live_instances(cloud["ec2"]) == []
+    api, sent = cloud_api.Api(REGION), []
+
+    def bucket_setting(parsed, **kwargs):
+        parsed["TransitionDefaultMinimumObjectSize"] = "varies_by_storage_class"
+
+    api.client("s3").meta.events.register("after-call.s3.GetBucketLifecycleConfiguration", bucket_setting)
+    api.client("s3").meta.events.register("provide-client-params.s3.PutBucketLifecycleConfiguration",
+                                          lambda params, **kw: sent.append(params))
+    logs = {"ID": "expire-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 30}}
+    s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": [logs]})
+    launch(cloud, api=api, abort_incomplete_uploads=True)
+    [put] = sent
+    assert put["TransitionDefaultMinimumObjectSize"] == "varies_by_storage_class"
+    assert [r["ID"] for r in put["LifecycleConfiguration"]["Rules"]] == ["expire-logs", launcher.UPLOAD_RULE_ID]
 
 
 def test_the_spot_options_are_what_run_instances_is_given(cloud, tmp_path):
@@ -303,7 +328,7 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
                      "ec2.describe_instances", "ssm.get_parameter", "ec2.describe_images", "iam.get_role",
                      "iam.create_role", "iam.put_role_policy", "iam.get_instance_profile",
                      "iam.create_instance_profile", "iam.add_role_to_instance_profile", "s3.put_object",
-                     "s3.upload_file", "s3.get_bucket_lifecycle_configuration", "ec2.run_instances"]
+                     "s3.upload_file", "s3.get_bucket_lifecycle_configuration", "ec2.run_instances", "s3.put_object"]
     assert "# s3://my-bucket has no AbortIncompleteMultipartUpload lifecycle rule over runs/imagenet-100ep/" in out
     # This checkout is an editable install: the plan says so, and a wheel of it goes through the run's prefix.
     assert "# package: resnet50-recipe 0.1.0 runs from a checkout (an editable install" in out
@@ -331,6 +356,25 @@ def test_the_dry_run_in_the_readmes_is_what_the_command_prints(capsys, monkeypat
             readme.write_text(f"{before}$ {command} --dry-run\n{printed}\n```{after}")
             shown = printed
         assert timestamps.sub("T", shown) == timestamps.sub("T", printed), readme
+
+
+def test_the_run_roles_policy_in_docs_aws_md_is_what_launch_writes():
+    """The JSON block under "The run role's policy" in docs/aws.md, for its example launch, equals the policy that
+    launch puts on the role (policy_document of the plan, as `launch` calls it)."""
+    import re
+    from pathlib import Path
+
+    plan = launcher.plan_launch("imagenet-100ep", "s3://my-bucket/runs", None, [], "g4dn.2xlarge",
+                                "s3://my-bucket/imagenet/", None, RELEASE, None, None, "me/resnet50-a3", False, False)
+    written = launcher.policy_document(plan.bucket, plan.prefix, plan.reads, region=REGION, run=plan.name,
+                                       token=plan.token_parameter, release=not plan.keep_instance)
+    page = (Path(__file__).parent.parent / "docs" / "aws.md").read_text()
+    section = page.split("## The run role's policy\n", 1)[1]
+    assert "--bucket s3://my-bucket/runs --data s3://my-bucket/imagenet/ --push me/resnet50-a3" in \
+        section.split("```json", 1)[0]  # the example the block is for
+    shown = re.search(r"```json\n(.*?)\n```", section, re.S).group(1)
+    assert json.loads(shown) == written, "docs/aws.md's policy drifted from iam-policy.json; paste:\n" + \
+        json.dumps(written, indent=2)
 
 
 def test_without_boto3_the_aws_commands_say_how_to_install_it(monkeypatch, capsys):
@@ -590,20 +634,39 @@ def instance_user_data(ec2, instance_id) -> str:
     return base64.b64decode(attribute["UserData"]["Value"]).decode()
 
 
-def test_an_index_release_installs_from_pypi_and_a_wheel_install_ships_its_wheel(tmp_path):
-    """The choice as an installed package makes it: from a --find-links index (no direct_url.json, as from PyPI)
-    and from a wheel file (pip records its path). Run in fresh interpreters outside the checkout."""
+def test_an_index_release_ships_the_installed_wheel_and_a_wheel_install_ships_its_wheel(tmp_path):
+    """The choice as an installed package makes it: from a --find-links index (no direct_url.json, as from PyPI or
+    a private index: which one is not recorded) the installed files are packed into a wheel, the same files as the
+    release's, so that the instance never asks the public index for a name a private index served; from a wheel
+    file (pip records its path) that file. Run in fresh interpreters outside the checkout."""
+    import zipfile
+
     wheel = ship.build_wheel(ship._source(), tmp_path / "dist")
-    probe = "from resnet50_recipe.cloud import ship; p = ship.choose(None); print(p.spec, p.wheel, sep='|')"
-    for how, expected in (("index", f"{ship.DIST}[aws]==0.1.0|None"), ("file", f"None|{wheel}")):
+    probe = ("import sys; from resnet50_recipe.cloud import ship; p = ship.choose(None); "
+             "print(p.spec, p.wheel, p.wheel_name, p.installed and ship.pack_installed(p.installed, sys.argv[1]), "
+             "sep='|')")
+    for how in ("index", "file"):
         target = tmp_path / how
         source = ["--no-index", "--find-links", str(wheel.parent), "resnet50-recipe"] if how == "index" \
             else [str(wheel)]
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                         *source], check=True)
-        chosen = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env={**os.environ, "PYTHONPATH":
-                                str(target)}, capture_output=True, text=True, check=True)
-        assert chosen.stdout.strip() == expected, how
+        chosen = subprocess.run([sys.executable, "-c", probe, str(tmp_path / f"{how}-wheel")], cwd=tmp_path,
+                                env={**os.environ, "PYTHONPATH": str(target)}, capture_output=True, text=True)
+        assert chosen.returncode == 0, chosen.stderr
+        spec, shipped, name, packed = chosen.stdout.strip().split("|")
+        if how == "file":
+            assert (spec, shipped, packed) == ("None", str(wheel), "None")
+            continue
+        assert (spec, shipped, name) == ("None", "None", wheel.name)  # no pip spec for the instance's index
+        with zipfile.ZipFile(wheel) as original, zipfile.ZipFile(packed) as rebuilt:
+            members = {n for n in original.namelist() if not n.endswith(".dist-info/RECORD")}
+            assert {n for n in rebuilt.namelist() if not n.endswith(".dist-info/RECORD")} == members
+            assert all(original.read(n) == rebuilt.read(n) for n in members)
+        assert Path(packed).name == wheel.name
+        check = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                                "--target", str(tmp_path / "again"), packed], capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr  # a wheel pip installs, RECORD and all
 
 
 def test_a_budget_below_the_estimate_refuses_with_the_estimate_and_the_cheaper_choices(cloud):
@@ -696,7 +759,7 @@ def run_user_data(tmp_path, s3_endpoint, args: list[str], gpus: int = 0,
 
 def spot_run(cloud, name="r1"):
     """A run's persistent spot request and its instance, tagged as EC2 tags them from run_instances' TagSpecifications
-    (moto starts no request for run_instances, so the test asks for one)."""
+    (moto starts no request for run_instances, so the test asks for one), its id recorded as aws launch records it."""
     ec2 = cloud["ec2"]
     tags = [{"Key": launcher.TAG_RUN, "Value": name}]
     request = ec2.request_spot_instances(
@@ -706,6 +769,9 @@ def spot_run(cloud, name="r1"):
     request = ec2.describe_spot_instance_requests(SpotInstanceRequestIds=[request["SpotInstanceRequestId"]])[
         "SpotInstanceRequests"][0]
     ec2.create_tags(Resources=[request["InstanceId"]], Tags=tags)
+    # What aws launch records from run_instances' answer, for the instance's --end to cancel.
+    launcher.record_spot_request(cloud_api.Api(REGION), f"s3://{cloud['bucket']}/runs/{name}",
+                                 request["SpotInstanceRequestId"])
     return request["SpotInstanceRequestId"], request["InstanceId"]
 
 
@@ -815,16 +881,29 @@ def enforced_iam(monkeypatch):
     return enforce
 
 
-def instance_clients(cloud, name="r1"):
-    """EC2 and SSM clients holding exactly the run role's policy (as a user's: moto has no instance roles)."""
+def instance_session(cloud, name="r1") -> boto3.Session:
+    """A session holding exactly the run role's policy (as a user's: moto has no instance roles)."""
     iam = cloud["iam"]
     policy = iam.get_role_policy(RoleName=f"resnet50-recipe-{name}", PolicyName="resnet50-recipe-run")["PolicyDocument"]
     iam.create_user(UserName="instance")
     iam.put_user_policy(UserName="instance", PolicyName="run", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="instance")["AccessKey"]
-    session = boto3.Session(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"],
-                            region_name=REGION)
+    return boto3.Session(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"],
+                         region_name=REGION)
+
+
+def instance_clients(cloud, name="r1"):
+    """EC2 and SSM clients holding exactly the run role's policy."""
+    session = instance_session(cloud, name)
     return session.client("ec2"), session.client("ssm")
+
+
+def as_the_instance(session: boto3.Session, monkeypatch) -> None:
+    """The session's credentials in the environment, for boto3's default chain and the AWS CLI."""
+    credentials = session.get_credentials()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", credentials.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", credentials.secret_key)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the credentials an earlier test resolved
 
 
 def denied(call, **kwargs) -> bool:
@@ -849,13 +928,74 @@ def test_the_run_role_may_release_only_its_own_instance_and_request(cloud, enfor
     assert denied(ec2.cancel_spot_instance_requests, SpotInstanceRequestIds=[other_request])
     assert denied(ec2.run_instances, ImageId=cloud["ami"], InstanceType="g4dn.xlarge", MinCount=1, MaxCount=1)
     assert denied(ec2.stop_instances, InstanceIds=[own_instance])
-    found = ec2.describe_spot_instance_requests(Filters=[{"Name": f"tag:{launcher.TAG_RUN}", "Values": ["r1"]}])
-    assert [r["SpotInstanceRequestId"] for r in found["SpotInstanceRequests"]] == [own_request]
+    assert denied(ec2.describe_spot_instance_requests,  # every request's user data: the role reads none
+                  Filters=[{"Name": f"tag:{launcher.TAG_RUN}", "Values": ["r1"]}])
     ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=[own_request])
     ec2.terminate_instances(InstanceIds=[own_instance])
     # With --keep-instance the role gets no release permission at all.
     assert not [s for s in launcher.policy_document("b", "runs/r1", [], run="r1", release=False)["Statement"]
                 if s["Sid"].startswith("Release")]
+
+
+def test_the_run_role_reads_no_spot_request_and_the_end_of_run_path_still_releases_its_own(cloud, enforced_iam,
+                                                                                            s3_endpoint, tmp_path,
+                                                                                            monkeypatch):
+    """describe_spot_instance_requests has no resource-level permission: on "*" it shows every request's
+    LaunchSpecification.UserData, other workloads' included. The role gets none; `--end` (the real AWS CLI, with the
+    role's credentials) cancels the request that aws launch recorded under the run's prefix."""
+    from moto.ec2.models import ec2_backends
+
+    launch(cloud)
+    own_request, own_instance = spot_run(cloud, "r1")
+    other_request, _ = spot_run(cloud, "r2")
+    ReleasingInstance.instance_id = own_instance
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=b"{}")  # a finished run
+    session = instance_session(cloud)
+    ec2 = session.client("ec2")
+    enforced_iam()
+    assert denied(ec2.describe_spot_instance_requests)
+    assert denied(ec2.describe_spot_instance_requests, SpotInstanceRequestIds=[other_request])
+    as_the_instance(session, monkeypatch)
+    ended = run_end_of_run(tmp_path, s3_endpoint, 0, RUN="r1", REMOTE=f"s3://{cloud['bucket']}/runs/r1")
+    assert ended.returncode == 0, ended.stdout + ended.stderr
+    assert f"cancelled spot request(s) {own_request}, terminating {own_instance}" in ended.stdout, ended.stdout
+    backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]  # the admin's key is refused now: read moto's state
+    assert own_request not in backend.spot_instance_requests  # moto forgets a cancelled request
+    assert backend.spot_instance_requests[other_request].state != "cancelled"
+    assert backend.get_instance(own_instance).state in ("shutting-down", "terminated")
+
+
+def test_the_run_role_cannot_list_the_buckets_uploads_and_aborts_only_its_own_by_stored_id(cloud, enforced_iam,
+                                                                                           s3_endpoint, monkeypatch,
+                                                                                           caplog):
+    """Listing a bucket's unfinished uploads cannot be scoped to a prefix in AWS: the role gets none, and the
+    preflight aborts what an earlier process of the run recorded under its prefix, by upload id, and nothing else."""
+    import logging
+
+    from moto.s3.models import s3_backends
+
+    from resnet50_recipe.store.s3 import S3Store
+
+    caplog.set_level(logging.INFO, logger="resnet50_recipe")
+    launch(cloud)
+    s3, bucket, remote = cloud["s3"], cloud["bucket"], f"s3://{cloud['bucket']}/runs/r1"
+    for key in ("backups/db.dump", "runs/r2/checkpoints/ckpt-000000004.pt", "runs/r1/by-hand.bin"):
+        s3.create_multipart_upload(Bucket=bucket, Key=key)  # another tool's, another run's, one by hand
+    session = instance_session(cloud)
+    enforced_iam()
+    assert denied(session.client("s3", endpoint_url=s3_endpoint).list_multipart_uploads, Bucket=bucket)
+    as_the_instance(session, monkeypatch)
+    earlier = S3Store(remote, s3_endpoint)  # an earlier process of the run, killed in the middle of an upload
+    upload = earlier.client.create_multipart_upload(Bucket=bucket, Key="runs/r1/checkpoints/ckpt-000000004.pt")
+    earlier.client.upload_part(Bucket=bucket, Key="runs/r1/checkpoints/ckpt-000000004.pt", PartNumber=1,
+                               UploadId=upload["UploadId"], Body=b"part")
+    store = S3Store(remote, s3_endpoint)
+    store.preflight()
+    assert "aborted 1 multipart upload(s)" in caplog.text
+    left = sorted(u.key_name for u in s3_backends[DEFAULT_ACCOUNT_ID]["aws"].buckets[bucket].multiparts.values())
+    assert left == ["backups/db.dump", "runs/r1/by-hand.bin", "runs/r2/checkpoints/ckpt-000000004.pt"]
+    assert store.list(".multipart/") == []  # its record went with it
+    assert store.abort_stale_uploads() == 0
 
 
 def test_the_hub_token_goes_to_ssm_and_the_role_may_read_only_that_parameter(cloud, enforced_iam, monkeypatch):

@@ -1,6 +1,7 @@
 """Export in timm's Hub format, loaded back through timm; push checked at the huggingface_hub API boundary, then
 over HTTP against a local stand-in for the Hub (helpers.HubStandIn), by hand and at the end of training."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -116,10 +117,13 @@ def hub_calls(monkeypatch):
                 folder = kwargs["folder_path"]
                 calls.append(("uploaded", sorted(p.name for p in __import__("pathlib").Path(folder).iterdir()),
                               (__import__("pathlib").Path(folder) / "README.md").read_text()))
+            if name == "repo_info":  # the repo create_repo made, with the visibility asked for
+                created = next(c for c in calls if c[0] == "create_repo")
+                return SimpleNamespace(private=bool(created[2].get("private")))
             return f"https://huggingface.co/{kwargs.get('repo_id', args[0] if args else '')}/commit/abc"
         return method
 
-    for name in ("create_repo", "create_branch", "upload_folder"):
+    for name in ("create_repo", "repo_info", "create_branch", "upload_folder"):
         monkeypatch.setattr(HfApi, name, record(name))
     return calls
 
@@ -132,15 +136,15 @@ def test_push_sends_repo_folder_revision_and_flags_and_never_shows_the_token(run
     assert main(["push", str(out / "export"), "--repo-id", "me/smoke-test", "--private", "--revision", "exp-1",
                  "--commit-message", "first weights"]) == 0
     names = [c[0] for c in hub_calls]
-    assert names == ["create_repo", "create_branch", "upload_folder", "uploaded"]
+    assert names == ["create_repo", "repo_info", "create_branch", "upload_folder", "uploaded"]
     assert hub_calls[0][1] == ("me/smoke-test",) and hub_calls[0][2]["private"] is True
     assert hub_calls[0][2]["exist_ok"] is True
-    assert hub_calls[1][2]["branch"] == "exp-1"
-    upload = hub_calls[2][2]
+    assert hub_calls[2][2]["branch"] == "exp-1"
+    upload = hub_calls[3][2]
     assert upload["repo_id"] == "me/smoke-test" and upload["revision"] == "exp-1"
     assert upload["create_pr"] is False and upload["commit_message"] == "first weights"
-    assert hub_calls[3][1] == ["README.md", "config.json", "curves.png", "model.safetensors"]
-    assert "hf-hub:me/smoke-test" in hub_calls[3][2]  # the uploaded card names the real repo
+    assert hub_calls[4][1] == ["README.md", "config.json", "curves.png", "model.safetensors"]
+    assert "hf-hub:me/smoke-test" in hub_calls[4][2]  # the uploaded card names the real repo
     printed = capsys.readouterr()
     assert secret not in printed.out + printed.err + caplog.text
 
@@ -227,3 +231,18 @@ def test_training_pushes_at_the_end_and_a_refused_push_exits_3(tiny_data, hub, t
     summary = train(recipe, tmp_path / "refused", quiet=True)
     assert summary["exit_status"] == EXIT_PUBLISH_FAILED and "401" in summary["push_error"]
     assert json.loads((tmp_path / "refused/summary.json").read_text())["push_error"] == summary["push_error"]
+
+
+def test_private_refuses_an_existing_public_repo_and_uploads_nothing(run, hub, monkeypatch, capsys):
+    """create_repo(private=True, exist_ok=True) leaves an existing repo as it is: a public one would publish the
+    weights. The push refuses it, in one line, before any upload; a private one, or a new one, is pushed."""
+    out, _, _ = run
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    HfApi(token=TOKEN).create_repo("me/public", repo_type="model")  # someone's existing public repo
+    assert main(["push", str(out / "export"), "--repo-id", "me/public", "--private"]) == 2
+    assert "--private: me/public exists and is public" in capsys.readouterr().err
+    assert not any((hub.root / "me" / "public").iterdir()) and hub.handler.private["me/public"] is False
+    assert not any(path.endswith("/commit/main") for _, path, _, _ in hub.requests)
+    assert main(["push", str(out / "export"), "--repo-id", "me/new", "--private"]) == 0
+    assert main(["push", str(out / "export"), "--repo-id", "me/new", "--private"]) == 0  # private already: pushed
+    assert hub.handler.private["me/new"] is True and (hub.root / "me" / "new" / "model.safetensors").is_file()

@@ -12,6 +12,7 @@ from helpers import last_step, start_hub
 from journey import RESULTS, SCALE, SpotCloud, dependencies_dir
 from safetensors.torch import load, load_file
 
+from resnet50_recipe.cloud import api as cloud_api
 from resnet50_recipe.cloud import instances, ship
 from resnet50_recipe.cloud import launch as launcher
 from resnet50_recipe.ec2 import INSTANCE_TYPES
@@ -87,9 +88,13 @@ def start(world, name, *extra, gpus=0, env=None, **kwargs):
     nvidia-smi reports `gpus` GPUs (None: as many as the launched type has)."""
     cloud = world["cloud"]()
     cloud.instance_env.update(env or {})
-    result, _ = launch(world, name, *extra, **kwargs)
+    api = cloud_api.Api(REGION)
+    # EC2 opens the persistent request within run_instances and names it in the answer, which aws launch records
+    # for the instance's --end; moto opens none, so the answer gets the one Ec2.open_request opens.
+    api.client("ec2").meta.events.register("after-call.ec2.RunInstances", lambda parsed, **_: [
+        i.update(SpotInstanceRequestId=cloud.ec2.open_request(i["InstanceId"])) for i in parsed.get("Instances", [])])
+    result, _ = launch(world, name, *extra, api=api, **kwargs)
     cloud.gpus = INSTANCE_TYPES[result["instance_type"]][1] if gpus is None else gpus
-    cloud.ec2.open_request(result["instance_id"])
     return cloud, result, cloud.boot(result["instance_id"])
 
 

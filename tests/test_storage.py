@@ -504,17 +504,44 @@ def test_with_the_remote_pointer_deleted_a_fresh_machine_resumes_from_the_newest
     assert store.get_json("checkpoints/latest.json")[0]["step"] == 6  # the pointer is back
 
 
-def test_a_stale_multipart_upload_is_aborted_at_start(bucket, s3_endpoint, caplog):
+def test_a_stale_multipart_upload_is_aborted_at_start(bucket, s3_endpoint, tmp_path, caplog):
+    """Only what an earlier process of the prefix recorded, by upload id: not another run's, nor an upload that no
+    process of the run started. A completed upload leaves no record behind."""
     import logging
+
+    from boto3.s3.transfer import TransferConfig
 
     caplog.set_level(logging.INFO, logger="resnet50_recipe")
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    client.create_multipart_upload(Bucket=bucket, Key="runs/mine/checkpoints/ckpt-000000004.pt")
-    client.create_multipart_upload(Bucket=bucket, Key="runs/other/checkpoints/ckpt-000000004.pt")
-    S3Store(f"s3://{bucket}/runs/mine", s3_endpoint).preflight()
-    left = [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
-    assert left == ["runs/other/checkpoints/ckpt-000000004.pt"]  # only its own prefix
-    assert "aborted 1 multipart upload(s)" in caplog.text
+    client.create_multipart_upload(Bucket=bucket, Key="runs/mine/by-hand.bin")
+    S3Store(f"s3://{bucket}/runs/other", s3_endpoint).client.create_multipart_upload(
+        Bucket=bucket, Key="runs/other/checkpoints/ckpt-000000004.pt")
+    killed = S3Store(f"s3://{bucket}/runs/mine", s3_endpoint)  # its process died in the middle of the upload
+    killed.client.create_multipart_upload(Bucket=bucket, Key="runs/mine/checkpoints/ckpt-000000004.pt")
+    store = S3Store(f"s3://{bucket}/runs/mine", s3_endpoint)
+    store.preflight()
+    left = sorted(u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+    assert left == ["runs/mine/by-hand.bin", "runs/other/checkpoints/ckpt-000000004.pt"]
+    assert "aborted 1 multipart upload(s)" in caplog.text and store.list(".multipart/") == []
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 * 2**20))
+    store.transfer = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+    store.upload_file(big, "checkpoints/big.bin")  # multipart: recorded while it ran, forgotten once complete
+    assert store.list(".multipart/") == [] and store.abort_stale_uploads() == 0
+
+
+def test_a_bucket_root_remote_is_refused_in_one_line_and_touches_nothing(bucket, s3_endpoint):
+    """At the bucket's root the run's files and its start-up clean-up would reach every object in the bucket: another
+    tool's unfinished upload there must survive the refusal."""
+    from resnet50_recipe.store.s3 import RemoteRefused
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_multipart_upload(Bucket=bucket, Key="backups/db.dump")  # another tool's, in progress
+    for remote in (f"s3://{bucket}", f"s3://{bucket}/"):
+        with pytest.raises(RemoteRefused, match=rf"^s3://{bucket}: a run needs a prefix of its own, s3://{bucket}/NAME"):
+            S3Store(remote, s3_endpoint).preflight()
+    assert [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])] == ["backups/db.dump"]
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)
 
 
 def test_a_second_writer_on_one_prefix_is_stopped(bucket, s3_endpoint, tmp_path, caplog):

@@ -53,8 +53,8 @@ def add_aws(sub) -> None:
     q.add_argument("--ami", help="AMI id, or the name of an SSM parameter holding one (default: the public "
                    "parameter of the current AWS Deep Learning Base AMI, Ubuntu 22.04)")
     q.add_argument("--package", help="what the instance pip-installs: a pip spec, a local .whl (uploaded to the "
-                   "run) or an s3://...whl (default: this version from PyPI when it is an exact release installed from "
-                   "an index, else a wheel of it, built and shipped through the run's prefix)")
+                   "run) or an s3://...whl (default: a wheel of this install, packed from an index release's "
+                   "installed files or built from a checkout, shipped through the run's prefix)")
     q.add_argument("--disk-gb", type=int, help="root volume size in GB; data copied from S3 and checkpoints live "
                    "there (default: 300 for ImageNet from S3, else 150)")
     q.add_argument("--dry-run", action="store_true", help="print every AWS call with its arguments; make none")

@@ -59,7 +59,7 @@ class Api:
         for key, value in params.items():
             if key == "Value" and value == SECRET:
                 pass
-            elif key in ("UserData", "Body"):
+            elif key in ("UserData", "Body") and (len(value) > 60 or "\n" in value):  # a short one is shown inline
                 self.texts.append((key, value))
                 value = f"<{key} {len(self.texts)}: {len(value.encode())} bytes, printed below>"
             elif isinstance(value, str) and value.startswith("{"):

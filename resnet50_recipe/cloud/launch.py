@@ -41,7 +41,7 @@ __all__ = ["DLAMI_PARAMETER", "SPOT_QUOTAS", "run_location", "check_name", "asse
            "training_processes", "cost_to_finish", "rank_types", "hourly_price", "price_source", "budget_refusal",
            "check_free",
            "find_image", "hub_token", "store_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
-           "instance_params", "NO_CAPACITY", "place", "launch"]
+           "instance_params", "NO_CAPACITY", "place", "SPOT_REQUEST", "record_spot_request", "launch"]
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,10 @@ def upload_launch_files(api: Api, plan: Plan) -> str:
     wheel = chosen.wheel
     if chosen.build_from is not None:
         wheel = ship.build_wheel(chosen.build_from) if not api.dry_run else None
-    api("s3", "upload_file", Filename=str(wheel) if wheel else f"<{chosen.wheel_name}, built by pip wheel>",
+    elif chosen.installed is not None:
+        wheel = ship.pack_installed(chosen.installed) if not api.dry_run else None
+    made = "packed from the installed files" if chosen.installed is not None else "built by pip wheel"
+    api("s3", "upload_file", Filename=str(wheel) if wheel else f"<{chosen.wheel_name}, {made}>",
         Bucket=plan.bucket, Key=plan.wheel_key)
     return f"s3://{plan.bucket}/{plan.wheel_key}"
 
@@ -473,12 +476,15 @@ def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
     """Step 6b: parts of a multipart upload cut off by a preemption are billed until aborted. The run aborts its
     own at start; the bucket's AbortIncompleteMultipartUpload rule catches what a run never restarted leaves.
     Without one over the run's prefix the launch says so, and with `set_rule` adds one to the bucket's rules
-    (a put replaces the whole configuration, so the existing rules are kept in it)."""
+    (a put replaces the whole configuration, so the existing rules are kept in it, and the bucket's
+    TransitionDefaultMinimumObjectSize). The rule covers the prefix of every run of the --bucket; launch refuses
+    to set one over a bucket's root."""
     from botocore.exceptions import ClientError
 
-    rules = []
+    rules, current = [], {}
     try:
-        rules = (api("s3", "get_bucket_lifecycle_configuration", Bucket=plan.bucket) or {}).get("Rules", [])
+        current = api("s3", "get_bucket_lifecycle_configuration", Bucket=plan.bucket) or {}
+        rules = current.get("Rules", [])
     except ClientError as e:
         if error_code(e) != "NoSuchLifecycleConfiguration":
             say(f"could not read the lifecycle rules of s3://{plan.bucket} ({error_code(e)}); see docs/aws.md for "
@@ -498,7 +504,9 @@ def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
     root = plan.prefix.rpartition("/")[0]  # where every run of this --bucket lives
     rule = {"ID": UPLOAD_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": f"{root}/" if root else ""},
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
-    api("s3", "put_bucket_lifecycle_configuration", Bucket=plan.bucket,
+    # The bucket's setting beside its rules goes back as it was: a put without it resets it to AWS's default.
+    kept = {k: current[k] for k in ("TransitionDefaultMinimumObjectSize",) if k in current}
+    api("s3", "put_bucket_lifecycle_configuration", Bucket=plan.bucket, **kept,
         LifecycleConfiguration={"Rules": [r for r in rules if r.get("ID") != UPLOAD_RULE_ID] + [rule]})
 
 
@@ -558,6 +566,23 @@ def place(api: Api, params: dict, ranked: list[tuple[str, dict]], zones_given: l
     return None, None, tried
 
 
+# The run's spot request id, under its prefix, for the instance's `setup.sh --end` to cancel: the run role may not
+# describe spot requests (that call has no resource-level permission, and on "*" it shows every request's user
+# data, other workloads' included).
+SPOT_REQUEST = "launch/spot-request"
+
+
+def record_spot_request(api: Api, remote: str, request_id: str | None) -> None:
+    """Step 9: the spot request id, from run_instances' answer, to the run's prefix (SPOT_REQUEST)."""
+    bucket, prefix = parse_remote(remote)
+    if not request_id:  # (moto's run_instances opens none) an earlier launch's id of this name must not stay
+        log.warning("run_instances named no spot request; at its end the instance cannot cancel one, and powers off "
+                    "instead of terminating: resnet50-recipe aws stop releases it")
+        api("s3", "delete_object", Bucket=bucket, Key=f"{prefix}/{SPOT_REQUEST}")
+        return
+    api("s3", "put_object", Bucket=bucket, Key=f"{prefix}/{SPOT_REQUEST}", Body=request_id, ContentType="text/plain")
+
+
 def launch(recipe_source: str, bucket: str, *, name: str | None = None, overrides: list[str] = (),
            instance_type: str = "g4dn.2xlarge", region: str | None = None, az: str = "auto",
            subnet: str | None = None, key_name: str | None = None, security_groups: list[str] = (),
@@ -571,12 +596,17 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     the spot quota and the budget (3) find the AMI, refuse a run that has a live instance (4) store the Hub token
     (--push) (5) the run's IAM role and profile (6) upload the recipe and the wheel, and offer (or set) the
     bucket's rule for cut-off multipart uploads (7) run_instances' arguments
-    (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity. Returns
+    (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity (9) record
+    its spot request id under the run's prefix, for the instance to cancel at the end. Returns
     what was launched. With `dry_run`, prints each call instead of making it.
     """
     _boto3()  # without boto3, say how to install it before anything else
     plan = plan_launch(recipe_source, bucket, name, list(overrides), instance_type, data, volume, package, disk_gb,
                        budget_usd, push, private, keep_instance)
+    if abort_incomplete_uploads and "/" not in plan.prefix:
+        raise UserError(f"--abort-incomplete-uploads: --bucket {bucket.rstrip('/')} has no prefix, and the rule would "
+                        "abort every unfinished upload in the bucket, any tool's; give the runs a prefix "
+                        f"(--bucket {bucket.rstrip('/')}/runs), or add a rule by hand (docs/aws.md)")
     api = api or Api(region, dry_run, out)
     say = (lambda text: out(f"# {text}")) if dry_run else out
     if dry_run:
@@ -600,6 +630,7 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     zones = [None] if subnet else [az] if az != "auto" else None
     reservation, itype, tried = place(api, params, ranked, zones, created)
     if dry_run:
+        record_spot_request(api, plan.remote, "<SpotInstanceRequestId from run_instances>")
         for i, (key, text) in enumerate(api.texts, 1):
             source = "resnet50_recipe/cloud/user-data.sh rendered" if key == "UserData" else "the resolved recipe"
             out(f"\n# <{key} {i}>: {source}\n{text.rstrip()}")
@@ -608,6 +639,7 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
         raise AwsError(f"no spot capacity for {', '.join(t for t, _ in ranked)} in any AZ of {api.region} "
                        f"({'; '.join(tried)}); try later, another --instance-type (or auto) or --region")
     instance = reservation["Instances"][0]
+    record_spot_request(api, plan.remote, instance.get("SpotInstanceRequestId"))
     result = {"run": plan.name, "remote": plan.remote, "instance_id": instance["InstanceId"], "instance_type": itype,
               "az": instance.get("Placement", {}).get("AvailabilityZone"), "image_id": image_id,
               "instance_profile": profile, "spot_request_id": instance.get("SpotInstanceRequestId"), "tried": tried}

@@ -143,14 +143,17 @@ sys.exit(0 if (remote.get("file"), remote.get("sha256")) == (local["file"], loca
             fi
             ;;
     esac
-    # The run's own requests, by the tag EC2 copied onto them from the launch (what `aws stop` also cancels);
-    # the requests first: a persistent request whose instance is terminated would start a new one.
-    requests=$("$AWS" ec2 describe-spot-instance-requests --output text \
-        --filters "Name=tag:resnet50-recipe:run,Values=$RUN" "Name=state,Values=open,active,disabled" \
-        --query 'SpotInstanceRequests[].SpotInstanceRequestId')
-    for request in $requests; do
-        "$AWS" ec2 cancel-spot-instance-requests --spot-instance-request-ids "$request" > /dev/null
-    done
+    # The run's own request, first: a persistent request whose instance is terminated would start a new one. Its
+    # id is the one `aws launch` wrote under the run's prefix (launch.py's SPOT_REQUEST): the role may not describe
+    # spot requests, which would show it every request's user data. It may cancel only one tagged with the run.
+    requests=$("$AWS" s3 cp --only-show-errors "$REMOTE/launch/spot-request" - 2> /dev/null || true)
+    if [[ "$requests" =~ ^sir-[0-9a-z]+$ ]]; then
+        "$AWS" ec2 cancel-spot-instance-requests --spot-instance-request-ids "$requests" > /dev/null
+    else
+        requests=""
+        # Without its request cancelled, a terminated instance would be replaced: power off instead.
+        [ -n "$missing" ] || missing="the id of its spot request ($REMOTE/launch/spot-request)"
+    fi
     if [ -n "$missing" ]; then
         say "exit $status but $missing is not in S3: cancelled spot request(s) ${requests:-none} and powering off" \
             "instead of terminating; the disk is kept and bills until resnet50-recipe aws stop $RUN deletes it"

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from resnet50_recipe.errors import UserError
 from resnet50_recipe.publish.card import REPO_PLACEHOLDER
 from resnet50_recipe.publish.export import verify_export
 
@@ -19,6 +20,10 @@ log = logging.getLogger(__name__)
 def push(folder: str | Path, repo_id: str, private: bool = False, revision: str | None = None,
          create_pr: bool = False, commit_message: str | None = None, token: str | None = None) -> str:
     """Check the export folder, then create the repo (exist_ok) and upload the folder; returns the commit URL.
+
+    With `private`, an existing repo must be private already: create_repo(exist_ok=True) leaves an existing
+    repo's visibility as it is, so a public one would publish the weights. It is refused (UserError) before any
+    upload, and never made private here: that would hide whatever the repo already shows to its users.
 
     The token comes from `token`, HF_TOKEN or the huggingface login cache, as huggingface_hub resolves it;
     it is never printed or logged.
@@ -35,6 +40,10 @@ def push(folder: str | Path, repo_id: str, private: bool = False, revision: str 
         card.write_text(card.read_text().replace(REPO_PLACEHOLDER, repo_id))
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if private and not api.repo_info(repo_id, repo_type="model").private:
+            raise UserError(f"--private: {repo_id} exists and is public, and pushing would publish these weights; "
+                            "make it private on the Hub first (Settings, or HfApi().update_repo_settings("
+                            f"{repo_id!r}, private=True)), or push to another repo")
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=str(staged), repo_type="model", revision=revision,

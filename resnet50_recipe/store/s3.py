@@ -24,7 +24,7 @@ from typing import Callable
 from resnet50_recipe.errors import UserError
 from resnet50_recipe.store.checkpoints import MANIFEST, check_manifest
 
-__all__ = ["SIDECAR", "RemoteError", "RemoteRefused", "RemoteUnavailable", "is_transient", "parse_remote",
+__all__ = ["SIDECAR", "MULTIPART", "RemoteError", "RemoteRefused", "RemoteUnavailable", "is_transient", "parse_remote",
            "has_crc64", "Crc64", "S3Store", "rebuilt_manifest"]
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 _CHUNK = 64 * 2**20  # multipart part size and threshold
 
 SIDECAR = ".json"  # checkpoints/ckpt-*.pt.json: the checkpoint's entry and lineage, for a pointer that is gone
+
+# .multipart/<id>.json under the prefix: one per multipart upload this store started and has not seen complete,
+# {"key", "upload_id"}, so that a later process aborts exactly those (`abort_stale_uploads`). Listing a bucket's
+# uploads needs s3:ListBucketMultipartUploads on the whole bucket (AWS has no prefix condition for it), which would
+# show the run role every unfinished upload's key in the bucket.
+MULTIPART = ".multipart"
 
 
 # Errors a later attempt may not meet: the network, the store's 5xx and throttling, credentials being refreshed.
@@ -129,6 +135,7 @@ class S3Store:
         self.bucket, self.prefix = parse_remote(remote)
         self.endpoint_url, self.checksum, self.on_ec2 = endpoint_url or None, checksum, on_ec2
         self._ec2: bool | None = None  # on_ec2's answer, once asked
+        self._records: dict[str, list[str]] = {}  # key -> its MULTIPART records, of uploads not yet complete
         self.client = self._new_client()
         self.transfer = TransferConfig(multipart_threshold=_CHUNK, multipart_chunksize=_CHUNK, max_concurrency=4)
         # `when_required` is for stores that reject checksums they were not asked for: send none then.
@@ -146,12 +153,40 @@ class S3Store:
         config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=60,
                         request_checksum_calculation=self.checksum, response_checksum_validation=self.checksum)
         if not patient:
-            return boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
-        session = botocore.session.get_session()
-        for name, value in (("metadata_service_timeout", 5), ("metadata_service_num_attempts", 3)):
-            if session.get_config_variable(name) in (None, 1):  # botocore's defaults; a user's own setting stays
-                session.set_config_variable(name, value)
-        return boto3.Session(botocore_session=session).client("s3", endpoint_url=self.endpoint_url, config=config)
+            client = boto3.client("s3", endpoint_url=self.endpoint_url, config=config)
+        else:
+            session = botocore.session.get_session()
+            for name, value in (("metadata_service_timeout", 5), ("metadata_service_num_attempts", 3)):
+                if session.get_config_variable(name) in (None, 1):  # botocore's defaults; a user's own setting stays
+                    session.set_config_variable(name, value)
+            client = boto3.Session(botocore_session=session).client("s3", endpoint_url=self.endpoint_url,
+                                                                    config=config)
+        # s3transfer starts multipart uploads itself and keeps their ids to itself: the answer is read here, on
+        # its worker thread, before any part is sent.
+        client.meta.events.register("after-call.s3.CreateMultipartUpload", self._record_upload)
+        return client
+
+    def _record_upload(self, parsed: dict, **_) -> None:
+        """Store a new multipart upload's id under the prefix (MULTIPART) before its parts go, so that a later
+        process can abort it if this one dies mid-upload; `_uploaded` deletes the record once it is complete."""
+        key, upload_id = parsed.get("Key"), parsed.get("UploadId")
+        if not key or not upload_id:  # an error answer
+            return
+        record = self.key(f"{MULTIPART}/{hashlib.sha256(upload_id.encode()).hexdigest()[:32]}.json")
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=record, ContentType="application/json",
+                                   Body=json.dumps({"key": key, "upload_id": upload_id}))
+        except Exception as e:  # the upload itself may well succeed: only a crash in it would leave parts behind
+            log.warning("%s: could not record multipart upload %s of %s (%s); if this process dies mid-upload, the "
+                        "bucket's AbortIncompleteMultipartUpload lifecycle rule removes its parts", self.remote,
+                        upload_id, key, e)
+            return
+        self._records.setdefault(key, []).append(record)
+
+    def _uploaded(self, key: str) -> None:
+        """The upload of `key` is complete: its records go."""
+        for record in self._records.pop(key, []):
+            self.client.delete_object(Bucket=self.bucket, Key=record)
 
     def credentials_pending(self, error: BaseException) -> bool:
         """Whether `error` is missing credentials that the instance role will bring: on EC2, with the metadata
@@ -183,6 +218,7 @@ class S3Store:
     def upload_file(self, path: Path, name: str) -> None:
         extra = {"ChecksumAlgorithm": "CRC64NVME"} if self.crc64 else None
         self.client.upload_file(str(path), self.bucket, self.key(name), ExtraArgs=extra, Config=self.transfer)
+        self._uploaded(self.key(name))
 
     def download_file(self, name: str, path: Path) -> None:
         self.client.download_file(self.bucket, self.key(name), str(path), Config=self.transfer)
@@ -244,6 +280,7 @@ class S3Store:
         """A server-side copy within the prefix (multipart above 5 GB, by s3transfer): no bytes travel here."""
         self.client.copy({"Bucket": self.bucket, "Key": self.key(source)}, self.bucket, self.key(name),
                          Config=self.transfer)
+        self._uploaded(self.key(name))
 
     def manifest(self, rebuild: bool = False) -> tuple[dict | None, str | None]:
         """The remote checkpoints/latest.json and its ETag; UserError when it is not a manifest. With `rebuild`
@@ -268,8 +305,12 @@ class S3Store:
     def preflight(self, retry_s: float = 300.0) -> None:
         """Write, check and delete a small probe object, so that a wrong bucket or a missing permission fails
         now, before any training, instead of at the first checkpoint; then abort the multipart uploads an
-        earlier process left unfinished. Errors that may pass are retried for `retry_s` seconds, with backoff
-        (on top of boto3's own retries), then raise RemoteUnavailable; the others raise RemoteRefused at once."""
+        earlier process recorded and left unfinished. A bucket's root is refused: a run needs a prefix of its own.
+        Errors that may pass are retried for `retry_s` seconds, with backoff (on top of boto3's own retries), then
+        raise RemoteUnavailable; the others raise RemoteRefused at once."""
+        if not self.prefix:  # the run's files would mix with the whole bucket's
+            raise RemoteRefused(f"{self.remote}: a run needs a prefix of its own, s3://{self.bucket}/NAME; at the "
+                                "bucket's root its files would mix with every other object in the bucket")
         deadline, delay = time.monotonic() + retry_s, 1.0
         while True:
             try:
@@ -332,24 +373,40 @@ class S3Store:
         return RemoteRefused(f"{self.remote}: the store refused a test write ({code})")
 
     def abort_stale_uploads(self) -> int:
-        """Abort the multipart uploads under the prefix that began before this store was opened: a process
-        killed mid-upload leaves its parts, which S3 bills until they are aborted. Needs
-        s3:ListBucketMultipartUploads; without it the bucket's lifecycle rule does the job (docs/aws.md)."""
-        start = f"{self.prefix}/" if self.prefix else ""
+        """Abort the multipart uploads that an earlier process of this prefix recorded (MULTIPART) and never
+        completed: a process killed mid-upload leaves its parts, which S3 bills until they are aborted. Only
+        those, by their stored ids: never another tool's upload, nor one from before the records. Anything else
+        is the bucket's lifecycle rule's (docs/aws.md)."""
+        aborted = 0
         try:
-            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=start)
-            stale = [u for page in pages for u in page.get("Uploads", []) if u["Initiated"] < self.created]
-            for upload in stale:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=self.key(f"{MULTIPART}/"))
+            records = [o["Key"] for page in pages for o in page.get("Contents", [])
+                       if o["LastModified"] < self.created]  # not this process's own
+            for record in records:
+                body = self.client.get_object(Bucket=self.bucket, Key=record)["Body"].read()
+                upload = json.loads(body) if body.startswith(b"{") else {}
+                if str(upload.get("key", "")).startswith(self.key("")) and upload.get("upload_id"):
+                    aborted += self._abort(upload["key"], upload["upload_id"])
+                self.client.delete_object(Bucket=self.bucket, Key=record)
         except self.client.exceptions.ClientError as e:
             log.warning("%s: could not abort stale multipart uploads (%s); the bucket's "
                         "AbortIncompleteMultipartUpload lifecycle rule removes them", self.remote,
                         e.response["Error"]["Code"])
-            return 0
-        if stale:
-            log.info("%s: aborted %d multipart upload(s) left unfinished by an earlier process", self.remote,
-                     len(stale))
-        return len(stale)
+            return aborted
+        if aborted:
+            log.info("%s: aborted %d multipart upload(s) left unfinished by an earlier process", self.remote, aborted)
+        return aborted
+
+    def _abort(self, key: str, upload_id: str) -> int:
+        """1 when the upload was aborted now, 0 when it had completed or was aborted already."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except self.client.exceptions.ClientError as e:
+            if e.response["Error"]["Code"] in ("NoSuchUpload", "404"):
+                return 0
+            raise
+        return 1
 
 
 def rebuilt_manifest(store: S3Store) -> dict | None:
