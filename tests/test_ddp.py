@@ -226,3 +226,24 @@ def test_sigterm_mid_epoch_then_resume_on_two_processes_is_bitwise_the_uninterru
     for key in ("model", "ema", "optimizer", "scheduler", "scaler", "loop", "rng", "norm_buffers", "best",
                 "global_step"):
         assert_same_tree(a[key], b[key], key)
+
+
+def test_a_sigterm_to_torchruns_process_group_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    """torchrun passes a SIGTERM on to each rank's process group, the rank's loader workers included."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "resnet50_recipe", *args_for(data, out, 2, **{"data.workers": 2})]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)  # torchrun's group: torchrun itself, which signals every rank's group
+    output = output_of(process, 120)
+    assert "killed by signal" not in output, output
+    assert json.loads((out / "summary.json").read_text())["exit_status"] == EXIT_PREEMPTED, output
+    stopped = weights(out)
+    assert stopped["step_in_epoch"] > 0 or stopped["epoch"] > 0, output

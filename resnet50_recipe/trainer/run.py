@@ -33,6 +33,7 @@ from resnet50_recipe.data.pipeline import (
     ImageFolderDataset,
     UnreadableImage,
     class_names,
+    close_loader,
     eval_transform,
     make_loader,
     resolve_data_dir,
@@ -120,7 +121,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     # recipe, ends in set-up at once).
     control.timeout_s = recipe.checkpoint.stop_timeout_s
     handlers = install_signal_handlers(control)  # before any set-up work: a stop is honoured from here on
-    run = services = None
+    run = services = loop = None
     try:
         rt = setup(recipe.train, recipe.seed)
         say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
@@ -136,6 +137,9 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         return {"stopped": True, "during": "set-up", "global_step": None, "top1": None,
                 "exit_status": EXIT_PREEMPTED}
     finally:
+        if loop is not None:  # the loader workers leave the stop signals to us: we end them
+            close_loader(loop.train_loader)
+            close_loader(loop.val_loader)
         if services is not None:
             services.close()
         if run is not None:
@@ -490,7 +494,8 @@ def build_loop(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet
     train_sampler = EpochSampler(len(inputs.train_set), recipe.seed, shuffle=True, rank=rt.rank,
                                  world_size=rt.world_size, aug_repeats=recipe.data.aug_repeats)
     val_sampler = EpochSampler(len(inputs.val_set), recipe.seed, shuffle=False, rank=rt.rank, world_size=rt.world_size)
-    loader_args = dict(workers=recipe.data.workers, pin_memory=recipe.data.pin_memory, seed=recipe.seed)
+    loader_args = dict(workers=recipe.data.workers, pin_memory=recipe.data.pin_memory, seed=recipe.seed,
+                       stops_to_parent=True)
     val_loader = make_loader(inputs.val_set, val_sampler, tc.batch_size, drop_last=False, **loader_args)
     longest_shard = -(-len(inputs.val_set) // rt.world_size)
     t = build_trainer(recipe, rt, len(inputs.classes), inputs.updates_per_epoch)
@@ -685,6 +690,7 @@ def run_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch: i
         # Progressive resizing: new workers with the new crop size. This happens once per distinct size,
         # so restarting the persistent workers costs seconds in a run of hours.
         inputs.train_set.transform = train_transform(recipe.augment, size)
+        close_loader(loop.train_loader)
         loop.train_loader = make_loader(inputs.train_set, loop.train_sampler, tc.batch_size, drop_last=True,
                                         **loop.loader_args)
         if loop.loader_size is not None:
