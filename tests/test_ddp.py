@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLOBAL_BATCH, args_for, assert_same_tree, worker_pids
+from helpers import GLOBAL_BATCH, args_for, assert_same_tree, free_port, worker_pids
 
 from resnet50_recipe.data.synthetic import generate
-from resnet50_recipe.errors import EXIT_PREEMPTED
+from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from resnet50_recipe.store.checkpoints import load_state, read_manifest
 
 
@@ -247,3 +247,35 @@ def test_a_sigterm_to_torchruns_process_group_stops_every_rank_with_a_checkpoint
     assert json.loads((out / "summary.json").read_text())["exit_status"] == EXIT_PREEMPTED, output
     stopped = weights(out)
     assert stopped["step_in_epoch"] > 0 or stopped["epoch"] > 0, output
+
+
+RECORD_EXITS = """
+import os, sys
+from pathlib import Path
+if os.environ.get("LOCAL_RANK") is not None:  # torchrun's workers only
+    real_exit = sys.exit
+    def recording_exit(code=0):
+        Path(os.environ["EXIT_DIR"], "rank" + os.environ["RANK"]).write_text(str(code))
+        real_exit(code)
+    sys.exit = recording_exit
+"""
+
+
+@pytest.mark.parametrize("remote, status", [("missing bucket", EXIT_BAD_INPUT), ("refused connection", EXIT_PREEMPTED)])
+def test_a_set_up_error_on_rank_0_ends_every_rank_and_the_command_with_its_status(remote, status, data, s3_endpoint,
+                                                                                   tmp_path):
+    """Only rank 0 asks the remote at start (the preflight): a bucket that does not exist is bad input (2), an
+    endpoint that refuses connections a store that may come back (75); every rank, and the command, say so."""
+    site, exits = tmp_path / "site", tmp_path / "exits"
+    site.mkdir()
+    exits.mkdir()
+    (site / "sitecustomize.py").write_text(RECORD_EXITS)
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "EXIT_DIR": str(exits)}
+    endpoint = s3_endpoint if remote == "missing bucket" else f"http://127.0.0.1:{free_port()}"
+    settings = {"checkpoint.remote": "s3://no-such-bucket/runs/x", "checkpoint.endpoint_url": endpoint,
+                "checkpoint.startup_retry_s": 2}
+    done = subprocess.run([sys.executable, "-m", "resnet50_recipe", *args_for(data, tmp_path / "run", 2, **settings),
+                           "--nproc-per-node", "2"], capture_output=True, text=True, timeout=300, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == status, output
+    assert {p.name: p.read_text() for p in exits.glob("rank*")} == {"rank0": str(status), "rank1": str(status)}, output
