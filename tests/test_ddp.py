@@ -279,3 +279,34 @@ def test_a_set_up_error_on_rank_0_ends_every_rank_and_the_command_with_its_statu
     output = done.stdout + done.stderr
     assert done.returncode == status, output
     assert {p.name: p.read_text() for p in exits.glob("rank*")} == {"rank0": str(status), "rank1": str(status)}, output
+
+
+def test_the_relaunch_gives_torchrun_the_grace_the_stop_needs(data, tmp_path, monkeypatch):
+    """torchrun sends SIGKILL 30 s after it passes a SIGTERM on, unless told otherwise: in the middle of a stop's
+    checkpoint, which may take checkpoint.stop_timeout_s. Read back by this torch's own torchrun parser."""
+    from torch.distributed.run import get_args_parser
+
+    from resnet50_recipe.cli.train import torchrun_command
+
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    argv = args_for(data, tmp_path / "run", 2) + ["--nproc-per-node", "2"]
+    command = torchrun_command(argv, 2, stop_timeout_s=250.5)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    parsed = get_args_parser().parse_args(command[3:])
+    assert parsed.shutdown_timeout == 261  # the stop's whole deadline, and 10 s for the exit
+    assert int(parsed.nproc_per_node) == 2 and parsed.standalone and parsed.module
+    assert parsed.training_script == "resnet50_recipe" and parsed.training_script_args == argv[:-2]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "42")  # one the user set is theirs
+    assert get_args_parser().parse_args(torchrun_command(argv, 2, 250.5)[3:]).shutdown_timeout == 42
+
+
+def test_every_torch_that_setup_cfg_allows_has_torchruns_shutdown_timeout():
+    """--shutdown-timeout (and TORCH_ELASTIC_SHUTDOWN_TIMEOUT) came with torch 2.12 (pytorch/pytorch#172596);
+    .ci/run's floor pass runs the test above on exactly the floor."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).parents[1] / "setup.cfg")
+    floors = dict(line.split(">=") for line in config["options"]["install_requires"].split() if ">=" in line)
+    assert tuple(map(int, floors["torch"].split(".")[:2])) >= (2, 12)
+    assert tuple(map(int, floors["torchvision"].split(".")[:2])) >= (0, 27)  # the torchvision of torch 2.12
