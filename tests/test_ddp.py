@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLOBAL_BATCH, args_for, assert_same_tree, worker_pids
+from helpers import GLOBAL_BATCH, args_for, assert_same_tree, free_port, worker_pids
 
 from resnet50_recipe.data.synthetic import generate
-from resnet50_recipe.errors import EXIT_PREEMPTED
+from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from resnet50_recipe.store.checkpoints import load_state, read_manifest
 
 
@@ -226,3 +226,87 @@ def test_sigterm_mid_epoch_then_resume_on_two_processes_is_bitwise_the_uninterru
     for key in ("model", "ema", "optimizer", "scheduler", "scaler", "loop", "rng", "norm_buffers", "best",
                 "global_step"):
         assert_same_tree(a[key], b[key], key)
+
+
+def test_a_sigterm_to_torchruns_process_group_stops_every_rank_with_a_checkpoint(data, tmp_path):
+    """torchrun passes a SIGTERM on to each rank's process group, the rank's loader workers included."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "resnet50_recipe", *args_for(data, out, 2, **{"data.workers": 2})]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGTERM)  # torchrun's group: torchrun itself, which signals every rank's group
+    output = output_of(process, 120)
+    assert "killed by signal" not in output, output
+    assert json.loads((out / "summary.json").read_text())["exit_status"] == EXIT_PREEMPTED, output
+    stopped = weights(out)
+    assert stopped["step_in_epoch"] > 0 or stopped["epoch"] > 0, output
+
+
+RECORD_EXITS = """
+import os, sys
+from pathlib import Path
+if os.environ.get("LOCAL_RANK") is not None:  # torchrun's workers only
+    real_exit = sys.exit
+    def recording_exit(code=0):
+        Path(os.environ["EXIT_DIR"], "rank" + os.environ["RANK"]).write_text(str(code))
+        real_exit(code)
+    sys.exit = recording_exit
+"""
+
+
+@pytest.mark.parametrize("remote, status", [("missing bucket", EXIT_BAD_INPUT), ("refused connection", EXIT_PREEMPTED)])
+def test_a_set_up_error_on_rank_0_ends_every_rank_and_the_command_with_its_status(remote, status, data, s3_endpoint,
+                                                                                   tmp_path):
+    """Only rank 0 asks the remote at start (the preflight): a bucket that does not exist is bad input (2), an
+    endpoint that refuses connections a store that may come back (75); every rank, and the command, say so."""
+    site, exits = tmp_path / "site", tmp_path / "exits"
+    site.mkdir()
+    exits.mkdir()
+    (site / "sitecustomize.py").write_text(RECORD_EXITS)
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "EXIT_DIR": str(exits)}
+    endpoint = s3_endpoint if remote == "missing bucket" else f"http://127.0.0.1:{free_port()}"
+    settings = {"checkpoint.remote": "s3://no-such-bucket/runs/x", "checkpoint.endpoint_url": endpoint,
+                "checkpoint.startup_retry_s": 2}
+    done = subprocess.run([sys.executable, "-m", "resnet50_recipe", *args_for(data, tmp_path / "run", 2, **settings),
+                           "--nproc-per-node", "2"], capture_output=True, text=True, timeout=300, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == status, output
+    assert {p.name: p.read_text() for p in exits.glob("rank*")} == {"rank0": str(status), "rank1": str(status)}, output
+
+
+def test_the_relaunch_gives_torchrun_the_grace_the_stop_needs(data, tmp_path, monkeypatch):
+    """torchrun sends SIGKILL 30 s after it passes a SIGTERM on, unless told otherwise: in the middle of a stop's
+    checkpoint, which may take checkpoint.stop_timeout_s. Read back by this torch's own torchrun parser."""
+    from torch.distributed.run import get_args_parser
+
+    from resnet50_recipe.cli.train import torchrun_command
+
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    argv = args_for(data, tmp_path / "run", 2) + ["--nproc-per-node", "2"]
+    command = torchrun_command(argv, 2, stop_timeout_s=250.5)
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    parsed = get_args_parser().parse_args(command[3:])
+    assert parsed.shutdown_timeout == 261  # the stop's whole deadline, and 10 s for the exit
+    assert int(parsed.nproc_per_node) == 2 and parsed.standalone and parsed.module
+    assert parsed.training_script == "resnet50_recipe" and parsed.training_script_args == argv[:-2]
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "42")  # one the user set is theirs
+    assert get_args_parser().parse_args(torchrun_command(argv, 2, 250.5)[3:]).shutdown_timeout == 42
+
+
+def test_every_torch_that_setup_cfg_allows_has_torchruns_shutdown_timeout():
+    """--shutdown-timeout (and TORCH_ELASTIC_SHUTDOWN_TIMEOUT) came with torch 2.12 (pytorch/pytorch#172596);
+    .ci/run's floor pass runs the test above on exactly the floor."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).parents[1] / "setup.cfg")
+    floors = dict(line.split(">=") for line in config["options"]["install_requires"].split() if ">=" in line)
+    assert tuple(map(int, floors["torch"].split(".")[:2])) >= (2, 12)
+    assert tuple(map(int, floors["torchvision"].split(".")[:2])) >= (0, 27)  # the torchvision of torch 2.12

@@ -20,6 +20,7 @@ from helpers import (
     assert_same_tree,
     final_state,
     free_port,
+    last_step,
     overlay,
     remote_args,
     start,
@@ -354,6 +355,34 @@ def test_only_a_second_sigint_exits_at_once_whatever_asked_for_the_stop_first():
     assert done.stdout.splitlines() == ["still running EC2 spot interruption notice"], done.stderr
     assert done.returncode == 130
     assert "press Ctrl-C again to exit at once" in done.stderr
+
+
+@pytest.mark.parametrize("during", ["training", "evaluation"])
+def test_a_sigterm_to_the_whole_process_group_is_a_stop_with_a_checkpoint(during, data, tmp_path):
+    """Slurm's scancel, `timeout`, `docker stop` under `tini -g`, KillMode=control-group and `kill -TERM -PGID`
+    signal the loader workers too: the workers leave the stop to the trainer, which stops them itself."""
+    args = overlay(data, **{"train.epochs": 2, "data.workers": 2, "log.every_steps": 1})
+    marker, out = tmp_path / "evaluating", tmp_path / "run"
+    if during == "evaluation":
+        (tmp_path / "slow").touch()  # SLOW_VAL: 0.5 s per val image, in the loader workers
+    command = [sys.executable, "-c", SLOW_VAL, str(marker), "train", "smoke", "--output", str(out)] + args
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        while process.poll() is None and not (marker.exists() if during == "evaluation" else last_step(out) >= 3):
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGTERM)  # the trainer and both loader workers, at once
+        output = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == EXIT_PREEMPTED, output
+    assert "killed by signal" not in output
+    stopped = final_state(out)
+    if during == "training":
+        assert stopped["epoch"] == 0 and stopped["step_in_epoch"] > 0, output
+    else:
+        assert (stopped["epoch"], stopped["step_in_epoch"]) == (1, 0) and stopped["pending_eval"]["epoch"] == 0
 
 
 def test_a_stop_at_the_epoch_end_is_agreed_once_and_always_checkpointed(tiny_data, tmp_path, monkeypatch):

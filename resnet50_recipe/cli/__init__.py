@@ -22,12 +22,12 @@ from resnet50_recipe.cli.runs import (
     cmd_runs,
     cmd_watch,
 )
-from resnet50_recipe.cli.train import add_eval, add_train, cmd_eval, cmd_train
+from resnet50_recipe.cli.train import add_eval, add_train, cmd_eval, cmd_train, record_exit_status
 from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from resnet50_recipe.store.checkpoints import CheckpointError
 from resnet50_recipe.store.s3 import RemoteUnavailable, is_transient
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "run_command"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "push": cmd_push, "runs": cmd_runs,
                "data": cmd_data, "bench": cmd_bench, "aws": cmd_aws, "watch": cmd_watch, "predict": cmd_predict,
                "explain": cmd_explain, "report": cmd_report}[args.command]
+    code = run_command(handler, args)
+    record_exit_status(code)  # under `train --nproc-per-node`: the status the launcher exits with
+    return code
+
+
+def run_command(handler, args) -> int:
+    """The command's exit status: its own, or the one its error calls for."""
     try:
         return handler(args)
     except RemoteUnavailable as e:  # the store kept failing at start-up with errors that pass: a restart retries

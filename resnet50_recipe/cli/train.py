@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +17,11 @@ from resnet50_recipe.cli.common import SHORTCUTS, add_quiet, add_set
 from resnet50_recipe.errors import EXIT_FINISHED, UserError
 from resnet50_recipe.recipe import shipped_recipes
 
-__all__ = ["add_train", "cmd_train", "relaunch_with_torchrun", "add_eval", "cmd_eval"]
+__all__ = ["add_train", "cmd_train", "relaunch_with_torchrun", "SHUTDOWN_MARGIN_S", "torchrun_command",
+           "STATUS_FILE_ENV", "record_exit_status", "add_eval", "cmd_eval"]
+
+# Where rank 0 of a relaunched run writes its exit status, for `train --nproc-per-node` to exit with it.
+STATUS_FILE_ENV = "RESNET50_RECIPE_STATUS_FILE"
 
 
 def add_train(sub) -> None:
@@ -85,27 +91,21 @@ def cmd_train(args) -> int:
 def relaunch_with_torchrun(args, recipe, control) -> int:
     """`train --nproc-per-node N` is `torchrun --standalone --nproc-per-node N -m resnet50_recipe train ...`.
 
-    torchrun reports any non-zero worker exit as its own failure (exit 1), so the run's own status is read from
-    the summary.json rank 0 wrote, which is how a preempted job exits 75 as a whole. A signal to this process is
-    passed on to torchrun, which passes it to the workers; torchrun's grace period before SIGKILL is raised to
-    the stop's own deadline (`checkpoint.stop_timeout_s`), so that no rank is killed while it saves.
+    torchrun reports any non-zero worker exit as its own failure (exit 1), so the command exits with rank 0's own
+    status instead: the one rank 0 wrote to the file named by $RESNET50_RECIPE_STATUS_FILE as it exited
+    (`record_exit_status`; a set-up error too, 2 or 75), else the one in the summary.json it wrote (a rank 0
+    killed after its summary). That is how a preempted job exits 75 as a whole. A signal to this process is
+    passed on to torchrun, which passes it to the workers, with the grace period `torchrun_command` sets.
     """
-    argv, skip = [], False
-    for item in args.argv:
-        if skip:
-            skip = False
-        elif item == "--nproc-per-node":
-            skip = True
-        elif not item.startswith("--nproc-per-node="):
-            argv.append(item)
     started = time.time()
     env = dict(os.environ)
-    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(recipe.checkpoint.stop_timeout_s) + 10))
+    status_dir = tempfile.mkdtemp(prefix="resnet50-recipe-status-")
+    status_file = Path(status_dir) / "rank0"
+    env[STATUS_FILE_ENV] = str(status_file)
     # A session of its own, so that a Ctrl-C in the terminal reaches torchrun once, through us, and not twice
     # (a worker counts a second SIGINT as "exit now"). The systemd unit uses KillMode=mixed for the same reason.
-    child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc-per-node={args.nproc_per_node}", "-m", "resnet50_recipe", *argv], env=env,
-                             start_new_session=True)
+    child = subprocess.Popen(torchrun_command(args.argv, args.nproc_per_node, recipe.checkpoint.stop_timeout_s),
+                             env=env, start_new_session=True)
     previous = {sig: signal.signal(sig, lambda signum, frame: child.send_signal(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     try:
@@ -113,10 +113,45 @@ def relaunch_with_torchrun(args, recipe, control) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        status = status_file.read_text().strip() if status_file.is_file() else ""
+        status_file.unlink(missing_ok=True)
+        os.rmdir(status_dir)
+    if code != 0 and status.isdigit() and int(status) != 0:
+        return int(status)
     summary = Path(args.output or Path("runs") / recipe.name) / "summary.json"
     if code != 0 and summary.is_file() and summary.stat().st_mtime >= started:
         return json.loads(summary.read_text()).get("exit_status", code)
     return code
+
+
+SHUTDOWN_MARGIN_S = 10  # torchrun's SIGKILL comes this long after the stop's deadline: time for the exit itself
+
+
+def torchrun_command(argv: list[str], nproc: int, stop_timeout_s: float) -> list[str]:
+    """The torchrun command line that runs `argv` (this command's, less --nproc-per-node) on `nproc` processes.
+
+    torchrun passes a SIGTERM on to the workers and kills them 30 s later unless told otherwise, in the middle of
+    a stop's checkpoint, which may take `checkpoint.stop_timeout_s`: `--shutdown-timeout` (torch 2.12 and later,
+    setup.cfg's floor) raises that grace to the stop's deadline and a margin. A TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    the user set is theirs, and kept."""
+    rest, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            rest.append(item)
+    grace = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or str(math.ceil(stop_timeout_s) + SHUTDOWN_MARGIN_S)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--shutdown-timeout={grace}", "-m", "resnet50_recipe", *rest]
+
+
+def record_exit_status(code: int) -> None:
+    """Under `train --nproc-per-node`, rank 0 writes the status it exits with for the launcher to exit with."""
+    path = os.environ.get(STATUS_FILE_ENV)
+    if path and os.environ.get("RANK") == "0":
+        Path(path).write_text(f"{code}\n")
 
 
 def add_eval(sub) -> None:

@@ -9,11 +9,14 @@ Batches leave the loader as uint8 NCHW tensors; normalisation happens on the dev
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
 import random
+import signal
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,7 +35,7 @@ from resnet50_recipe.recipe import AugmentConfig, DataConfig, RecipeError
 __all__ = ["IMAGE_EXTENSIONS", "mix_seed", "seeded", "find_classes", "scan_images", "class_names", "Sample",
            "ImageFolderDataset", "UnreadableImage", "unreadable", "collate", "EpochSampler", "DraftResizedCrop",
            "train_transform", "train_size_at", "eval_transform", "usable_cores", "default_workers", "make_loader",
-           "resolve_data_dir", "cache_dir"]
+           "leave_stops_to_the_parent", "close_loader", "resolve_data_dir", "cache_dir"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -327,17 +330,66 @@ def default_workers() -> int:
 
 
 def make_loader(dataset, sampler, batch_size: int, workers: int | None, drop_last: bool, pin_memory: bool,
-                seed: int) -> torch.utils.data.DataLoader:
+                seed: int, stops_to_parent: bool = False) -> torch.utils.data.DataLoader:
+    """A loader of uint8 batches. `stops_to_parent` (the trainer's loaders): the worker processes ignore SIGTERM,
+    SIGINT and SIGUSR1, which the parent turns into a stop with a checkpoint, and the parent ends them itself
+    (`close_loader`)."""
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)  # keeps the DataLoader from drawing on the global RNG
     with warnings.catch_warnings():
         # torch warns when pin_memory is set without an accelerator; pinning is then simply skipped.
         warnings.filterwarnings("ignore", message=".*pin_memory.*")
-        return torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
             pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
             persistent_workers=workers > 0, generator=generator,
-            prefetch_factor=4 if workers > 0 else None)
+            prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=leave_stops_to_the_parent if stops_to_parent and workers > 0 else None)
+    if stops_to_parent and workers > 0:
+        if not _PARENT_OWNED:
+            # Registered after torch's own exit hooks, so it runs before them: while torch can still end workers
+            # in order, and before multiprocessing's, whose SIGTERM these workers ignore (it would then wait).
+            atexit.register(_close_parent_owned)
+        _PARENT_OWNED.add(loader)
+    return loader
+
+
+_PARENT_OWNED: weakref.WeakSet = weakref.WeakSet()  # loaders whose workers ignore the stop signals
+
+
+def leave_stops_to_the_parent(worker_id: int) -> None:
+    """A loader worker's `worker_init_fn`: ignore SIGTERM, SIGINT and SIGUSR1.
+
+    Slurm's scancel, `timeout`, `docker stop` under `tini -g`, systemd's KillMode=control-group, `kill -TERM -PGID`
+    and torchrun (which signals each rank's process group) deliver a stop to the workers as well as the trainer.
+    torch's worker would die of it, and the trainer's next batch would fail ("DataLoader worker (pid N) is killed
+    by signal: Terminated") before its checkpoint. The trainer handles the signal and ends the workers itself; a
+    worker whose parent is gone (SIGKILL) still exits on its own, by torch's watchdog. Seeding is untouched: each
+    sample's randomness comes from (seed, epoch, index), not from the worker."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def close_loader(loader: torch.utils.data.DataLoader | None) -> None:
+    """End a loader's worker processes now, in torch's orderly way, then kill any that did not end in torch's
+    wait (SIGKILL: these workers ignore the SIGTERM torch would send)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    loader._iterator = None
+    shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process iterator: workers to end
+    if shutdown is None:
+        return
+    shutdown()
+    for worker in getattr(iterator, "_workers", []):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=5)
+
+
+def _close_parent_owned() -> None:
+    for loader in list(_PARENT_OWNED):
+        close_loader(loader)
 
 
 def resolve_data_dir(data: DataConfig) -> Path:

@@ -33,6 +33,7 @@ from resnet50_recipe.data.pipeline import (
     ImageFolderDataset,
     UnreadableImage,
     class_names,
+    close_loader,
     eval_transform,
     make_loader,
     resolve_data_dir,
@@ -66,7 +67,7 @@ from resnet50_recipe.store.checkpoints import (
     start_lineage,
 )
 from resnet50_recipe.store.lineage import claim, install_staged, pull_files, stage_remote
-from resnet50_recipe.store.s3 import S3Store
+from resnet50_recipe.store.s3 import RemoteUnavailable, S3Store, is_transient
 from resnet50_recipe.store.uploader import Uploader
 from resnet50_recipe.trainer.budget import BUDGET_REASON, Budget, InstanceCost
 from resnet50_recipe.trainer.lock import RunLock
@@ -92,7 +93,8 @@ from resnet50_recipe.trainer.stop import (
     start_spot_watcher,
 )
 
-__all__ = ["train", "SetupStopped", "check_stop", "Inputs", "check_inputs", "check_export_settings", "Run",
+__all__ = ["train", "SetupStopped", "check_stop", "agreed", "shared_error", "raise_shared", "Inputs", "check_inputs",
+           "check_export_settings", "Run",
            "open_run", "decide", "check_resumable", "train_set_change", "write_start", "Loop", "Outcome", "build_loop",
            "Services", "Checkpointer", "run_epochs", "run_epoch", "end_epoch", "evaluate_epoch", "stop_and_drain",
            "finish", "publish_run", "make_summary", "exit_status"]
@@ -120,11 +122,12 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     # recipe, ends in set-up at once).
     control.timeout_s = recipe.checkpoint.stop_timeout_s
     handlers = install_signal_handlers(control)  # before any set-up work: a stop is honoured from here on
-    run = services = None
+    run = services = loop = None
     try:
         rt = setup(recipe.train, recipe.seed)
         say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
-        inputs = check_inputs(recipe, rt, control)  # 1. every check that needs no checkpoint; nothing written
+        # 1. every check that needs no checkpoint, nothing written; an error on any rank ends every rank alike
+        inputs = agreed(rt, lambda: check_inputs(recipe, rt, control), "check the inputs")
         run = open_run(recipe, rt, inputs, output, resume, force, allow_recipe_change, control, say)  # 2.
         loop = build_loop(recipe, rt, inputs, run, say, quiet)  # 3. loaders, trainer, the checkpoint restored
         services = Services(run, recipe, rt, inputs, control, loop.runlog)  # 4. writer, uploader, spot watcher
@@ -136,6 +139,9 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
         return {"stopped": True, "during": "set-up", "global_step": None, "top1": None,
                 "exit_status": EXIT_PREEMPTED}
     finally:
+        if loop is not None:  # the loader workers leave the stop signals to us: we end them
+            close_loader(loop.train_loader)
+            close_loader(loop.val_loader)
         if services is not None:
             services.close()
         if run is not None:
@@ -150,6 +156,40 @@ class SetupStopped(Exception):
 def check_stop(control: StopControl, where: str) -> None:
     if control.stop.is_set():
         raise SetupStopped(f"stopped during set-up ({control.reason}), before {where}; nothing was changed")
+
+
+def agreed(rt: Runtime, work: Callable, what: str):
+    """Run a set-up phase on every rank, then agree on how it went, in one collective: an error on any rank (the
+    remote's preflight runs on rank 0 alone; a stop may reach one rank before the others) ends every rank with the
+    status the single process would have, 2 for bad input and 75 for a stop or a store that may come back, and
+    never leaves a rank waiting in a collective for a rank that has exited."""
+    if not rt.distributed:
+        return work()
+    try:
+        result, error = work(), None
+    except Exception as e:
+        result, error = e, shared_error(e)
+    errors = rt.gather(error)
+    if error is not None:
+        raise result
+    failed = next((rank for rank, e in enumerate(errors) if e is not None), None)
+    if failed is not None:
+        raise_shared(errors[failed], f"rank {failed} could not {what}")
+    return result
+
+
+def shared_error(error: Exception) -> dict:
+    """A set-up error as another rank needs it: its line, and its kind, which sets the exit status."""
+    kind = ("stopped" if isinstance(error, SetupStopped) else "user" if isinstance(error, UserError)
+            else "transient" if is_transient(error) else "bug")
+    return {"error": f"{type(error).__name__}: {error}", "kind": kind}
+
+
+def raise_shared(error: dict, context: str):
+    """Another rank's set-up error, raised here as the same kind: the CLI exits 75 for a stop or a transient
+    store error, 2 for bad input (one line each, not a traceback), 1 for anything else."""
+    kind = {"stopped": SetupStopped, "user": UserError, "transient": RemoteUnavailable}.get(error["kind"], RuntimeError)
+    raise kind(f"{context}: {error['error']}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -286,16 +326,11 @@ def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | N
         except BaseException as e:
             if run is not None:
                 run.close()
-            decision = {"error": f"{type(e).__name__}: {e}", "stopped": isinstance(e, SetupStopped),
-                        "user": isinstance(e, UserError)}
-            rt.broadcast(decision)
+            rt.broadcast(shared_error(e) if isinstance(e, Exception) else {"error": repr(e), "kind": "bug"})
             raise
     decision = rt.broadcast(decision)
-    if "error" in decision:
-        if decision["stopped"]:
-            raise SetupStopped(decision["error"])
-        # Bad input on rank 0 is bad input on every rank: one line each, not a traceback.
-        raise (UserError if decision["user"] else RuntimeError)(f"rank 0 could not open the run: {decision['error']}")
+    if "error" in decision:  # ended the way rank 0 ends: a stop or a transient store error 75, bad input 2
+        raise_shared(decision, "rank 0 could not open the run")
     if run is None:
         run = Run(out, decision["lineage"], diff=decision["diff"])
         if decision["path"] is not None:
@@ -490,7 +525,8 @@ def build_loop(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet
     train_sampler = EpochSampler(len(inputs.train_set), recipe.seed, shuffle=True, rank=rt.rank,
                                  world_size=rt.world_size, aug_repeats=recipe.data.aug_repeats)
     val_sampler = EpochSampler(len(inputs.val_set), recipe.seed, shuffle=False, rank=rt.rank, world_size=rt.world_size)
-    loader_args = dict(workers=recipe.data.workers, pin_memory=recipe.data.pin_memory, seed=recipe.seed)
+    loader_args = dict(workers=recipe.data.workers, pin_memory=recipe.data.pin_memory, seed=recipe.seed,
+                       stops_to_parent=True)
     val_loader = make_loader(inputs.val_set, val_sampler, tc.batch_size, drop_last=False, **loader_args)
     longest_shard = -(-len(inputs.val_set) // rt.world_size)
     t = build_trainer(recipe, rt, len(inputs.classes), inputs.updates_per_epoch)
@@ -685,6 +721,7 @@ def run_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch: i
         # Progressive resizing: new workers with the new crop size. This happens once per distinct size,
         # so restarting the persistent workers costs seconds in a run of hours.
         inputs.train_set.transform = train_transform(recipe.augment, size)
+        close_loader(loop.train_loader)
         loop.train_loader = make_loader(inputs.train_set, loop.train_sampler, tc.batch_size, drop_last=True,
                                         **loop.loader_args)
         if loop.loader_size is not None:
