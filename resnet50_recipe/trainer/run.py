@@ -71,7 +71,7 @@ from resnet50_recipe.store.uploader import Uploader
 from resnet50_recipe.trainer.budget import BUDGET_REASON, Budget, InstanceCost
 from resnet50_recipe.trainer.lock import RunLock
 from resnet50_recipe.trainer.runlog import RunLog, check_replaceable, clear_run_dir
-from resnet50_recipe.trainer.runtime import Runtime, setup, write_json
+from resnet50_recipe.trainer.runtime import Runtime, setup, wait_timeout_s, write_json
 from resnet50_recipe.trainer.state import (
     Progress,
     load_norm_buffers,
@@ -122,7 +122,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     handlers = install_signal_handlers(control)  # before any set-up work: a stop is honoured from here on
     run = services = None
     try:
-        rt = setup(recipe.train, recipe.seed)
+        rt = setup(recipe.train, recipe.seed, wait_timeout_s(recipe.checkpoint))
         say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
         inputs = check_inputs(recipe, rt, control)  # 1. every check that needs no checkpoint; nothing written
         run = open_run(recipe, rt, inputs, output, resume, force, allow_recipe_change, control, say)  # 2.
@@ -272,7 +272,9 @@ def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | N
 
     Rank 0 takes the lock, finds the checkpoint (`decide`), checks it against the recipe and data, and only then
     writes: the run directory, a fetched checkpoint, a new lineage's manifest, the claim on the remote. Every
-    other rank then loads the same checkpoint. An error on rank 0 ends every rank the same way.
+    other rank then loads the same checkpoint: from rank 0's file on its machine, or, with ranks on several
+    machines, from its bytes, which rank 0 sends (each machine has its own --output, and only rank 0's run
+    directory is the run's: the others' stay unwritten). An error on rank 0 ends every rank the same way.
     """
     out = Path(output or Path("runs") / recipe.name)
     decision: dict = {}
@@ -296,11 +298,14 @@ def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | N
             raise SetupStopped(decision["error"])
         # Bad input on rank 0 is bad input on every rank: one line each, not a traceback.
         raise (UserError if decision["user"] else RuntimeError)(f"rank 0 could not open the run: {decision['error']}")
+    sent = None
+    if decision["path"] is not None and not rt.one_machine:
+        sent = rt.broadcast_file(run.resume_path if rt.is_main else None)
     if run is None:
         run = Run(out, decision["lineage"], diff=decision["diff"])
         if decision["path"] is not None:
             run.resume_path = Path(decision["path"])
-            run.state = load_state(run.resume_path)
+            run.state = load_state(run.resume_path, data=sent)
     return run
 
 
