@@ -15,6 +15,7 @@ from resnet50_recipe.data.synthetic import generate
 # 2026-12-05.
 SLOW = {
     "test_ddp.py",  # every run through torchrun with 2 processes (and a 1-process twin): ~80 s in all
+    "test_nodes.py",  # torchrun runs: a 30 s push under a short timeout; two nodes, three times: ~150 s in all
     # whole trainings in subprocesses, stopped or killed, then resumed: 5-26 s each
     "test_resume.py::test_sigterm_mid_epoch_then_resume_is_bitwise_identical",
     "test_resume.py::test_sigkill_during_a_save_resumes_from_the_previous_good_checkpoint",

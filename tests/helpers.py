@@ -228,12 +228,14 @@ class HubStandIn(BaseHTTPRequestHandler):
     A model repo's main branch is the
     folder root/OWNER/NAME, any other revision root/OWNER/NAME@REVISION (URL-quoted: me/x@refs%2Fpr%2F1). Every
     preupload is answered "regular", so each file comes inline, base64, in the commit: no LFS, no Xet. Any
-    "Bearer hf_..." token is accepted; `refuse` (a status) answers every request with it; `requests` records
-    (method, path, Authorization, JSON body or None). start_hub gives each server a subclass, so these are its own."""
+    "Bearer hf_..." token is accepted; `refuse` (a status) answers every request with it; `delay_s` holds every
+    commit that long first, as a large upload over a slow link does; `requests` records (method, path,
+    Authorization, JSON body or None). start_hub gives each server a subclass, so these are its own."""
 
     protocol_version = "HTTP/1.1"
     root: Path
     refuse: int | None = None
+    delay_s: float = 0.0
     requests: list = []
     private: dict = {}
     lock = threading.Lock()
@@ -328,6 +330,7 @@ class HubStandIn(BaseHTTPRequestHandler):
                         "changes": {"base": "refs/heads/main"}, "filesWithConflicts": [], "events": []})
 
     def commit(self, folder: Path, repo: str, body: bytes, extra: dict | None = None):
+        time.sleep(self.delay_s)
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0]["key"] != "header":
             return self.error(400, "the commit's first line must be its header")

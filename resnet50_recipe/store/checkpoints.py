@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -284,18 +285,19 @@ def find_latest(folder: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def load_state(path: str | Path, entry: dict | None = None) -> dict:
+def load_state(path: str | Path, entry: dict | None = None, data: BinaryIO | None = None) -> dict:
     """Load a checkpoint without unpickling objects; check its size and sha256 when a manifest lists it (the one
-    beside it, or for a set-aside lineage the run's manifest)."""
+    beside it, or for a set-aside lineage the run's manifest). `data`: the file's bytes, sent by the process that
+    read and checked `path` (a DDP rank on another machine, which has no such file; the path names it in errors)."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise MissingInput(f"{path}: checkpoint not found")
-    if entry is None:
+    if entry is None and data is None:
         entry, manifest_path = _listed_entry(path)
         if entry is not None and (problem := verify_checkpoint(path, entry)):
             raise UserError(f"{path}: {problem} ({manifest_path}): the file is truncated or corrupt")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path if data is None else data, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated zip, a pickle of objects, or not a checkpoint at all
         raise UserError(f"{path}: not a readable resnet50-recipe checkpoint ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

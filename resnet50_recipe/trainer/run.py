@@ -72,7 +72,7 @@ from resnet50_recipe.store.uploader import Uploader
 from resnet50_recipe.trainer.budget import BUDGET_REASON, Budget, InstanceCost
 from resnet50_recipe.trainer.lock import RunLock
 from resnet50_recipe.trainer.runlog import RunLog, check_replaceable, clear_run_dir
-from resnet50_recipe.trainer.runtime import Runtime, setup, write_json
+from resnet50_recipe.trainer.runtime import Runtime, setup, wait_timeout_s, write_json
 from resnet50_recipe.trainer.state import (
     Progress,
     load_norm_buffers,
@@ -124,7 +124,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     handlers = install_signal_handlers(control)  # before any set-up work: a stop is honoured from here on
     run = services = loop = None
     try:
-        rt = setup(recipe.train, recipe.seed)
+        rt = setup(recipe.train, recipe.seed, wait_timeout_s(recipe.checkpoint))
         say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
         # 1. every check that needs no checkpoint, nothing written; an error on any rank ends every rank alike
         inputs = agreed(rt, lambda: check_inputs(recipe, rt, control), "check the inputs")
@@ -312,7 +312,9 @@ def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | N
 
     Rank 0 takes the lock, finds the checkpoint (`decide`), checks it against the recipe and data, and only then
     writes: the run directory, a fetched checkpoint, a new lineage's manifest, the claim on the remote. Every
-    other rank then loads the same checkpoint. An error on rank 0 ends every rank the same way.
+    other rank then loads the same checkpoint: from rank 0's file on its machine, or, with ranks on several
+    machines, from its bytes, which rank 0 sends (each machine has its own --output, and only rank 0's run
+    directory is the run's: the others' stay unwritten). An error on rank 0 ends every rank the same way.
     """
     out = Path(output or Path("runs") / recipe.name)
     decision: dict = {}
@@ -331,11 +333,14 @@ def open_run(recipe: Recipe, rt: Runtime, inputs: Inputs, output: str | Path | N
     decision = rt.broadcast(decision)
     if "error" in decision:  # ended the way rank 0 ends: a stop or a transient store error 75, bad input 2
         raise_shared(decision, "rank 0 could not open the run")
+    sent = None
+    if decision["path"] is not None and not rt.one_machine:
+        sent = rt.broadcast_file(run.resume_path if rt.is_main else None)
     if run is None:
         run = Run(out, decision["lineage"], diff=decision["diff"])
         if decision["path"] is not None:
             run.resume_path = Path(decision["path"])
-            run.state = load_state(run.resume_path)
+            run.state = load_state(run.resume_path, data=sent)
     return run
 
 

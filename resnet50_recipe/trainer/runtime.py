@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
 import random
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from resnet50_recipe.recipe import RecipeError, TrainConfig
+from resnet50_recipe.recipe import CheckpointConfig, RecipeError, TrainConfig
 from resnet50_recipe.version import __version__
 
-__all__ = ["Runtime", "pick_device", "pick_amp_dtype", "setup", "seed_everything", "versions", "git_commit",
-           "write_json"]
+__all__ = ["Runtime", "pick_device", "pick_amp_dtype", "wait_timeout_s", "setup", "seed_everything", "versions",
+           "git_commit", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,12 @@ class Runtime:
     amp_dtype: torch.dtype | None  # None: full fp32
     rank: int
     world_size: int
+    # Under DDP, the gloo group whose collectives wait for rank 0's own long work (`wait_timeout_s`); the training
+    # collectives keep torch's default timeout, so that a hung rank is still found in minutes.
+    waits: object | None = None
+    # Whether every rank runs on rank 0's machine (torchrun's LOCAL_WORLD_SIZE is the world size), and so can open
+    # rank 0's run directory; on several machines each has its own, which only rank 0's is the run's.
+    one_machine: bool = True
 
     @property
     def is_main(self) -> bool:
@@ -49,13 +57,28 @@ class Runtime:
 
     def broadcast(self, obj):
         """Rank 0's object on every rank; a no-op in a single process. For small decisions (the run's opening:
-        a path, a lineage, an error), which pickle, never for tensors."""
+        a path, a lineage, an error; the final status), which pickle, never for tensors. Every such decision is
+        rank 0's to make after work of its own (the preflight, a download, the final sync and push), so the other
+        ranks wait for it in the `waits` group, whose timeout is the recipe's (`wait_timeout_s`)."""
         if not self.distributed:
             return obj
         import torch.distributed as dist
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.waits)
         return box[0]
+
+    def broadcast_file(self, path: Path | None) -> io.BytesIO | None:
+        """Rank 0's file `path` as bytes on every other rank (None on rank 0, which has the file): a checkpoint
+        for the ranks on other machines, which cannot open rank 0's run directory. Sent over the `waits` group, a
+        gloo group on the CPU even when training uses NCCL."""
+        import torch.distributed as dist
+        size = self.broadcast(path.stat().st_size if self.is_main else None)
+        data = torch.empty(size, dtype=torch.uint8)
+        if self.is_main:
+            with open(path, "rb") as f:
+                f.readinto(data.numpy())
+        dist.broadcast(data, src=0, group=self.waits)
+        return None if self.is_main else io.BytesIO(data.numpy())
 
     def gather(self, obj) -> list:
         """Every rank's object, by rank, on every rank; [obj] in a single process. Small per-rank records (RNG
@@ -101,17 +124,30 @@ def pick_amp_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | No
     return None
 
 
-def setup(train: TrainConfig, seed: int) -> Runtime:
+def wait_timeout_s(checkpoint: CheckpointConfig) -> float:
+    """How long the other ranks wait in a collective while rank 0 works alone, before torch's watchdog ends them
+    (and torchrun then rank 0, in the middle of its work): the longest such phase that a deadline of the recipe
+    bounds (the start's preflight, `startup_retry_s`; the finish's drain and syncs, `upload_timeout_s`; a stop's
+    drain, `stop_timeout_s`), plus torch's own default of ten minutes for the work that has no deadline of its own
+    (a checkpoint's download and its sending to other machines at the start, the export and push at the finish).
+    Twenty minutes with the default deadlines."""
+    return max(checkpoint.startup_retry_s, checkpoint.upload_timeout_s, checkpoint.stop_timeout_s) + 600.0
+
+
+def setup(train: TrainConfig, seed: int, wait_s: float = 600.0) -> Runtime:
     """Device, precision, seeds; under torchrun (WORLD_SIZE > 1) also the process group: NCCL on GPUs, gloo
-    on CPUs, rendezvous from torchrun's environment."""
+    on CPUs, rendezvous from torchrun's environment, and the gloo group in which the ranks wait `wait_s` seconds
+    at most for rank 0's own work (`wait_timeout_s`)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    waits = None
     if world_size > 1:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        waits = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_s))
     seed_everything(seed + rank)
     if train.deterministic:
         # cuBLAS needs a fixed workspace to be deterministic; it must be set before its first use.
@@ -121,7 +157,9 @@ def setup(train: TrainConfig, seed: int) -> Runtime:
     else:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    return Runtime(device, pick_amp_dtype(train, device), rank, world_size)
+    # An unknown launcher (no LOCAL_WORLD_SIZE) counts as several machines: sending rank 0's file works on one too.
+    one_machine = world_size == 1 or os.environ.get("LOCAL_WORLD_SIZE") == str(world_size)
+    return Runtime(device, pick_amp_dtype(train, device), rank, world_size, waits, one_machine)
 
 
 def seed_everything(seed: int) -> None:
