@@ -594,3 +594,33 @@ def test_retention_deletes_only_the_lineages_own_files_after_the_pointer_moved(b
     assert "checkpoints/ckpt-000000000.pt" in names  # kept: not this lineage's
     assert "checkpoints/ckpt-000000001.pt" not in names and "checkpoints/ckpt-000000001.pt.json" not in names
     assert {"checkpoints/ckpt-000000002.pt", "checkpoints/ckpt-000000002.pt.json"} <= names
+
+
+def test_a_lost_answer_to_a_pointer_write_is_recognised_and_the_uploads_go_on(tiny_data, bucket, s3_endpoint,
+                                                                              tmp_path, caplog):
+    """The store applies a pointer write, its answer is lost, botocore sends the same conditional PUT again, and
+    the store refuses it (412): the pointer has moved, by this very write. The uploader reads the pointer, finds
+    itself and its entry there, and goes on; it is no second writer."""
+    from helpers import FaultProxy
+
+    dropped = []
+
+    def lose_one_answer(method, path, headers):
+        # The uploader's first write of the pointer (If-Match: over the lineage's claim), and only that one.
+        if method == "PUT" and "checkpoints/latest.json" in path and headers.get("If-Match") and not dropped:
+            dropped.append(path)
+            return "drop-answer"
+        return None
+
+    with FaultProxy(s3_endpoint, lose_one_answer) as proxy:
+        recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, proxy.endpoint, "lost"), **{
+            "checkpoint.every_steps": 1, "train.steps_per_epoch": 4, "checkpoint.upload_timeout_s": 10}))
+        summary = train(recipe, tmp_path / "run", quiet=True)
+    writes = [action for method, path, action in proxy.requests if method == "PUT" and path == dropped[0]]
+    assert len(writes[writes.index("drop-answer") + 1:]) >= 2  # botocore's retry of it (412), later checkpoints'
+    assert "another writer" not in caplog.text
+    assert summary["exit_status"] == 0 and summary["unfinished"] == []  # (failed_uploads: those superseded)
+    store = S3Store(f"s3://{bucket}/runs/lost", s3_endpoint)
+    pointer, _ = store.get_json("checkpoints/latest.json")
+    assert pointer["step"] == 4 == summary["global_step"]
+    assert store.sha256(f"checkpoints/{pointer['file']}") == pointer["sha256"]
