@@ -379,6 +379,42 @@ def test_a_stop_at_the_epoch_end_is_agreed_once_and_always_checkpointed(tiny_dat
     assert calls == [False]  # one agreement at the end of epoch 1, before the stop; the next one is a step's
 
 
+def test_a_second_save_at_the_newest_checkpoints_step_never_rewrites_it(tiny_data, bucket, s3_endpoint, tmp_path,
+                                                                       monkeypatch):
+    """A run stopped during its last evaluation saves step S with the evaluation pending; the resumed run
+    evaluates, then saves step S again. That save gets a name of its own: the file (and the S3 object) the
+    manifest and the pointer list with their sha256 are never rewritten under them."""
+    import resnet50_recipe.trainer.run as engine
+    from resnet50_recipe.store.checkpoints import sha256_of
+
+    control, evaluate_epoch = StopControl(), engine.evaluate_epoch
+
+    def stopped_during_evaluation(loop, _control):
+        control.request_stop("test")
+        return None  # what evaluate_epoch answers when a stop cuts the evaluation short
+    monkeypatch.setattr(engine, "evaluate_epoch", stopped_during_evaluation)
+    args = tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "twice"), **{"checkpoint.keep_last": 5})
+    first = train(load_recipe("smoke", args), tmp_path / "run", quiet=True, control=control)
+    assert first["stopped"] and first["during"] == "evaluation"
+    folder, store = tmp_path / "run" / "checkpoints", S3Store(f"s3://{bucket}/runs/twice", s3_endpoint)
+    stopped = read_manifest(folder)
+    assert store.get_json("checkpoints/latest.json")[0]["sha256"] == stopped["sha256"]
+
+    monkeypatch.setattr(engine, "evaluate_epoch", evaluate_epoch)
+    second = train(load_recipe("smoke", args), tmp_path / "run", quiet=True)
+    assert second["exit_status"] == 0 and second["global_step"] == stopped["step"]
+    final = read_manifest(folder)
+    assert final["step"] == stopped["step"] and final["file"] != stopped["file"]
+    assert sha256_of(folder / stopped["file"]) == stopped["sha256"]  # the first save at that step, untouched
+    assert store.sha256(f"checkpoints/{stopped['file']}") == stopped["sha256"]
+    pointer = store.get_json("checkpoints/latest.json")[0]
+    assert pointer["file"] == final["file"]
+    for entry in pointer["checkpoints"]:  # every object the pointer lists has the sha256 it lists
+        assert store.sha256(f"checkpoints/{entry['file']}") == entry["sha256"], entry["file"]
+    path, state = find_latest(folder)
+    assert path.name == final["file"] and state["pending_eval"] is None  # a resume takes the evaluated one
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bounded waits and the finish
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from resnet50_recipe.errors import UserError
-from resnet50_recipe.store.checkpoints import MANIFEST, check_manifest
+from resnet50_recipe.store.checkpoints import MANIFEST, check_manifest, save_order
 
 __all__ = ["SIDECAR", "RemoteError", "RemoteRefused", "RemoteUnavailable", "is_transient", "parse_remote",
            "has_crc64", "Crc64", "S3Store", "rebuilt_manifest"]
@@ -365,7 +365,7 @@ def rebuilt_manifest(store: S3Store) -> dict | None:
     if not found:
         return None
     lineage = max((e["lineage"] for e in found), key=lambda lin: lin["started"])
-    entries = sorted((e for e in found if e["lineage"]["run_id"] == lineage["run_id"]), key=lambda e: e["step"])
+    entries = sorted((e for e in found if e["lineage"]["run_id"] == lineage["run_id"]), key=save_order)
     log.warning("%s/checkpoints/%s is gone, but %d checkpoint(s) of lineage %s remain: resuming from the newest "
                 "that verifies, not from step 0", store.remote, MANIFEST, len(entries), lineage["run_id"])
     checkpoints = [{k: e[k] for k in ("file", "step", "epoch", "sha256", "size", "run_id") if k in e}

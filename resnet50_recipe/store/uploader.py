@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from resnet50_recipe.store.checkpoints import MANIFEST, lineage_of, new_lineage, sha256_of
+from resnet50_recipe.store.checkpoints import MANIFEST, lineage_of, new_lineage, save_order, sha256_of
 from resnet50_recipe.store.lineage import SYNCED_FILES, RemoteSuperseded, claim
 from resnet50_recipe.store.s3 import SIDECAR, Crc64, RemoteError, S3Store
 
@@ -211,7 +211,7 @@ class Uploader:
             entries = [e for e in listed if e["file"] != entry["file"]] + [entry]
             if best_entry is not None and not any(e["file"] == best_entry["file"] for e in entries):
                 entries.append({**best_entry, "run_id": self.lineage["run_id"]})
-            entries.sort(key=lambda e: e["step"])
+            entries.sort(key=save_order)
             remote_best = best if best_entry is not None else (remote or {}).get("best")
             keep = {e["file"] for e in entries[-self.keep_last:]} | {entry["file"]}
             if self.keep_best and remote_best and remote_best.get("file"):

@@ -57,6 +57,7 @@ from resnet50_recipe.store.checkpoints import (
     checkpoint_name,
     commit,
     find_latest,
+    free_name,
     lineage_of,
     load_state,
     new_lineage,
@@ -606,14 +607,23 @@ class Checkpointer:
         self.loop, self.services, self.control = loop, services, control
         self.writer = services.writer
         self.last_save = time.monotonic()
+        # The names a save must not take: those the manifest lists (with their sha256, here and in S3) and any
+        # file on disk. A save at a step already saved (a resume of a run stopped during evaluation) gets one of
+        # its own, never replacing a listed file in place.
+        folder = loop.run.folder
+        listed = read_manifest(folder) if self.writer is not None and folder.is_dir() else None
+        self.taken = {e["file"] for e in (listed or {}).get("checkpoints", [])} | \
+            ({p.name for p in folder.glob("ckpt-*.pt")} if folder.is_dir() else set())
 
     def save(self, epoch: int, batches_done: int, pending_eval: dict | None = None, is_best: bool = False) -> None:
         """Snapshot the state into CPU memory now (the epoch to run next and the batches of it done); the writer
         thread puts it on disk. A best epoch's snapshot is never superseded in the writer's queue."""
         loop, p, t, rt = self.loop, self.loop.progress, self.loop.t, self.loop.rt
         self.last_save = time.monotonic()
+        name = free_name(t.global_step, self.taken)
+        self.taken.add(name)
         if is_best:
-            p.best_checkpoint = {**p.best, "file": checkpoint_name(t.global_step)}
+            p.best_checkpoint = {**p.best, "file": name}
         # Every rank takes part: its RNG state and its own BN statistics go into the checkpoint, and under DDP
         # without SyncBN the saved statistics are the mean over ranks (timm's distribute_bn), while each rank's
         # own are put back, so that a save leaves the run exactly as an unsaved one goes on.
@@ -626,7 +636,7 @@ class Checkpointer:
         if self.writer is not None:
             state = snapshot(t, epoch, batches_done * loop.inputs.samples_per_batch, p, loop.inputs.classes,
                              loop.run.lineage, pending_eval, ranks, loop.inputs.train_set.fingerprint())
-            self.writer.submit({**state, "is_best": is_best})
+            self.writer.submit({**state, "is_best": is_best, "file": name})
         for module, buffers in zip(modules, own or []):
             load_norm_buffers(module, buffers)
 
