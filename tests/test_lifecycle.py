@@ -812,3 +812,22 @@ def test_an_unreadable_jpeg_is_one_line_through_a_loader_worker_and_keeps_the_wo
     one_clear_line(done, f"{broken}: unreadable image", "data verify --fix", alone=False)
     assert f"checkpoint at step {step} written before stopping on an unreadable image" in done.stderr
     assert read_manifest(tmp_path / "run" / "checkpoints")["step"] == step  # the steps before it are kept
+
+
+def test_a_final_upload_that_hangs_is_said_while_it_is_waited_for(tiny_data, bucket, s3_endpoint, tmp_path, caplog):
+    """The finish waits up to checkpoint.upload_timeout_s for the uploads: a store that stops answering is a wait
+    that the user sees, once, and how it ended."""
+    import logging
+
+    from helpers import FaultProxy
+
+    caplog.set_level(logging.INFO, logger="resnet50_recipe")
+    # The store stops answering at the final sync: summary.json is written at the finish only.
+    with FaultProxy(s3_endpoint, lambda method, path, headers: "hang" if "summary.json" in path else None) as proxy:
+        recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, proxy.endpoint, "hangs"), **{
+            "checkpoint.upload_timeout_s": 9, "export.enabled": "false"}))
+        summary = train(recipe, tmp_path / "run", quiet=True)
+    assert summary["exit_status"] == EXIT_INCOMPLETE
+    waits = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+    assert len(waits) == 1 and "Ctrl-C" in waits[0], caplog.text
+    assert "gave up waiting" in caplog.text

@@ -624,3 +624,38 @@ def test_a_lost_answer_to_a_pointer_write_is_recognised_and_the_uploads_go_on(ti
     pointer, _ = store.get_json("checkpoints/latest.json")
     assert pointer["step"] == 4 == summary["global_step"]
     assert store.sha256(f"checkpoints/{pointer['file']}") == pointer["sha256"]
+
+
+def test_an_unreachable_store_at_start_says_so_at_once_and_ctrl_c_stops_the_wait(tiny_data, s3_endpoint, tmp_path):
+    """A laptop, a remote whose endpoint refuses connections: one line at once says what failed, where, for how
+    long it is retried and how to stop; the first Ctrl-C (a stop) ends the wait with exit 75."""
+    import queue
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    command = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(tmp_path / "run"),
+               "--remote", "s3://my-bucket/runs/x"]
+    for item in tiny_overlay(tiny_data):
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "AWS_ENDPOINT_URL_S3": closed})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    seen, said = [], None
+    try:
+        deadline = time.monotonic() + 60  # a few seconds of imports and data checks, then the line at once
+        while said is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if "Ctrl-C" in line:
+                said = line
+        assert said is not None, f"no line saying what is waited for: {seen}"
+        assert closed in said and "s3://my-bucket/runs/x" in said and "300 s" in said, said
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == EXIT_PREEMPTED
+    finally:
+        process.kill()
+        process.wait()
+    assert not (tmp_path / "run").exists()

@@ -67,7 +67,7 @@ from resnet50_recipe.store.checkpoints import (
     start_lineage,
 )
 from resnet50_recipe.store.lineage import claim, install_staged, pull_files, stage_remote
-from resnet50_recipe.store.s3 import S3Store
+from resnet50_recipe.store.s3 import S3Store, Waiting
 from resnet50_recipe.store.uploader import Uploader
 from resnet50_recipe.trainer.budget import BUDGET_REASON, Budget, InstanceCost
 from resnet50_recipe.trainer.lock import RunLock
@@ -209,7 +209,9 @@ def check_inputs(recipe: Recipe, rt: Runtime, control: StopControl) -> Inputs:
         store = S3Store(cc.remote, cc.endpoint_url, cc.checksum,
                         on_ec2=lambda: on_ec2(metadata_endpoint(cc.imds_endpoint)))
         if rt.is_main:
-            store.preflight(cc.startup_retry_s)  # a wrong bucket or a missing permission fails here, before any work
+            # A wrong bucket or a missing permission fails here, before any work; a stop ends the wait.
+            store.preflight(cc.startup_retry_s, control.stop)
+            check_stop(control, "the remote answered")
     return Inputs(data_dir, classes, train_set, val_set, num_batches, num_batches // tc.accum_steps,
                   samples_per_batch, samples_per_batch * tc.accum_steps, store)
 
@@ -570,12 +572,20 @@ class Services:
             self.writer.drain()
         if self.uploader is None:
             return []
+        waiting, remote = Waiting(), self.uploader.store.remote
         while True:
             if self.control.stop.is_set():
                 deadline = min(deadline, self.control.stop_deadline())
             left = max(0.0, deadline - time.time())
             if self.uploader.drain(min(left, 1.0)) or left <= 1.0:  # a second at a time: the deadline may move
-                return self.uploader.unfinished()
+                unfinished = self.uploader.unfinished()
+                waiting.end(f"{remote}: " + (f"gave up waiting, unfinished: {', '.join(unfinished)}," if unfinished
+                                             else "everything is there"))
+                return unfinished
+            if time.monotonic() - waiting.started >= 5:  # a wait of a few seconds is said, and how it goes
+                what = ", ".join(self.uploader.unfinished()) or "the uploads"
+                waiting.note(f"{remote}: waiting up to {left:.0f} s more for {what}; Ctrl-C twice leaves at once, "
+                             "with it unfinished", f"{remote}: still waiting for {what}, {left:.0f} s left")
 
     def sync(self, deadline: float) -> list[str]:
         """The run's files (metrics, summary, export, ...) after the checkpoints; what did not finish."""
