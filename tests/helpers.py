@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tarfile
@@ -379,6 +380,130 @@ def start_hub(root, refuse: int | None = None) -> tuple[ThreadingHTTPServer, str
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults between a client and an HTTP server: a lost answer, a refused or hanging request, an error status
+# (test_storage, test_aws; the journey harness)
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of `target` (moto's server): each request is forwarded with http.client
+    and its answer passed back, unless `fault(method, path, headers)` (path with its query) says otherwise:
+
+      None           forward it, answer it
+      "drop-answer"  forward it (the server applies it), then close the connection without answering: the
+                     answer is lost on the way back
+      "refuse"       reset the connection without forwarding it: the request never reached the server
+      "hang"         hold the connection unanswered until `close()` (a server that accepts and never answers)
+      an int         answer that HTTP status without forwarding it, with an S3-style XML error body
+
+    `fault` may be replaced at any time; `requests` records (method, path, action) of every request. `endpoint`
+    is the proxy's URL. Use it as a context manager, or call close()."""
+
+    def __init__(self, target: str, fault=None):
+        self.target, self.fault = urlsplit(target), fault
+        self.requests: list[tuple[str, str, object]] = []
+        self.released = threading.Event()  # lets the hanging requests go at close()
+        handler = type("FaultProxyHandler", (_ProxyHandler,), {"proxy": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection", "te", "upgrade"}
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as botocore's connection pool expects
+    proxy: FaultProxy
+
+    def do_request(self):
+        body = self._body()
+        fault = self.proxy.fault
+        action = fault(self.command, self.path, self.headers) if fault is not None else None
+        self.proxy.requests.append((self.command, self.path, action))
+        if action == "refuse":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+            self.close_connection = True
+            return
+        if action == "hang":
+            self.proxy.released.wait()
+            self.close_connection = True
+            return
+        if isinstance(action, int):
+            code = {500: "InternalError", 503: "SlowDown"}.get(action, f"Error{action}")
+            error = f"<Error><Code>{code}</Code><Message>injected by FaultProxy</Message></Error>".encode()
+            return self._answer(action, [("Content-Type", "application/xml")], error)
+        status, headers, answer = self._forward(body)
+        if action == "drop-answer":
+            self.close_connection = True
+            return
+        self._answer(status, headers, answer)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_request
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b""
+        while True:
+            size = int(self.rfile.readline().split(b";")[0], 16)
+            if size == 0:
+                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return body
+            body += self.rfile.read(size)
+            self.rfile.readline()
+
+    def _forward(self, body: bytes):
+        import http.client
+
+        target = self.proxy.target
+        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+        try:
+            # The Host header goes on as the client signed it (SigV4 covers it).
+            connection.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for name, value in self.headers.items():
+                if name.lower() not in _HOP_BY_HOP | {"content-length"}:
+                    connection.putheader(name, value)
+            if body or self.headers.get("Content-Length") is not None or \
+                    self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                connection.putheader("Content-Length", str(len(body)))
+            connection.endheaders(body or None)
+            response = connection.getresponse()
+            answer = response.read()
+            headers = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP]
+            return response.status, headers, answer
+        finally:
+            connection.close()
+
+    def _answer(self, status: int, headers, body: bytes) -> None:
+        self.send_response_only(status)
+        length = next((v for k, v in headers if k.lower() == "content-length"), None)
+        for name, value in headers:
+            if name.lower() != "content-length":
+                self.send_header(name, value)
+        # A HEAD's Content-Length is the object's size, and it has no body.
+        self.send_header("Content-Length", length if self.command == "HEAD" and length else str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------------------

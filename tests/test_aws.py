@@ -18,7 +18,7 @@ import boto3
 import pytest
 import yaml
 from botocore.stub import Stubber
-from helpers import MetadataStandIn, free_port, tiny_overlay
+from helpers import FaultProxy, MetadataStandIn, free_port, tiny_overlay
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 
@@ -463,8 +463,10 @@ def test_on_ec2_every_metrics_line_records_the_instance_and_its_cost(tiny_data, 
     # Every step and epoch line; the "start" line is written before the metadata has been read.
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] in ("step", "epoch")]
     assert {r["instance_type"] for r in records} == {"g4dn.xlarge"} and {r["market"] for r in records} == {"spot"}
-    assert {r["price_usd_per_h"] for r in records} == {0.00001}  # moto's spot price
-    costs = [r["cost_usd"] for r in records]
+    # moto's spot price, from the line after its read (in a thread of its own) came back; none before it
+    priced = [i for i, r in enumerate(records) if r["price_usd_per_h"] is not None]
+    assert priced and {r["price_usd_per_h"] for r in records[priced[0]:]} == {0.00001}
+    costs = [r["cost_usd"] for r in records[priced[0]:]]
     assert costs == sorted(costs) and costs[-1] > 0
 
 
@@ -593,6 +595,35 @@ def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, 
         server.wait()
 
 
+def test_the_first_spot_price_read_never_blocks_the_training_thread(s3_endpoint, tmp_path, monkeypatch):
+    """In a VPC that reaches S3 but not the EC2 API: the EC2 endpoint accepts connections and never answers. The
+    caller's first metrics line comes at once, without a price; the read goes on in a thread of its own."""
+    from resnet50_recipe.trainer.stop import SpotWatcher, StopControl
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), InstanceMetadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with FaultProxy(s3_endpoint, lambda method, path, headers: "hang") as ec2:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_EC2", ec2.endpoint)
+        try:
+            watcher = SpotWatcher(StopControl(), f"http://127.0.0.1:{server.server_port}")
+            cost = InstanceCost(watcher, tmp_path / "metrics.jsonl")
+            first: dict = {}
+            caller = threading.Thread(target=lambda: first.update(cost()), daemon=True)
+            caller.start()
+            caller.join(30)  # a local metadata read takes milliseconds; botocore's default client waits minutes
+            assert not caller.is_alive(), "the first spot-price read blocked the caller"
+            assert first["instance_type"] == "g4dn.xlarge" and first["price_usd_per_h"] is None
+            assert first["cost_usd"] is None  # not known yet: never a made-up 0
+            assert cost.pricing.name == "spot-price" and cost.pricing is not threading.current_thread()
+            for _ in range(600):  # the read was sent, from that thread, and hangs there
+                if ec2.requests:
+                    break
+                time.sleep(0.05)
+            assert ec2.requests and cost.pricing.is_alive()
+        finally:
+            server.shutdown()
+
+
 def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path, monkeypatch):
     from resnet50_recipe.trainer.stop import SpotWatcher, StopControl
 
@@ -602,10 +633,13 @@ def test_later_price_refreshes_run_off_the_training_thread(s3_endpoint, tmp_path
     try:
         watcher = SpotWatcher(StopControl(), f"http://127.0.0.1:{server.server_port}")
         cost = InstanceCost(watcher, tmp_path / "metrics.jsonl", refresh_s=0.0)
-        first = cost()  # the first price is read in the caller's thread: the first line has it
-        assert first["price_usd_per_h"] == 0.00001 and cost.pricing is None
-        cost()  # a refresh is due: it runs in a thread of its own while the caller goes on
-        assert cost.pricing is not None and cost.pricing.name == "spot-price"
+        cost()  # the first read runs in a thread of its own while the caller goes on
+        first_read = cost.pricing
+        assert first_read is not None and first_read.name == "spot-price"
+        first_read.join(30)
+        first = cost()  # once the price is known, the lines carry it, and the cost since the start
+        assert first["price_usd_per_h"] == 0.00001 and first["cost_usd"] > 0
+        assert cost.pricing is not first_read and cost.pricing.name == "spot-price"  # a refresh (refresh_s=0)
         cost.pricing.join(30)
         assert cost()["price_usd_per_h"] == 0.00001
     finally:

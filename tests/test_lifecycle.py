@@ -408,6 +408,42 @@ def test_a_stop_at_the_epoch_end_is_agreed_once_and_always_checkpointed(tiny_dat
     assert calls == [False]  # one agreement at the end of epoch 1, before the stop; the next one is a step's
 
 
+def test_a_second_save_at_the_newest_checkpoints_step_never_rewrites_it(tiny_data, bucket, s3_endpoint, tmp_path,
+                                                                       monkeypatch):
+    """A run stopped during its last evaluation saves step S with the evaluation pending; the resumed run
+    evaluates, then saves step S again. That save gets a name of its own: the file (and the S3 object) the
+    manifest and the pointer list with their sha256 are never rewritten under them."""
+    import resnet50_recipe.trainer.run as engine
+    from resnet50_recipe.store.checkpoints import sha256_of
+
+    control, evaluate_epoch = StopControl(), engine.evaluate_epoch
+
+    def stopped_during_evaluation(loop, _control):
+        control.request_stop("test")
+        return None  # what evaluate_epoch answers when a stop cuts the evaluation short
+    monkeypatch.setattr(engine, "evaluate_epoch", stopped_during_evaluation)
+    args = tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "twice"), **{"checkpoint.keep_last": 5})
+    first = train(load_recipe("smoke", args), tmp_path / "run", quiet=True, control=control)
+    assert first["stopped"] and first["during"] == "evaluation"
+    folder, store = tmp_path / "run" / "checkpoints", S3Store(f"s3://{bucket}/runs/twice", s3_endpoint)
+    stopped = read_manifest(folder)
+    assert store.get_json("checkpoints/latest.json")[0]["sha256"] == stopped["sha256"]
+
+    monkeypatch.setattr(engine, "evaluate_epoch", evaluate_epoch)
+    second = train(load_recipe("smoke", args), tmp_path / "run", quiet=True)
+    assert second["exit_status"] == 0 and second["global_step"] == stopped["step"]
+    final = read_manifest(folder)
+    assert final["step"] == stopped["step"] and final["file"] != stopped["file"]
+    assert sha256_of(folder / stopped["file"]) == stopped["sha256"]  # the first save at that step, untouched
+    assert store.sha256(f"checkpoints/{stopped['file']}") == stopped["sha256"]
+    pointer = store.get_json("checkpoints/latest.json")[0]
+    assert pointer["file"] == final["file"]
+    for entry in pointer["checkpoints"]:  # every object the pointer lists has the sha256 it lists
+        assert store.sha256(f"checkpoints/{entry['file']}") == entry["sha256"], entry["file"]
+    path, state = find_latest(folder)
+    assert path.name == final["file"] and state["pending_eval"] is None  # a resume takes the evaluated one
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bounded waits and the finish
 
@@ -805,3 +841,22 @@ def test_an_unreadable_jpeg_is_one_line_through_a_loader_worker_and_keeps_the_wo
     one_clear_line(done, f"{broken}: unreadable image", "data verify --fix", alone=False)
     assert f"checkpoint at step {step} written before stopping on an unreadable image" in done.stderr
     assert read_manifest(tmp_path / "run" / "checkpoints")["step"] == step  # the steps before it are kept
+
+
+def test_a_final_upload_that_hangs_is_said_while_it_is_waited_for(tiny_data, bucket, s3_endpoint, tmp_path, caplog):
+    """The finish waits up to checkpoint.upload_timeout_s for the uploads: a store that stops answering is a wait
+    that the user sees, once, and how it ended."""
+    import logging
+
+    from helpers import FaultProxy
+
+    caplog.set_level(logging.INFO, logger="resnet50_recipe")
+    # The store stops answering at the final sync: summary.json is written at the finish only.
+    with FaultProxy(s3_endpoint, lambda method, path, headers: "hang" if "summary.json" in path else None) as proxy:
+        recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, proxy.endpoint, "hangs"), **{
+            "checkpoint.upload_timeout_s": 9, "export.enabled": "false"}))
+        summary = train(recipe, tmp_path / "run", quiet=True)
+    assert summary["exit_status"] == EXIT_INCOMPLETE
+    waits = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+    assert len(waits) == 1 and "Ctrl-C" in waits[0], caplog.text
+    assert "gave up waiting" in caplog.text

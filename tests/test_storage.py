@@ -621,3 +621,68 @@ def test_retention_deletes_only_the_lineages_own_files_after_the_pointer_moved(b
     assert "checkpoints/ckpt-000000000.pt" in names  # kept: not this lineage's
     assert "checkpoints/ckpt-000000001.pt" not in names and "checkpoints/ckpt-000000001.pt.json" not in names
     assert {"checkpoints/ckpt-000000002.pt", "checkpoints/ckpt-000000002.pt.json"} <= names
+
+
+def test_a_lost_answer_to_a_pointer_write_is_recognised_and_the_uploads_go_on(tiny_data, bucket, s3_endpoint,
+                                                                              tmp_path, caplog):
+    """The store applies a pointer write, its answer is lost, botocore sends the same conditional PUT again, and
+    the store refuses it (412): the pointer has moved, by this very write. The uploader reads the pointer, finds
+    itself and its entry there, and goes on; it is no second writer."""
+    from helpers import FaultProxy
+
+    dropped = []
+
+    def lose_one_answer(method, path, headers):
+        # The uploader's first write of the pointer (If-Match: over the lineage's claim), and only that one.
+        if method == "PUT" and "checkpoints/latest.json" in path and headers.get("If-Match") and not dropped:
+            dropped.append(path)
+            return "drop-answer"
+        return None
+
+    with FaultProxy(s3_endpoint, lose_one_answer) as proxy:
+        recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, proxy.endpoint, "lost"), **{
+            "checkpoint.every_steps": 1, "train.steps_per_epoch": 4, "checkpoint.upload_timeout_s": 10}))
+        summary = train(recipe, tmp_path / "run", quiet=True)
+    writes = [action for method, path, action in proxy.requests if method == "PUT" and path == dropped[0]]
+    assert len(writes[writes.index("drop-answer") + 1:]) >= 2  # botocore's retry of it (412), later checkpoints'
+    assert "another writer" not in caplog.text
+    assert summary["exit_status"] == 0 and summary["unfinished"] == []  # (failed_uploads: those superseded)
+    store = S3Store(f"s3://{bucket}/runs/lost", s3_endpoint)
+    pointer, _ = store.get_json("checkpoints/latest.json")
+    assert pointer["step"] == 4 == summary["global_step"]
+    assert store.sha256(f"checkpoints/{pointer['file']}") == pointer["sha256"]
+
+
+def test_an_unreachable_store_at_start_says_so_at_once_and_ctrl_c_stops_the_wait(tiny_data, s3_endpoint, tmp_path):
+    """A laptop, a remote whose endpoint refuses connections: one line at once says what failed, where, for how
+    long it is retried and how to stop; the first Ctrl-C (a stop) ends the wait with exit 75."""
+    import queue
+
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    command = [sys.executable, "-m", "resnet50_recipe", "train", "smoke", "--output", str(tmp_path / "run"),
+               "--remote", "s3://my-bucket/runs/x"]
+    for item in tiny_overlay(tiny_data):
+        command += ["--set", item]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "AWS_ENDPOINT_URL_S3": closed})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    seen, said = [], None
+    try:
+        deadline = time.monotonic() + 60  # a few seconds of imports and data checks, then the line at once
+        while said is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            if "Ctrl-C" in line:
+                said = line
+        assert said is not None, f"no line saying what is waited for: {seen}"
+        assert closed in said and "s3://my-bucket/runs/x" in said and "300 s" in said, said
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == EXIT_PREEMPTED
+    finally:
+        process.kill()
+        process.wait()
+    assert not (tmp_path / "run").exists()

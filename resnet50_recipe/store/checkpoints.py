@@ -21,7 +21,8 @@ import torch
 
 from resnet50_recipe.errors import MissingInput, UserError
 
-__all__ = ["FORMAT", "MANIFEST", "checkpoint_name", "new_lineage", "lineage_of", "save_atomic", "sha256_of",
+__all__ = ["FORMAT", "MANIFEST", "checkpoint_name", "free_name", "save_order", "new_lineage", "lineage_of",
+           "save_atomic", "sha256_of",
            "write_manifest", "check_manifest", "read_manifest", "set_aside", "start_lineage", "commit",
            "verify_checkpoint", "remove_partials", "find_latest", "load_state", "Writer", "CheckpointError"]
 
@@ -31,11 +32,28 @@ FORMAT = 1
 
 MANIFEST = "latest.json"
 
-_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+_NAME = re.compile(r"^ckpt-(\d{9})(?:\.(\d+))?\.pt$")
 
 
-def checkpoint_name(global_step: int) -> str:
-    return f"ckpt-{global_step:09d}.pt"
+def checkpoint_name(global_step: int, again: int = 0) -> str:
+    """`ckpt-<step>.pt`; a later save at the same step (a run stopped during evaluation saves its step, and the
+    resumed run saves it again once evaluated) is `ckpt-<step>.<again>.pt`, so that no save replaces a file that a
+    manifest lists with its sha256, or that the remote pointer lists while the new object uploads."""
+    return f"ckpt-{global_step:09d}.pt" if not again else f"ckpt-{global_step:09d}.{again}.pt"
+
+
+def free_name(global_step: int, taken: set[str]) -> str:
+    """The first name for a save at `global_step` that is not in `taken`."""
+    again = 0
+    while checkpoint_name(global_step, again) in taken:
+        again += 1
+    return checkpoint_name(global_step, again)
+
+
+def save_order(entry: dict) -> tuple[int, int]:
+    """The order in which checkpoints were saved: by step, then the later save at the same step."""
+    match = _NAME.match(entry.get("file", ""))
+    return entry["step"], int(match.group(2) or 0) if match else 0
 
 
 def new_lineage(parent: dict | None = None) -> dict:
@@ -229,7 +247,7 @@ def commit(folder: Path, entry: dict, best: dict | None, keep_last: int, keep_be
         previous = start_lineage(folder, lineage)  # a writer of a new lineage: the old one is set aside, not pruned
     entry = {**entry, "run_id": lineage["run_id"]}
     entries = [e for e in previous.get("checkpoints", []) if e["file"] != entry["file"]] + [entry]
-    entries.sort(key=lambda e: e["step"])
+    entries.sort(key=save_order)
     if not (best and best.get("file") and (folder / best["file"]).is_file()):
         if best and best.get("file"):
             log.warning("the best checkpoint %s was never written; the manifest keeps the previous best", best["file"])
@@ -276,7 +294,7 @@ def find_latest(folder: Path) -> tuple[Path, dict] | None:
     manifest = read_manifest(folder) if folder.is_dir() else None
     if manifest is None:
         return None
-    for entry in sorted(manifest["checkpoints"], key=lambda e: e["step"], reverse=True):
+    for entry in sorted(manifest["checkpoints"], key=save_order, reverse=True):
         path = folder / entry["file"]
         problem = verify_checkpoint(path, entry)
         if problem is None:
@@ -352,8 +370,8 @@ class Writer:
         self._thread.start()
 
     def submit(self, state: dict) -> None:
-        """Queue a CPU snapshot; its `best_checkpoint` names the file that retention must keep, and
-        `is_best` marks the snapshot of the best epoch so far."""
+        """Queue a CPU snapshot; its `best_checkpoint` names the file that retention must keep, `is_best`
+        marks the snapshot of the best epoch so far, and `file`, when given, is the name to write it under."""
         self.raise_error()
         with self._cond:
             for waiting in [p for p in self._pending if not p.get("is_best")]:
@@ -394,7 +412,8 @@ class Writer:
                 state = self._pending.pop(0)
                 self._busy, self._writing = True, state["global_step"]
             try:
-                entry = save_atomic(state, self.folder / checkpoint_name(state["global_step"]))
+                name = state.pop("file", None) or checkpoint_name(state["global_step"])
+                entry = save_atomic(state, self.folder / name)
                 self.last = commit(self.folder, entry, state.get("best_checkpoint"), self.keep_last, self.keep_best,
                                    self.lineage or lineage_of(state))
                 if self.on_commit is not None:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path, PurePosixPath
 
 from resnet50_recipe.errors import UserError
-from resnet50_recipe.store.checkpoints import MANIFEST, commit, lineage_of, verify_checkpoint
+from resnet50_recipe.store.checkpoints import MANIFEST, commit, lineage_of, save_order, verify_checkpoint
 from resnet50_recipe.store.s3 import SIDECAR, RemoteRefused, S3Store
 
 __all__ = ["SYNCED_FILES", "RemoteSuperseded", "claim", "stage_remote", "download_verified", "install_staged",
@@ -80,7 +80,7 @@ def stage_remote(store: S3Store, folder: Path, manifest: dict, newer_than: int) 
     sha256 check, to a hidden temp file in `folder`; return it with its entry. Nothing is installed: the caller
     checks the checkpoint against the recipe and data first (`install_staged`). A corrupt or vanished object
     is reported and the previous one tried."""
-    for entry in sorted(manifest["checkpoints"], key=lambda e: e["step"], reverse=True):
+    for entry in sorted(manifest["checkpoints"], key=save_order, reverse=True):
         if entry["step"] <= newer_than:
             return None
         tmp = download_verified(store, folder, entry)
@@ -118,7 +118,7 @@ def install_staged(store: S3Store, folder: Path, staged: tuple[Path, dict], mani
     best = manifest.get("best") or {}
     best_entry = next((e for e in manifest["checkpoints"] if e["file"] == best.get("file")), None)
     fields = ("file", "step", "epoch", "sha256", "size")
-    if best_entry is not None and best_entry["file"] != entry["file"] and best_entry["step"] < entry["step"]:
+    if best_entry is not None and best_entry["file"] != entry["file"] and save_order(best_entry) < save_order(entry):
         best_tmp = download_verified(store, folder, best_entry)
         if best_tmp is not None:
             os.replace(best_tmp, folder / best_entry["file"])

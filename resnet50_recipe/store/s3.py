@@ -16,16 +16,17 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
 from resnet50_recipe.errors import UserError
-from resnet50_recipe.store.checkpoints import MANIFEST, check_manifest
+from resnet50_recipe.store.checkpoints import MANIFEST, check_manifest, save_order
 
 __all__ = ["SIDECAR", "MULTIPART", "RemoteError", "RemoteRefused", "RemoteUnavailable", "is_transient", "parse_remote",
-           "has_crc64", "Crc64", "S3Store", "rebuilt_manifest"]
+           "has_crc64", "Crc64", "Waiting", "S3Store", "rebuilt_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,25 @@ class Crc64:
 
     def b64(self) -> str:
         return base64.b64encode(self.value.to_bytes(8, "big")).decode()
+
+
+class Waiting:
+    """A wait of more than a few seconds is never silent: `note` says at its first call what is being waited for
+    (what failed, where, for how long at most, Ctrl-C to stop), then at most every `every_s` seconds how it goes;
+    `end` gives the outcome, only when something was said. Lines go to the package's log (stderr in the CLI)."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s, self.started, self.last = every_s, time.monotonic(), None
+
+    def note(self, first: str, later: str) -> None:
+        now = time.monotonic()
+        if self.last is None or now - self.last >= self.every_s:
+            log.warning(first if self.last is None else f"{later} ({now - self.started:.0f} s so far)")
+            self.last = now
+
+    def end(self, outcome: str) -> None:
+        if self.last is not None:
+            log.warning("%s after %.0f s", outcome, time.monotonic() - self.started)
 
 
 class S3Store:
@@ -302,33 +322,56 @@ class S3Store:
                 names.append(item["Key"][len(self.prefix) + 1:] if self.prefix else item["Key"])
         return names
 
-    def preflight(self, retry_s: float = 300.0) -> None:
+    def preflight(self, retry_s: float = 300.0, stop: threading.Event | None = None) -> None:
         """Write, check and delete a small probe object, so that a wrong bucket or a missing permission fails
         now, before any training, instead of at the first checkpoint; then abort the multipart uploads an
         earlier process recorded and left unfinished. A bucket's root is refused: a run needs a prefix of its own.
         Errors that may pass are retried for `retry_s` seconds, with backoff (on top of boto3's own retries), then
-        raise RemoteUnavailable; the others raise RemoteRefused at once."""
+        raise RemoteUnavailable; the others raise RemoteRefused at once.
+
+        The wait is said at the first failed attempt (boto3's own, through its needs-retry event), then every 30 s,
+        then its outcome. `stop` set (a signal, Ctrl-C) ends it early, unverified: the caller stops its set-up."""
         if not self.prefix:  # the run's files would mix with the whole bucket's
             raise RemoteRefused(f"{self.remote}: a run needs a prefix of its own, s3://{self.bucket}/NAME; at the "
                                 "bucket's root its files would mix with every other object in the bucket")
         deadline, delay = time.monotonic() + retry_s, 1.0
-        while True:
-            try:
-                self._probe()
-                break
-            except Exception as e:
-                pending = self.credentials_pending(e)
-                if not is_transient(e, on_ec2=pending):
-                    raise self._explain(e) from None
-                if time.monotonic() + delay > deadline:
-                    raise RemoteUnavailable(f"{self.remote}: the store kept failing for {retry_s:.0f} s ({e}); "
-                                            "exiting 75 so that a restart tries again") from None
-                log.warning("%s: %s (%s); retrying in %.0f s", self.remote, "the instance role's credentials are "
-                            "not there yet" if pending else "the store is not answering", e, delay)
-                time.sleep(delay)
-                if pending:
-                    self.renew_client()
-                delay = min(delay * 2, 30.0)
+        waiting = Waiting()
+        endpoint = self.client.meta.endpoint_url
+
+        def say(error, pending=False) -> None:
+            what = "the instance role's credentials are not there yet" if pending else "the store is not answering"
+            waiting.note(f"{self.remote}: {what} at {endpoint} ({error}); retrying for up to {retry_s:.0f} s "
+                         "(checkpoint.startup_retry_s); Ctrl-C to stop", f"{self.remote}: still retrying: {error}")
+
+        def on_retry(caught_exception=None, response=None, **kwargs):
+            status = (response[1] if response else {}).get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if caught_exception is not None and is_transient(caught_exception) or status >= 500:
+                say(caught_exception or f"HTTP {status}")  # returns None: botocore's own handler decides
+        self.client.meta.events.register("needs-retry.s3", on_retry)
+        try:
+            while True:
+                try:
+                    self._probe()
+                    break
+                except Exception as e:
+                    pending = self.credentials_pending(e)
+                    if not is_transient(e, on_ec2=pending):
+                        raise self._explain(e) from None
+                    if time.monotonic() + delay > deadline:
+                        raise RemoteUnavailable(f"{self.remote}: the store kept failing for {retry_s:.0f} s ({e}); "
+                                                "exiting 75 so that a restart tries again") from None
+                    say(e, pending)
+                    if stop is None:
+                        time.sleep(delay)
+                    elif stop.wait(delay):
+                        return  # asked to stop: the caller ends its set-up
+                    if pending:
+                        self.renew_client()
+                        self.client.meta.events.register("needs-retry.s3", on_retry)
+                    delay = min(delay * 2, 30.0)
+        finally:
+            self.client.meta.events.unregister("needs-retry.s3", on_retry)
+        waiting.end(f"{self.remote}: the store answers")
         self.abort_stale_uploads()
 
     def _probe(self) -> None:
@@ -422,7 +465,7 @@ def rebuilt_manifest(store: S3Store) -> dict | None:
     if not found:
         return None
     lineage = max((e["lineage"] for e in found), key=lambda lin: lin["started"])
-    entries = sorted((e for e in found if e["lineage"]["run_id"] == lineage["run_id"]), key=lambda e: e["step"])
+    entries = sorted((e for e in found if e["lineage"]["run_id"] == lineage["run_id"]), key=save_order)
     log.warning("%s/checkpoints/%s is gone, but %d checkpoint(s) of lineage %s remain: resuming from the newest "
                 "that verifies, not from step 0", store.remote, MANIFEST, len(entries), lineage["run_id"])
     checkpoints = [{k: e[k] for k in ("file", "step", "epoch", "sha256", "size", "run_id") if k in e}

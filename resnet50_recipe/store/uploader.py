@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from resnet50_recipe.store.checkpoints import MANIFEST, lineage_of, new_lineage, sha256_of
+from resnet50_recipe.store.checkpoints import MANIFEST, lineage_of, new_lineage, save_order, sha256_of
 from resnet50_recipe.store.lineage import SYNCED_FILES, RemoteSuperseded, claim
 from resnet50_recipe.store.s3 import SIDECAR, Crc64, RemoteError, S3Store
 
@@ -54,6 +54,9 @@ class Uploader:
 
     def submit(self, manifest: dict) -> None:
         with self._cond:
+            if self.superseded:
+                self.failed.append(manifest["file"])
+                return
             if self._pending is not None:
                 log.warning("upload of %s superseded by %s before it started", self._pending["file"],
                             manifest["file"])
@@ -70,6 +73,8 @@ class Uploader:
 
     def sync_files(self) -> None:
         with self._cond:
+            if self.superseded:  # the thread is gone: nothing would ever sync them, and a drain would wait it out
+                return
             self._files_pending = True
             self._cond.notify_all()
 
@@ -198,13 +203,15 @@ class Uploader:
                 claim(self.store, self.lineage)  # raises RemoteSuperseded for a newer lineage
                 self._etag = None
                 continue
-            if self._etag is not None and etag != self._etag:
+            # A second writer is told by its writer id, never by an ETag alone: a write of ours whose answer was
+            # lost (below) leaves a pointer with an ETag this uploader never saw.
+            if self._etag is not None and etag != self._etag and not self._mine(remote):
                 raise self._second_writer(remote)
             listed = (remote or {}).get("checkpoints", [])
             entries = [e for e in listed if e["file"] != entry["file"]] + [entry]
             if best_entry is not None and not any(e["file"] == best_entry["file"] for e in entries):
                 entries.append({**best_entry, "run_id": self.lineage["run_id"]})
-            entries.sort(key=lambda e: e["step"])
+            entries.sort(key=save_order)
             remote_best = best if best_entry is not None else (remote or {}).get("best")
             keep = {e["file"] for e in entries[-self.keep_last:]} | {entry["file"]}
             if self.keep_best and remote_best and remote_best.get("file"):
@@ -219,6 +226,15 @@ class Uploader:
             except self.store.client.exceptions.ClientError as e:
                 if e.response["Error"]["Code"] != "PreconditionFailed":
                     raise
+                # botocore resends a request whose answer was lost; when the store had applied the first one, the
+                # resent conditional put meets the pointer it moved itself. That write is done.
+                now, now_etag = self.store.manifest()
+                if self._mine(now) and (now or {}).get("file") == entry["file"] and \
+                        now.get("sha256") == entry["sha256"]:
+                    log.info("the remote latest.json already names %s: this uploader's write, whose answer was lost",
+                             entry["file"])
+                    self._etag = now_etag
+                    break
                 log.warning("the remote latest.json changed under us; reading it again")
                 self._etag = etag or ""  # so that the next pass tells a second writer from a lineage's claim
         else:
@@ -229,6 +245,10 @@ class Uploader:
             if e["file"] not in keep and e.get("run_id") == self.lineage["run_id"]:
                 self.store.delete(f"checkpoints/{e['file']}")
                 self.store.delete(f"checkpoints/{e['file']}{SIDECAR}")
+
+    def _mine(self, remote: dict | None) -> bool:
+        """Whether this uploader wrote the pointer `remote`: its writer id, unique per uploader."""
+        return ((remote or {}).get("writer") or {}).get("id") == self.writer["id"]
 
     def _second_writer(self, remote: dict | None) -> RemoteSuperseded:
         other = (remote or {}).get("writer") or {}

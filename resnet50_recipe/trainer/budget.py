@@ -27,9 +27,11 @@ class InstanceCost:
     resume keeps that record's cost in its start line when it drops the lines after its checkpoint, runlog.py).
 
     It asks the instance metadata (through the spot watcher's IMDSv2 session) once, and the spot price at most
-    every `refresh_s` seconds, never per step. Only the first price is read in the caller's thread; later
-    refreshes run in a background thread, so a slow or hanging EC2 API never stalls training. Boot, install and
-    time spent stopped are not in `cost_usd`; `aws status` gives the bill's upper bound from the price history.
+    every `refresh_s` seconds, never per step. Every spot-price read, the first included, runs in a background
+    thread with a short-timeout client (ec2.boto3_call), so that an EC2 API out of reach (a VPC that reaches S3 but
+    not EC2) never stalls training, nor, under DDP, the ranks waiting for this one. Until the first price is known
+    the lines carry none; the time before it is then counted at that price. Boot, install and time spent stopped
+    are not in `cost_usd`; `aws status` gives the bill's upper bound from the price history.
     """
 
     def __init__(self, watcher, metrics_path: Path, refresh_s: float = 600.0):
@@ -65,16 +67,15 @@ class InstanceCost:
         if self.identity["instance_type"] is None:
             return {}  # a metadata service that does not know the instance: nothing to record
         if now - self.priced_at >= self.refresh_s and (self.pricing is None or not self.pricing.is_alive()):
-            first = self.priced_at == -float("inf")
             self.priced_at = now
-            if first:
-                self.price = self.current_price()
+            if self.identity["market"] != "spot":
+                self.price = self.current_price()  # the list price, from ec2.py: no request
             else:
                 self.pricing = threading.Thread(target=self.refresh_price, name="spot-price", daemon=True)
                 self.pricing.start()
-        if self.price is not None:
+        if self.price is not None:  # until a price is known the time adds up, to be counted at the first one
             self.cost += (now - self.last) / 3600 * self.price
-        self.last = now
+            self.last = now
         ident = self.identity
         return {"instance_type": ident["instance_type"], "az": ident["az"], "market": ident["market"],
                 "price_usd_per_h": self.price, "cost_usd": self.cost if self.price is not None else None}

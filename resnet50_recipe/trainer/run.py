@@ -58,6 +58,7 @@ from resnet50_recipe.store.checkpoints import (
     checkpoint_name,
     commit,
     find_latest,
+    free_name,
     lineage_of,
     load_state,
     new_lineage,
@@ -67,7 +68,7 @@ from resnet50_recipe.store.checkpoints import (
     start_lineage,
 )
 from resnet50_recipe.store.lineage import claim, install_staged, pull_files, stage_remote
-from resnet50_recipe.store.s3 import RemoteUnavailable, S3Store, is_transient
+from resnet50_recipe.store.s3 import RemoteUnavailable, S3Store, Waiting, is_transient
 from resnet50_recipe.store.uploader import Uploader
 from resnet50_recipe.trainer.budget import BUDGET_REASON, Budget, InstanceCost
 from resnet50_recipe.trainer.lock import RunLock
@@ -248,7 +249,9 @@ def check_inputs(recipe: Recipe, rt: Runtime, control: StopControl) -> Inputs:
         store = S3Store(cc.remote, cc.endpoint_url, cc.checksum,
                         on_ec2=lambda: on_ec2(metadata_endpoint(cc.imds_endpoint)))
         if rt.is_main:
-            store.preflight(cc.startup_retry_s)  # a wrong bucket or a missing permission fails here, before any work
+            # A wrong bucket or a missing permission fails here, before any work; a stop ends the wait.
+            store.preflight(cc.startup_retry_s, control.stop)
+            check_stop(control, "the remote answered")
     return Inputs(data_dir, classes, train_set, val_set, num_batches, num_batches // tc.accum_steps,
                   samples_per_batch, samples_per_batch * tc.accum_steps, store)
 
@@ -610,12 +613,20 @@ class Services:
             self.writer.drain()
         if self.uploader is None:
             return []
+        waiting, remote = Waiting(), self.uploader.store.remote
         while True:
             if self.control.stop.is_set():
                 deadline = min(deadline, self.control.stop_deadline())
             left = max(0.0, deadline - time.time())
             if self.uploader.drain(min(left, 1.0)) or left <= 1.0:  # a second at a time: the deadline may move
-                return self.uploader.unfinished()
+                unfinished = self.uploader.unfinished()
+                waiting.end(f"{remote}: " + (f"gave up waiting, unfinished: {', '.join(unfinished)}," if unfinished
+                                             else "everything is there"))
+                return unfinished
+            if time.monotonic() - waiting.started >= 5:  # a wait of a few seconds is said, and how it goes
+                what = ", ".join(self.uploader.unfinished()) or "the uploads"
+                waiting.note(f"{remote}: waiting up to {left:.0f} s more for {what}; Ctrl-C twice leaves at once, "
+                             "with it unfinished", f"{remote}: still waiting for {what}, {left:.0f} s left")
 
     def sync(self, deadline: float) -> list[str]:
         """The run's files (metrics, summary, export, ...) after the checkpoints; what did not finish."""
@@ -647,14 +658,23 @@ class Checkpointer:
         self.loop, self.services, self.control = loop, services, control
         self.writer = services.writer
         self.last_save = time.monotonic()
+        # The names a save must not take: those the manifest lists (with their sha256, here and in S3) and any
+        # file on disk. A save at a step already saved (a resume of a run stopped during evaluation) gets one of
+        # its own, never replacing a listed file in place.
+        folder = loop.run.folder
+        listed = read_manifest(folder) if self.writer is not None and folder.is_dir() else None
+        self.taken = {e["file"] for e in (listed or {}).get("checkpoints", [])} | \
+            ({p.name for p in folder.glob("ckpt-*.pt")} if folder.is_dir() else set())
 
     def save(self, epoch: int, batches_done: int, pending_eval: dict | None = None, is_best: bool = False) -> None:
         """Snapshot the state into CPU memory now (the epoch to run next and the batches of it done); the writer
         thread puts it on disk. A best epoch's snapshot is never superseded in the writer's queue."""
         loop, p, t, rt = self.loop, self.loop.progress, self.loop.t, self.loop.rt
         self.last_save = time.monotonic()
+        name = free_name(t.global_step, self.taken)
+        self.taken.add(name)
         if is_best:
-            p.best_checkpoint = {**p.best, "file": checkpoint_name(t.global_step)}
+            p.best_checkpoint = {**p.best, "file": name}
         # Every rank takes part: its RNG state and its own BN statistics go into the checkpoint, and under DDP
         # without SyncBN the saved statistics are the mean over ranks (timm's distribute_bn), while each rank's
         # own are put back, so that a save leaves the run exactly as an unsaved one goes on.
@@ -667,7 +687,7 @@ class Checkpointer:
         if self.writer is not None:
             state = snapshot(t, epoch, batches_done * loop.inputs.samples_per_batch, p, loop.inputs.classes,
                              loop.run.lineage, pending_eval, ranks, loop.inputs.train_set.fingerprint())
-            self.writer.submit({**state, "is_best": is_best})
+            self.writer.submit({**state, "is_best": is_best, "file": name})
         for module, buffers in zip(modules, own or []):
             load_norm_buffers(module, buffers)
 
