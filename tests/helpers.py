@@ -3,8 +3,10 @@ another test file or from conftest.py, which holds the fixtures only. tests/test
 import base64
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -18,6 +20,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -113,6 +116,15 @@ def assert_same_tree(a, b, where=""):
 # DDP through torchrun (test_ddp, test_lifecycle)
 
 GLOBAL_BATCH = 8
+
+
+def output_of(process, timeout):
+    """The run's output; a run that hangs is killed, with its processes, and fails the test."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"still running after {timeout} s:\n{process.communicate()[0][-4000:]}")
 
 
 def args_for(data, out, processes, **extra):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import GLOBAL_BATCH, args_for, assert_same_tree, free_port, worker_pids
+from helpers import GLOBAL_BATCH, args_for, assert_same_tree, free_port, output_of, worker_pids
 
 from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
@@ -162,15 +162,6 @@ def probed(data, out, probe_dir, **extra):
                str(probe_dir), *args_for(data, out, 2, **settings)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-
-
-def output_of(process, timeout):
-    """The run's output; a run that hangs is killed, with its processes, and fails the test."""
-    try:
-        return process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"still running after {timeout} s:\n{process.communicate()[0][-4000:]}")
 
 
 def records(probe_dir, rank, kind):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import args_for, assert_same_tree, final_state, free_port, remote_args, worker_pids
+from helpers import args_for, assert_same_tree, final_state, free_port, output_of, remote_args, worker_pids
 
 from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.errors import EXIT_PREEMPTED
@@ -19,15 +19,6 @@ from resnet50_recipe.errors import EXIT_PREEMPTED
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data") / "shapes", classes=4, per_class=48, val_per_class=7, size=32)
-
-
-def output_of(process, timeout):
-    """The run's output; a run that hangs is killed, with its processes, and fails the test."""
-    try:
-        return process.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"still running after {timeout} s:\n{process.communicate()[0][-4000:]}")
 
 
 # torch's default process-group timeout (10 minutes) made short, so that a test can outlast it: the trainer
