@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import free_port, start_hub
+from helpers import MetadataStandIn, free_port, start_hub
 
 from resnet50_recipe.data.synthetic import generate
 
@@ -89,6 +89,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("journey")
         for name, checked, seconds in journey.RESULTS:
             terminalreporter.write_line(f"{name:<26} {seconds:5.0f} s  {checked}")
+
+
+@pytest.fixture(autouse=True)
+def fresh_metadata_stand_in():
+    """MetadataStandIn keeps what a test posts (a spot notice, a rebalance recommendation) on the class, where a
+    later test's stand-in (a subclass) would inherit it: every test starts without."""
+    yield
+    MetadataStandIn.notice = MetadataStandIn.rebalance = None
+    MetadataStandIn.requests = []
 
 
 @pytest.fixture(scope="session")

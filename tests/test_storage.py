@@ -644,7 +644,9 @@ def test_a_lost_answer_to_a_pointer_write_is_recognised_and_the_uploads_go_on(ti
             "checkpoint.every_steps": 1, "train.steps_per_epoch": 4, "checkpoint.upload_timeout_s": 10}))
         summary = train(recipe, tmp_path / "run", quiet=True)
     writes = [action for method, path, action in proxy.requests if method == "PUT" and path == dropped[0]]
-    assert len(writes[writes.index("drop-answer") + 1:]) >= 2  # botocore's retry of it (412), later checkpoints'
+    # After it: botocore's resend (answered 412) when botocore resends it, and the later checkpoints' writes
+    # (the pointer it moved itself has an ETag it never saw: its writer id says whose it is).
+    assert len(writes[writes.index("drop-answer") + 1:]) >= 1
     assert "another writer" not in caplog.text
     assert summary["exit_status"] == 0 and summary["unfinished"] == []  # (failed_uploads: those superseded)
     store = S3Store(f"s3://{bucket}/runs/lost", s3_endpoint)
