@@ -42,6 +42,9 @@ UNIT_DIR=$ROOT/etc/systemd/system
 # The instance metadata service (a stand-in's address in the tests; the variable is botocore's and the trainer's).
 IMDS=${AWS_EC2_METADATA_SERVICE_ENDPOINT:-http://169.254.169.254}
 export AWS_DEFAULT_REGION=$REGION
+# The AWS CLI reads the instance role's credentials from the metadata service with botocore's defaults, 1 s and one
+# attempt: a slow answer would read as "no credentials", and --end would take the run's files for missing in S3.
+export AWS_METADATA_SERVICE_TIMEOUT=5 AWS_METADATA_SERVICE_NUM_ATTEMPTS=3
 
 say() { echo "resnet50-recipe: $*"; }
 
