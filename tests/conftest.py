@@ -64,6 +64,9 @@ SLOW = {
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-100ep]",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-81]",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-16]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-24]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-40]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-56]",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-88]",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[kaggle-sample]",
 }
