@@ -30,6 +30,7 @@ SLOW = {
     "test_lifecycle.py::test_sigterm_during_a_slow_evaluation_exits_at_once_and_the_resumed_run_is_identical",
     "test_lifecycle.py::test_ddp_stop_every_rank_waits_for_rank_0s_checkpoint",
     "test_lifecycle.py::test_a_sigterm_to_the_whole_process_group_is_a_stop_with_a_checkpoint[evaluation]",
+    "test_lifecycle.py::test_a_sigterm_to_the_whole_process_group_is_a_stop_with_a_checkpoint[worker start-up]",
     # a fresh `python -m resnet50_recipe` (3-4 s of imports) per case, many cases; test_errors.py keeps the
     # one-line errors of the CLI in the tier, test_resume.py its signal handling
     "test_lifecycle.py::test_bad_recipe_files_are_one_clear_line",
@@ -63,6 +64,9 @@ SLOW = {
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-100ep]",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-81]",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-16]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-24]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-40]",
+    "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-56]",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[imagenet-fast-88]",
     "test_train.py::test_every_shipped_recipe_trains_under_a_tiny_overlay[kaggle-sample]",
 }

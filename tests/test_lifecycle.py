@@ -297,6 +297,13 @@ def slow(self, key):
         time.sleep(0.5)
     return real(self, key)
 data.ImageFolderDataset.__getitem__ = slow
+real_start = data.leave_stops_to_the_parent
+def slow_start(worker_id):  # a loader worker's start-up, before it ignores the stop signals, made long
+    if pathlib.Path(sys.argv[1]).parent.joinpath("slow-start").exists():
+        pathlib.Path(sys.argv[1]).write_text("starting")
+        time.sleep(1)
+    real_start(worker_id)
+data.leave_stops_to_the_parent = slow_start
 from resnet50_recipe.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -357,19 +364,22 @@ def test_only_a_second_sigint_exits_at_once_whatever_asked_for_the_stop_first():
     assert "press Ctrl-C again to exit at once" in done.stderr
 
 
-@pytest.mark.parametrize("during", ["training", "evaluation"])
+@pytest.mark.parametrize("during", ["training", "evaluation", "worker start-up"])
 def test_a_sigterm_to_the_whole_process_group_is_a_stop_with_a_checkpoint(during, data, tmp_path):
     """Slurm's scancel, `timeout`, `docker stop` under `tini -g`, KillMode=control-group and `kill -TERM -PGID`
-    signal the loader workers too: the workers leave the stop to the trainer, which stops them itself."""
+    signal the loader workers too: the workers leave the stop to the trainer, which stops them itself. That holds
+    from a worker's first instruction: a signal that lands while a worker is still starting waits for it."""
     args = overlay(data, **{"train.epochs": 2, "data.workers": 2, "log.every_steps": 1})
     marker, out = tmp_path / "evaluating", tmp_path / "run"
     if during == "evaluation":
         (tmp_path / "slow").touch()  # SLOW_VAL: 0.5 s per val image, in the loader workers
+    if during == "worker start-up":
+        (tmp_path / "slow-start").touch()  # SLOW_VAL: each train loader worker starts for 1 s
     command = [sys.executable, "-c", SLOW_VAL, str(marker), "train", "smoke", "--output", str(out)] + args
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
-        while process.poll() is None and not (marker.exists() if during == "evaluation" else last_step(out) >= 3):
+        while process.poll() is None and not (last_step(out) >= 3 if during == "training" else marker.exists()):
             time.sleep(0.02)
         os.killpg(process.pid, signal.SIGTERM)  # the trainer and both loader workers, at once
         output = process.communicate(timeout=120)[0]
@@ -377,7 +387,9 @@ def test_a_sigterm_to_the_whole_process_group_is_a_stop_with_a_checkpoint(during
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == EXIT_PREEMPTED, output
-    assert "killed by signal" not in output
+    assert "killed by signal" not in output and "exited unexpectedly" not in output
+    if during == "worker start-up":
+        return
     stopped = final_state(out)
     if during == "training":
         assert stopped["epoch"] == 0 and stopped["step_in_epoch"] > 0, output

@@ -3,6 +3,7 @@ optimizer choice, torch.compile across a resolution change, the device prefetche
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_overlay
@@ -28,11 +29,22 @@ PROGRESSIVE = {"augment.train_size": 64, "augment.progressive": "{min_size: 32, 
                "multiple: 16}", "train.epochs": 4, "train.steps_per_epoch": 1, "augment.eval_size": 40}
 
 
-def test_ffcv_ramp_sizes():
-    recipe = load_recipe("imagenet-fast-88")
-    sizes = [train_size_at(recipe.augment, epoch) for epoch in range(88)]
-    # FFCV's rn50_88 config: 160 px up to the middle of the 65-76 ramp, 192 px after: two sizes only.
-    assert sizes[:71] == [160] * 71 and sizes[71:] == [192] * 17
+# FFCV's rn50_{epochs}_epochs.yaml (libffcv/ffcv-imagenet rn50_configs): epochs -> (start_ramp, end_ramp).
+FFCV_RAMPS = {16: (11, 13), 24: (17, 20), 32: (23, 27), 40: (29, 34), 56: (41, 48), 88: (65, 76)}
+
+
+@pytest.mark.parametrize("epochs", sorted(FFCV_RAMPS))
+def test_ffcv_ramp_sizes(epochs):
+    recipe = load_recipe(f"imagenet-fast-{epochs}")
+    assert recipe.train.epochs == epochs
+    sizes = [train_size_at(recipe.augment, epoch) for epoch in range(epochs)]
+    # FFCV's train_imagenet.py get_resolution, min_res 160, max_res 192 in every rn50 config.
+    start, end = FFCV_RAMPS[epochs]
+    ffcv = [160 if e <= start else 192 if e >= end else int(np.round(np.interp(e, [start, end], [160, 192]) / 32)) * 32
+            for e in range(epochs)]
+    assert sizes == ffcv and set(sizes) == {160, 192}
+    if epochs == 88:  # 160 px up to the middle of the 65-76 ramp, 192 px after: what the T4-hour estimate counts
+        assert sizes[:71] == [160] * 71 and sizes[71:] == [192] * 17
 
 
 def test_progressive_resizing_changes_resolution_at_the_scheduled_epochs(tiny_data, tmp_path):
@@ -97,6 +109,31 @@ def test_blurpool_option_takes_timms_blurpool_variant_and_refuses_models_without
     assert sum(type(m).__name__ == "BlurPool2d" for m in model.modules()) >= 3  # one per stride-2 stage
     with pytest.raises(RecipeError, match="model.aa_layer: timm has no BlurPool variant of 'resnet34'"):
         load_recipe("imagenet-fast-88", ["model.name=resnet34"])
+
+
+@pytest.mark.parametrize("aa_layer", ["null", "blurpool"])
+def test_weight_decay_falls_on_conv_and_fc_weights_only(aa_layer):
+    """`no_decay_norm_bias: true` (every ImageNet recipe): decay on the conv and fc weights, none on any norm
+    weight or bias or any bias, the BatchNorm in each block's downsample path included (FFCV's name filter, 'bn'
+    in the name, misses `downsample.1` there and decays it)."""
+    recipe = load_recipe("imagenet-fast-88", [f"model.aa_layer={aa_layer}"])
+    model = build_model(recipe.model, 1000)
+    assert model.pretrained_cfg["architecture"] == {"null": "resnet50", "blurpool": "resnetblur50"}[aa_layer]
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(recipe.optim, model, 0.1, torch.device("cpu"))
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    weights = {f"{m}.weight" for m, module in model.named_modules()
+               if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert decayed == weights == {n for n, p in model.named_parameters() if p.ndim > 1}
+    assert all(g["weight_decay"] == recipe.optim.weight_decay for g in optimizer.param_groups
+               if g["weight_decay"] > 0)
+    undecayed = set(names.values()) - decayed
+    assert {"layer1.0.downsample.1.weight", "layer1.0.downsample.1.bias", "bn1.weight", "fc.bias"} <= undecayed
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+    everything = build_optimizer(load_recipe("imagenet-fast-88", [f"model.aa_layer={aa_layer}",
+                                                                  "optim.no_decay_norm_bias=false"]).optim,
+                                 model, 0.1, torch.device("cpu"))
+    assert all(g["weight_decay"] == recipe.optim.weight_decay for g in everything.param_groups)
 
 
 def test_fused_optimizer_choice():

@@ -336,10 +336,11 @@ def make_loader(dataset, sampler, batch_size: int, workers: int | None, drop_las
     (`close_loader`)."""
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)  # keeps the DataLoader from drawing on the global RNG
+    kind = ParentStopsLoader if stops_to_parent and workers > 0 else torch.utils.data.DataLoader
     with warnings.catch_warnings():
         # torch warns when pin_memory is set without an accelerator; pinning is then simply skipped.
         warnings.filterwarnings("ignore", message=".*pin_memory.*")
-        loader = torch.utils.data.DataLoader(
+        loader = kind(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
             pin_memory=pin_memory and torch.cuda.is_available(), drop_last=drop_last,
             persistent_workers=workers > 0, generator=generator,
@@ -357,6 +358,25 @@ def make_loader(dataset, sampler, batch_size: int, workers: int | None, drop_las
 _PARENT_OWNED: weakref.WeakSet = weakref.WeakSet()  # loaders whose workers ignore the stop signals
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class ParentStopsLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose workers start with the stop signals blocked, until `leave_stops_to_the_parent` has them
+    ignored: a group-wide SIGTERM that lands while a worker is still starting (before its `worker_init_fn`) would
+    otherwise kill it by the default action. A blocked signal stays pending in the worker and is dropped once
+    ignored; in the parent it is delivered, to the trainer's handler, as soon as the workers are started. The
+    mask is inherited through fork and exec: the fork and spawn start methods (and forkserver, whose server the
+    first loader starts)."""
+
+    def __iter__(self):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()  # starts the workers, the first time (they are persistent)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def leave_stops_to_the_parent(worker_id: int) -> None:
     """A loader worker's `worker_init_fn`: ignore SIGTERM, SIGINT and SIGUSR1.
 
@@ -366,8 +386,9 @@ def leave_stops_to_the_parent(worker_id: int) -> None:
     by signal: Terminated") before its checkpoint. The trainer handles the signal and ends the workers itself; a
     worker whose parent is gone (SIGKILL) still exits on its own, by torch's watchdog. Seeding is untouched: each
     sample's randomness comes from (seed, epoch, index), not from the worker."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by ParentStopsLoader until now
 
 
 def close_loader(loader: torch.utils.data.DataLoader | None) -> None:
