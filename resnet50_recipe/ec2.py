@@ -7,8 +7,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
-__all__ = ["PRODUCT", "GP3_USD_PER_GB_MONTH", "HOURS_PER_MONTH", "INSTANCE_TYPES", "boto3_call", "spot_prices",
-           "ebs_cost"]
+__all__ = ["PRODUCT", "GP3_USD_PER_GB_MONTH", "HOURS_PER_MONTH", "INSTANCE_TYPES", "DEFAULT_PRICE_TYPES",
+           "TABLE_TYPES", "boto3_call", "spot_prices", "ebs_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,13 @@ INSTANCE_TYPES = {
     "p3.2xlarge": ("V100", 1, 8, 3.06), "p3.8xlarge": ("V100", 4, 32, 12.24), "p3.16xlarge": ("V100", 8, 64, 24.48),
     "p4d.24xlarge": ("A100", 8, 96, None), "p5.48xlarge": ("H100", 8, 192, None),
 }
+
+
+# What `aws price` lists by default: its per-AZ listing (DEFAULT_PRICE_TYPES) and the rows of its --recipes table
+# (TABLE_TYPES: per GPU kind a single-GPU size with the vCPUs to decode for it, and the 4-GPU size).
+DEFAULT_PRICE_TYPES = ("g4dn.xlarge", "g4dn.2xlarge", "g5.xlarge", "g5.2xlarge", "p3.2xlarge")
+TABLE_TYPES = ("g4dn.2xlarge", "g4dn.12xlarge", "g5.2xlarge", "g5.12xlarge", "g6.2xlarge", "g6.12xlarge",
+               "g6e.4xlarge", "g6e.12xlarge", "p3.2xlarge", "p3.8xlarge")
 
 
 def boto3_call(region: str):

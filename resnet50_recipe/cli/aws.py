@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from resnet50_recipe.cli.common import add_set
-from resnet50_recipe.errors import EXIT_FAILED, EXIT_FINISHED
+from resnet50_recipe.ec2 import DEFAULT_PRICE_TYPES, INSTANCE_TYPES, TABLE_TYPES
+from resnet50_recipe.errors import EXIT_FAILED, EXIT_FINISHED, UserError
 
 __all__ = ["add_aws", "cmd_aws"]
 
@@ -15,10 +16,18 @@ def add_aws(sub) -> None:
                        "[aws] extra)", description="Spot training runs on AWS. Every client honours "
                        "AWS_ENDPOINT_URL; credentials and region come from boto3's chain. See docs/aws.md.")
     aws_sub = p.add_subparsers(dest="aws_command", required=True)
-    q = aws_sub.add_parser("price", help="spot price per AZ, on-demand price and, with --recipe, hours and cost")
-    q.add_argument("--instance-types", default="g4dn.xlarge,g4dn.2xlarge,g5.xlarge,g5.2xlarge,p3.2xlarge",
-                   help="comma-separated instance types")
+    q = aws_sub.add_parser("price", help="spot price per AZ and, with --recipe, hours and cost; with --recipes, a "
+                           "table of recipes x instance types: hours and dollars to finish, the cheapest marked")
+    q.add_argument("--instance-types", help="comma-separated instance types, or all (default: "
+                   f"{','.join(DEFAULT_PRICE_TYPES)}; with --recipes {','.join(TABLE_TYPES)})")
     q.add_argument("--recipe", help="recipe file or shipped name to estimate hours and cost for")
+    q.add_argument("--recipes", nargs="+", metavar="RECIPE", help="recipes for the table: names, files or globs "
+                   "over the shipped names (imagenet-fast-*), comma- or space-separated")
+    q.add_argument("--budget-usd", type=float, help="with --recipes: mark the estimates within this many dollars")
+    q.add_argument("--from-run", action="append", default=[], metavar="RUN", help="with --recipes: a run directory "
+                   "or s3://BUCKET/PREFIX/RUN whose measured images/s replaces its GPU's estimate (repeatable)")
+    q.add_argument("--dry-run", action="store_true", help="with --recipes: make no AWS call; price at the on-demand "
+                   "list prices")
     q.add_argument("--images", type=int, help="train images per epoch (default: known for ImageNet-1k and the "
                    "generated data)")
     add_set(q)
@@ -75,7 +84,7 @@ def add_aws(sub) -> None:
 def cmd_aws(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.cloud.api import AwsError
-    from resnet50_recipe.cloud.cost import price
+    from resnet50_recipe.cloud.cost import match_recipes, price, price_table
     from resnet50_recipe.cloud.instances import follow, logs, ls, print_status, run_status, stop
     from resnet50_recipe.cloud.launch import launch
 
@@ -85,13 +94,17 @@ def cmd_aws(args) -> int:
         BotoCoreError = ClientError = AwsError  # noqa: N806  boto3 missing: _boto3() says how to fix it
     try:
         if args.aws_command == "price":
-            recipe = None
-            if args.recipe:
-                # lazy: only the command that runs pays for importing torch, timm or boto3
-                from resnet50_recipe.recipe import load_recipe
-                recipe = load_recipe(args.recipe, args.overrides)
-            price([t.strip() for t in args.instance_types.split(",") if t.strip()], args.region, recipe,
-                      args.images)
+            # lazy: only the command that runs pays for importing torch, timm or boto3
+            from resnet50_recipe.recipe import load_recipe
+            if args.recipes:
+                types = _types(args.instance_types, TABLE_TYPES)
+                recipes = [load_recipe(name, args.overrides) for name in match_recipes(args.recipes)]
+                price_table(recipes, types, args.region, args.budget_usd, tuple(args.from_run), args.dry_run)
+            else:
+                if args.budget_usd is not None or args.from_run or args.dry_run:
+                    raise UserError("--budget-usd, --from-run and --dry-run go with --recipes (the table)")
+                recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+                price(_types(args.instance_types, DEFAULT_PRICE_TYPES), args.region, recipe, args.images)
         elif args.aws_command == "launch":
             launched = launch(args.recipe, args.bucket, name=args.name, overrides=args.overrides,
                               instance_type=args.instance_type, region=args.region, az=args.az, subnet=args.subnet,
@@ -117,3 +130,9 @@ def cmd_aws(args) -> int:
         print(f"resnet50-recipe: aws {args.aws_command}: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_FINISHED
+
+
+def _types(option: str | None, default: tuple[str, ...]) -> list[str]:
+    if option == "all":
+        return list(INSTANCE_TYPES)
+    return [t.strip() for t in option.split(",") if t.strip()] if option else list(default)

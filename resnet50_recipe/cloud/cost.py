@@ -21,20 +21,12 @@ from resnet50_recipe.data.pipeline import train_size_at
 from resnet50_recipe.ec2 import INSTANCE_TYPES, ebs_cost, spot_prices
 from resnet50_recipe.errors import UserError
 
-__all__ = ["DEFAULT_PRICE_TYPES", "TABLE_TYPES", "Throughput", "GPU_SPECS", "THROUGHPUT_224", "GPU_MEMORY_GIB",
+__all__ = ["Throughput", "GPU_SPECS", "THROUGHPUT_224", "GPU_MEMORY_GIB",
            "GIB_PER_IMAGE_224_AMP", "GIB_FIXED", "LOADER_IMG_PER_S_PER_VCPU", "DATASET_IMAGES", "Published",
            "PUBLISHED", "integrate_cost", "estimate", "finish", "batch_advice", "recipe_images", "gpu_kind",
            "measured_rates", "match_recipes", "price", "price_table"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PRICE_TYPES = ("g4dn.xlarge", "g4dn.2xlarge", "g5.xlarge", "g5.2xlarge", "p3.2xlarge")
-
-# The rows of `aws price --recipes` unless --instance-types names others: per GPU kind a single-GPU size with
-# enough vCPUs to decode for it and the 4-GPU size (`all` lists every type of ec2.INSTANCE_TYPES).
-TABLE_TYPES = ("g4dn.2xlarge", "g4dn.12xlarge", "g5.2xlarge", "g5.12xlarge", "g6.2xlarge", "g6.12xlarge",
-               "g6e.4xlarge", "g6e.12xlarge", "p3.2xlarge", "p3.8xlarge")
-
 
 @dataclass(frozen=True)
 class Throughput:
@@ -255,8 +247,9 @@ def measured_rates(run: str) -> dict[str, Throughput]:
     for gpu, sizes in found.items():
         by_size = tuple(sorted((size, statistics.median(v)) for size, v in sizes.items()))
         at_224 = replace(Throughput(0, "measured", ""), by_size=by_size).at(224)
-        rates[gpu] = Throughput(round(at_224, 1), "measured", f"measured by {run}: median img/s per GPU of " + ", ".join(
-            f"{len(sizes[size])} step records at {size} px ({rate:.0f})" for size, rate in by_size), by_size)
+        counts = ", ".join(f"{len(sizes[size])} step records at {size} px ({rate:.0f})" for size, rate in by_size)
+        rates[gpu] = Throughput(round(at_224, 1), "measured", f"measured by {run}: median img/s per GPU of {counts}",
+                                by_size)
     return rates
 
 
@@ -341,7 +334,8 @@ def price(instance_types: list[str], region: str | None = None, recipe=None, ima
             "resolution (" + "; ".join(f"{k} {v.img_per_s:g} img/s, {v.kind}: {v.source}" for k, v in
                                        THROUGHPUT_224.items()) + "), and no faster than the instance's vCPUs decode "
             f"({LOADER_IMG_PER_S_PER_VCPU['crop']} img/s per vCPU, {LOADER_IMG_PER_S_PER_VCPU['randaugment']} with "
-            "RandAugment: BENCHMARKS.md, Data pipeline). Spot prices change hourly; storage and data transfer are extra.")
+            "RandAugment: BENCHMARKS.md, Data pipeline). Spot prices change hourly; storage and data transfer are "
+            "extra.")
     return rows
 
 
@@ -377,7 +371,7 @@ def price_table(recipes: list, instance_types: list[str], region: str | None = N
     gpus_shown = list(dict.fromkeys(INSTANCE_TYPES[t][0] for t in instance_types))
     note = {gpu: f"[{i + 1}]" for i, gpu in enumerate(gpus_shown)}
     top1_note, price_note, hours_note = (f"[{len(gpus_shown) + i}]" for i in (1, 2, 3))
-    width = max([15] + [len(r.name) for r in recipes]) + 2
+    width = max([14] + [len(r.name) for r in recipes]) + 1
     label = max(len(t) for t in instance_types) + 2
     lead = label + 7 + 5 + 10 + 1
 
@@ -390,7 +384,7 @@ def price_table(recipes: list, instance_types: list[str], region: str | None = N
                                              for r in recipes]))
     out(row("measured at", [PUBLISHED[r.name].measured_as.replace(" TTA", "").replace(", single crop", " 1 crop")
                             if r.name in PUBLISHED else "-" for r in recipes]))
-    out(row(f"{'':<{label}}GPUs  [throughput]  price {price_note}", [f"hours, $ {hours_note}"] * len(recipes)))
+    out(row(f"{'':<{label}}GPUs  [throughput]  price {price_note}", [f"h, $ {hours_note}"] * len(recipes)))
     for itype in instance_types:
         gpu, gpus, _, _ = INSTANCE_TYPES[itype]
         price_text = f"${prices[itype]:.4g}/h" if prices[itype] is not None else "no price"
@@ -403,7 +397,7 @@ def price_table(recipes: list, instance_types: list[str], region: str | None = N
             mark = ("*" if cheapest[r.name] == itype else "") + (
                 "+" if budget_usd is not None and f["usd"] is not None and f["usd"] <= budget_usd else "")
             cost = f"${f['usd']:.2f}" if f["usd"] is not None else "$?"
-            cells.append(f"{f['hours']:.1f} h {cost}{mark:<2}")
+            cells.append(f"{f['hours']:.1f}h {cost}{mark:<2}")
         out(row(f"{itype:<{label}}{gpus}x{gpu:<5}{note[gpu]:<5}{price_text:>10}", cells))
 
     out("")
@@ -411,7 +405,8 @@ def price_table(recipes: list, instance_types: list[str], region: str | None = N
         fits = {name: sorted((f["usd"], t) for t, f in row.items() if f and f["usd"] is not None
                              and f["usd"] <= budget_usd) for name, row in results.items()}
         out(f"* the cheapest type for the recipe; + within --budget-usd {budget_usd:g}: " + "; ".join(
-            f"{name} on {len(v)} of {len(instance_types)} types" if v else f"{name} on none" for name, v in fits.items()))
+            f"{name} on {len(v)} of {len(instance_types)} types" if v else f"{name} on none"
+            for name, v in fits.items()))
     else:
         out("* the cheapest type for the recipe")
     for gpu in gpus_shown:

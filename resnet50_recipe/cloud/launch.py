@@ -22,15 +22,10 @@ from datetime import datetime, timezone
 
 from resnet50_recipe.cloud import ship
 from resnet50_recipe.cloud.api import SECRET, TAG_LAUNCHED, TAG_REMOTE, TAG_RUN, Api, AwsError, _boto3, error_code
-from resnet50_recipe.cloud.cost import (
-    THROUGHPUT_224,
-    batch_advice,
-    estimate,
-    recipe_images,
-)
+from resnet50_recipe.cloud.cost import THROUGHPUT_224, batch_advice, finish, recipe_images
 from resnet50_recipe.cloud.instances import run_instances_of
 from resnet50_recipe.cloud.ship import Package
-from resnet50_recipe.ec2 import INSTANCE_TYPES, ebs_cost, spot_prices
+from resnet50_recipe.ec2 import INSTANCE_TYPES, spot_prices
 from resnet50_recipe.errors import UserError
 from resnet50_recipe.recipe import load_recipe, to_yaml
 from resnet50_recipe.store.s3 import parse_remote
@@ -315,14 +310,10 @@ def training_processes(instance_type: str) -> int | None:
 
 
 def cost_to_finish(plan: Plan, instance_type: str, spot: float | None) -> float | None:
-    """Estimated USD to train the recipe on `instance_type` at the spot price: hours from the throughput table
-    (DDP over every GPU) times the price, plus the root volume for as long (aws price's estimate)."""
-    gpu, gpus, _, _ = INSTANCE_TYPES.get(instance_type, (None, 1, None, None))
-    est = estimate(plan.recipe, gpu, recipe_images(plan.recipe))
-    if est is None or spot is None:
-        return None
-    hours = est["hours"] / (gpus or 1)
-    return hours * spot + ebs_cost(plan.disk_gb, hours)
+    """Estimated USD to train the recipe on `instance_type` at the spot price: cost.finish's hours (DDP over every
+    GPU, no faster than the vCPUs decode) times the price, plus the root volume for as long (aws price's estimate)."""
+    finished = finish(plan.recipe, instance_type, spot, disk_gb=plan.disk_gb)
+    return None if finished is None else finished["usd"]
 
 
 def rank_types(api: Api, plan: Plan, quotas: dict, out) -> list[tuple[str, dict]]:

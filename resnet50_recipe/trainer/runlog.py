@@ -77,10 +77,13 @@ class RunLog:
             return
 
         (self.out / "recipe.yaml").write_text(to_yaml(recipe))
-        write_json(self.out / "env.json", versions())
+        env = versions()
+        write_json(self.out / "env.json", env)
         self.trackers = open_trackers(self.out, recipe, self.resumed_at)
+        # The GPUs this process sees: with the step lines' img/s and resolution, what `aws price --from-run` reads
+        # (a resume may land on another machine, so each start line says which ran the steps after it).
         self.log({"kind": "start", "global_step": self.resumed_at or 0, "time": time.time(), **(plan or {}),
-                  **self.spent})
+                  "gpus": env["gpus"], **self.spent})
 
     def sample_images(self, dataset, count: int = 16) -> None:
         """A grid of augmented training images as epoch 0 sees them (before Mixup and erasing, which happen

@@ -192,7 +192,7 @@ def train_steps(t: Trainer, batches: Iterable, epoch: int, num_batches: int, log
                       "global_step": t.global_step,
                       "loss": window.item() / (t.window_steps * tc.accum_steps),  # the only sync point
                       "lr": t.optimizer.param_groups[0]["lr"],
-                      "img_per_s": window_seen * t.rt.world_size / elapsed,
+                      "img_per_s": window_seen * t.rt.world_size / elapsed, "train_size": input_size,
                       "data_wait": window_wait / elapsed}
             log(record)
             t.epoch_loss += t.window_loss
