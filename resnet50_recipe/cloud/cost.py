@@ -20,6 +20,8 @@ from resnet50_recipe.cloud.api import Api
 from resnet50_recipe.data.pipeline import train_size_at
 from resnet50_recipe.ec2 import INSTANCE_TYPES, ebs_cost, spot_prices
 from resnet50_recipe.errors import UserError
+from resnet50_recipe.recipe import shipped_recipes
+from resnet50_recipe.store.s3 import S3Store
 
 __all__ = ["Throughput", "GPU_SPECS", "THROUGHPUT_224", "GPU_MEMORY_GIB",
            "GIB_PER_IMAGE_224_AMP", "GIB_FIXED", "LOADER_IMG_PER_S_PER_VCPU", "DATASET_IMAGES", "Published",
@@ -255,8 +257,6 @@ def measured_rates(run: str) -> dict[str, Throughput]:
 
 def _run_metrics(run: str) -> list[dict]:
     if run.startswith("s3://"):
-        from resnet50_recipe.store.s3 import S3Store
-
         store = S3Store(run.rstrip("/"))
         if store.head("metrics.jsonl") is None:
             raise UserError(f"--from-run {run}: no metrics.jsonl there; give the run's folder (s3://BUCKET/PREFIX/RUN)")
@@ -274,8 +274,6 @@ def _run_metrics(run: str) -> list[dict]:
 def match_recipes(patterns: list[str]) -> list[str]:
     """Recipe names or files for `--recipes`: each argument may hold several, comma-separated; a glob
     (`imagenet-fast-*`, quoted or expanded by the shell to files) matches the shipped recipes' names."""
-    from resnet50_recipe.recipe import shipped_recipes
-
     shipped = sorted(shipped_recipes(), key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
     names: list[str] = []
     for item in (i.strip() for arg in patterns for i in arg.split(",") if i.strip()):
@@ -401,6 +399,17 @@ def price_table(recipes: list, instance_types: list[str], region: str | None = N
         out(row(f"{itype:<{label}}{gpus}x{gpu:<5}{note[gpu]:<5}{price_text:>10}", cells))
 
     out("")
+    where = "on-demand list price, us-east-1 (resnet50_recipe/ec2.py; a dry run reads no spot prices, and spot is " \
+        "usually lower)" if dry_run else f"spot price now in the cheapest availability zone of " \
+        f"{api.region if api else region} (describe_spot_price_history); it changes hourly"
+    _footnotes(recipes, instance_types, results, rates, budget_usd, gpus_shown, note,
+               (top1_note, price_note, hours_note), where, out)
+    return results
+
+
+def _footnotes(recipes, instance_types, results, rates, budget_usd, gpus_shown, note, notes, price_text, out) -> None:
+    """price_table's legend and footnotes: the marks, each GPU's throughput, the published top-1, price and hours."""
+    top1_note, price_note, hours_note = notes
     if budget_usd is not None:
         fits = {name: sorted((f["usd"], t) for t, f in row.items() if f and f["usd"] is not None
                              and f["usd"] <= budget_usd) for name, row in results.items()}
@@ -423,13 +432,9 @@ def price_table(recipes: list, instance_types: list[str], region: str | None = N
     out(f"{top1_note} published, not measured by this trainer: " + "; ".join(
         f"{', '.join(names)} at {source}" for source, names in by_source.items())
         + ("" if all(r.name in PUBLISHED for r in recipes) else "; '-': no published figure"))
-    out(f"{price_note} " + ("on-demand list price, us-east-1 (resnet50_recipe/ec2.py; a dry run reads no spot "
-                            "prices, and spot is usually lower)" if dry_run else
-                            f"spot price now in the cheapest availability zone of {(api.region if api else region)} "
-                            "(describe_spot_price_history); it changes hourly"))
+    out(f"{price_note} {price_text}")
     out(f"{hours_note} estimates, not quotes: ImageNet-1k's 1,281,167 images x epochs over the GPUs' images/s, scaled "
         "by pixels to each epoch's resolution, and no faster than the vCPUs decode "
         f"({LOADER_IMG_PER_S_PER_VCPU['crop']} img/s per vCPU, {LOADER_IMG_PER_S_PER_VCPU['randaugment']} with "
         "RandAugment, one vCPU per GPU left to training: BENCHMARKS.md, Data pipeline); evaluation, the disk and "
         "data transfer are not counted")
-    return results
