@@ -49,6 +49,10 @@ def test_every_gpu_of_the_instance_table_has_a_throughput_that_says_measured_or_
         assert f"x {ratio:.3f}" in cost.THROUGHPUT_224[gpu].source
     assert {"g6.xlarge", "g6.12xlarge", "g6e.xlarge", "g6e.12xlarge", "g5.12xlarge", "p3.8xlarge"} <= set(
         ec2_facts.INSTANCE_TYPES)
+    # torch.cuda.get_device_name's names on the instance types, as a run records them
+    names = {"Tesla T4": "T4", "NVIDIA A10G": "A10G", "NVIDIA L4": "L4", "NVIDIA L40S": "L40S", "NVIDIA H200": None,
+             "Tesla V100-SXM2-16GB": "V100", "NVIDIA A100-SXM4-40GB": "A100", "NVIDIA H100 80GB HBM3": "H100"}
+    assert {name: cost.gpu_kind(name) for name in names} == names
 
 
 def test_hours_follow_the_resolution_ramp_and_a_few_vcpus_cap_what_the_gpus_get():

@@ -12,7 +12,7 @@ import logging
 import re
 import statistics
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -29,6 +29,7 @@ __all__ = ["Throughput", "GPU_SPECS", "THROUGHPUT_224", "GPU_MEMORY_GIB",
            "measured_rates", "match_recipes", "price", "price_table"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -248,7 +249,7 @@ def measured_rates(run: str) -> dict[str, Throughput]:
     rates = {}
     for gpu, sizes in found.items():
         by_size = tuple(sorted((size, statistics.median(v)) for size, v in sizes.items()))
-        at_224 = replace(Throughput(0, "measured", ""), by_size=by_size).at(224)
+        at_224 = Throughput(0, "measured", "", by_size).at(224)
         counts = ", ".join(f"{len(sizes[size])} step records at {size} px ({rate:.0f})" for size, rate in by_size)
         rates[gpu] = Throughput(round(at_224, 1), "measured", f"measured by {run}: median img/s per GPU of {counts}",
                                 by_size)
