@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 from helpers import args_for, assert_same_tree, final_state, free_port, output_of, worker_pids
 
@@ -178,4 +177,3 @@ def test_the_run_section_on_two_machines_stops_on_sigterm_and_resumes_bitwise(da
     a, b = final_state(run_dir(tmp_path / "reference", "reference")), final_state(run_dir(root, "stopped"))
     for key in ("model", "ema", "optimizer", "scheduler", "scaler", "loop", "rng", "best", "global_step"):
         assert_same_tree(a[key], b[key], key)
-    assert torch.equal(a["model"][next(iter(a["model"]))], b["model"][next(iter(b["model"]))])
