@@ -6,11 +6,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
-from helpers import args_for, assert_same_tree, final_state, free_port, output_of, remote_args, worker_pids
+from helpers import (
+    MetadataStandIn,
+    args_for,
+    assert_same_tree,
+    final_state,
+    free_port,
+    output_of,
+    remote_args,
+    worker_pids,
+)
 
 from resnet50_recipe.data.synthetic import generate
 from resnet50_recipe.errors import EXIT_PREEMPTED
@@ -52,9 +63,10 @@ def test_ranks_wait_out_a_push_longer_than_the_process_groups_timeout(data, hub,
     assert (hub.root / "me/slow/model.safetensors").read_bytes() == (out / "export/model.safetensors").read_bytes()
 
 
-def two_nodes(data, root, remote: dict) -> list[subprocess.Popen]:
+def two_nodes(data, root, remote: dict, envs: tuple[dict, dict] = ({}, {})) -> list[subprocess.Popen]:
     """Two torchrun nodes of one process each on localhost, node N in its own working directory root/nodeN with
-    the same relative --output, as on two machines: neither sees the other's run directory."""
+    the same relative --output and environment envs[N], as on two machines: neither sees the other's run
+    directory."""
     port, nodes = free_port(), []
     for node in (0, 1):
         cwd = root / f"node{node}"
@@ -63,7 +75,7 @@ def two_nodes(data, root, remote: dict) -> list[subprocess.Popen]:
                    "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
                    "-m", "resnet50_recipe", *args_for(data, "run", 2, **remote)]
         nodes.append(subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))
+                                      start_new_session=True, env={**os.environ, **envs[node]}))
     return nodes
 
 
@@ -99,3 +111,35 @@ def test_two_machines_with_their_own_output_resume_bitwise_the_uninterrupted_run
         assert_same_tree(a[key], b[key], key)
     # The second machine writes nothing, and so has nothing to fight the first over in S3: no lock, no metrics.
     assert not any((root / "node1").iterdir()) and not any((tmp_path / "reference/node1").iterdir())
+
+
+class Kept(MetadataStandIn):  # the first machine's metadata service: no notice
+    notice = rebalance = None
+    requests = []
+
+
+class Reclaimed(MetadataStandIn):  # the second machine's: the notice comes here only
+    notice = rebalance = None
+    requests = []
+
+
+def test_a_spot_notice_that_reaches_only_the_second_machine_stops_every_rank_with_one_checkpoint(data, tmp_path):
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), handler) for handler in (Kept, Reclaimed)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        envs = tuple({"AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://127.0.0.1:{s.server_port}"} for s in servers)
+        nodes = two_nodes(data, tmp_path, {"checkpoint.spot_notice": "on", "checkpoint.spot_poll_s": 0.2,
+                                           "train.epochs": 20}, envs)
+        metrics, deadline = tmp_path / "node0/run/metrics.jsonl", time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"kind": "step"') >= 3):
+            time.sleep(0.02)
+        Reclaimed.notice = {"action": "terminate", "time": "2099-01-01T00:00:00Z"}
+        logs = outputs(nodes, 120)
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert any("spot/instance-action" in r for r in Reclaimed.requests), Reclaimed.requests  # watched on node 1
+    summary = json.loads((tmp_path / "node0/run/summary.json").read_text())
+    assert summary["exit_status"] == EXIT_PREEMPTED and summary["global_step"] < 20 * 10, (summary, logs)
+    assert [node.returncode for node in nodes] == [1, 1], logs  # plain torchrun: a worker's 75 reads as 1

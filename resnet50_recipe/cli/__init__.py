@@ -22,6 +22,7 @@ from resnet50_recipe.cli.runs import (
     cmd_runs,
     cmd_watch,
 )
+from resnet50_recipe.cli.sky import add_sky, cmd_sky
 from resnet50_recipe.cli.train import add_eval, add_train, cmd_eval, cmd_train, record_exit_status
 from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError
 from resnet50_recipe.store.checkpoints import CheckpointError
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resnet50-recipe", description="Train timm ImageNet classifiers from "
                                      "validated YAML recipes. See docs/recipes.md for the recipes and their sources.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_eval, add_export, add_push, add_runs, add_data, add_bench, add_aws, add_watch,
+    for add in (add_train, add_eval, add_export, add_push, add_runs, add_data, add_bench, add_aws, add_sky, add_watch,
                 add_predict, add_explain, add_report):
         add(sub)
     return parser
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         package_log.addHandler(handler)
     package_log.setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     handler = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "push": cmd_push, "runs": cmd_runs,
-               "data": cmd_data, "bench": cmd_bench, "aws": cmd_aws, "watch": cmd_watch, "predict": cmd_predict,
-               "explain": cmd_explain, "report": cmd_report}[args.command]
+               "data": cmd_data, "bench": cmd_bench, "aws": cmd_aws, "sky": cmd_sky, "watch": cmd_watch,
+               "predict": cmd_predict, "explain": cmd_explain, "report": cmd_report}[args.command]
     code = run_command(handler, args)
     record_exit_status(code)  # under `train --nproc-per-node`: the status the launcher exits with
     return code

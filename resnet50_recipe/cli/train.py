@@ -50,6 +50,15 @@ def add_train(sub) -> None:
                    help="mixed precision (train.amp); the dtype follows the device unless train.amp_dtype is set")
     p.add_argument("--nproc-per-node", type=int, metavar="N",
                    help="run N processes on this machine (one per GPU) by relaunching through torchrun")
+    # Several machines: torchrun's static rendezvous instead of --standalone, and still the run's own exit status
+    # (75 after a stop) on every machine, which plain torchrun reports as 1 (docs/distributed.md).
+    p.add_argument("--nnodes", type=int, default=1, metavar="M", help="with --nproc-per-node: the number of "
+                   "machines, each running this same command with its own --node-rank")
+    p.add_argument("--node-rank", type=int, default=0, metavar="R", help="with --nnodes: this machine's rank, "
+                   "0 on the --master-addr machine, whose run directory is the run's")
+    p.add_argument("--master-addr", metavar="HOST", help="with --nnodes: the address of the node-rank 0 machine")
+    p.add_argument("--master-port", type=int, default=29400, metavar="PORT", help="with --nnodes: its port "
+                   "(default 29400)")
     add_quiet(p, "print only errors and the final result")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
 
@@ -65,6 +74,10 @@ def cmd_train(args) -> int:
     install_signal_handlers(control)
     if args.nproc_per_node is not None and args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node {args.nproc_per_node}: expected 1 or more processes")
+    if args.nnodes > 1 and not (args.nproc_per_node and args.master_addr) or args.nnodes < 1 or \
+            not 0 <= args.node_rank < args.nnodes:
+        raise UserError(f"--nnodes {args.nnodes} --node-rank {args.node_rank}: several machines need "
+                        "--nproc-per-node and --master-addr, and a node rank from 0 to nnodes - 1")
     overrides = []
     for name, key in SHORTCUTS.items():
         value = getattr(args, name)
@@ -127,30 +140,42 @@ def relaunch_with_torchrun(args, recipe, control) -> int:
 SHUTDOWN_MARGIN_S = 10  # torchrun's SIGKILL comes this long after the stop's deadline: time for the exit itself
 
 
+# The flags of `train` that are torchrun's: they go to torchrun, not to the workers.
+TORCHRUN_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port")
+
+
 def torchrun_command(argv: list[str], nproc: int, stop_timeout_s: float) -> list[str]:
-    """The torchrun command line that runs `argv` (this command's, less --nproc-per-node) on `nproc` processes.
+    """The torchrun command line that runs `argv` (this command's, less the torchrun flags) on `nproc` processes:
+    --standalone on one machine, a static rendezvous on node rank 0's --master-addr with --nnodes.
 
     torchrun passes a SIGTERM on to the workers and kills them 30 s later unless told otherwise, in the middle of
     a stop's checkpoint, which may take `checkpoint.stop_timeout_s`: `--shutdown-timeout` (torch 2.12 and later,
     setup.cfg's floor) raises that grace to the stop's deadline and a margin. A TORCH_ELASTIC_SHUTDOWN_TIMEOUT
     the user set is theirs, and kept."""
-    rest, skip = [], False
+    rest, ours, flag = [], {}, None
     for item in argv:
-        if skip:
-            skip = False
-        elif item == "--nproc-per-node":
-            skip = True
-        elif not item.startswith("--nproc-per-node="):
+        if flag:
+            ours[flag], flag = item, None
+        elif item in TORCHRUN_FLAGS:
+            flag = item
+        elif item.startswith(tuple(f"{f}=" for f in TORCHRUN_FLAGS)):
+            ours[item.split("=", 1)[0]] = item.split("=", 1)[1]
+        else:
             rest.append(item)
     grace = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or str(math.ceil(stop_timeout_s) + SHUTDOWN_MARGIN_S)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    where = ["--standalone"]
+    if int(ours.get("--nnodes", 1)) > 1:
+        where = [f"--nnodes={ours['--nnodes']}", f"--node-rank={ours.get('--node-rank', 0)}",
+                 f"--master-addr={ours['--master-addr']}", f"--master-port={ours.get('--master-port', 29400)}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
             f"--shutdown-timeout={grace}", "-m", "resnet50_recipe", *rest]
 
 
 def record_exit_status(code: int) -> None:
-    """Under `train --nproc-per-node`, rank 0 writes the status it exits with for the launcher to exit with."""
+    """Under `train --nproc-per-node`, each machine's local rank 0 (rank 0 on the first) writes the status it exits
+    with for that machine's launcher to exit with: every rank ends with the run's status (an agreed stop: 75)."""
     path = os.environ.get(STATUS_FILE_ENV)
-    if path and os.environ.get("RANK") == "0":
+    if path and os.environ.get("LOCAL_RANK") == "0":
         Path(path).write_text(f"{code}\n")
 
 

@@ -15,7 +15,9 @@
 # billing but S3; if not, it cancels the request and powers off, keeping the disk (`aws stop` deletes it). With
 # KEEP_INSTANCE=yes (`aws launch --keep-instance`) it powers off. logs/end.json in S3 says which (`aws status`).
 #
-# `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is.
+# `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is. `resnet50-recipe sky`
+# runs `--setup` alone on each machine of a SkyPilot job (cloud/sky_job.py), with LAUNCH_FILES naming the folder,
+# relative to where it runs, that holds the recipe (and the wheel PACKAGE names), under RESNET50_RECIPE_ROOT.
 
 # --- settings: written by `resnet50-recipe aws launch` ---
 RUN=example
@@ -27,12 +29,14 @@ VOLUME=
 EPOCHS_NOTE='20 epochs'
 HUB_TOKEN_PARAMETER=
 KEEP_INSTANCE=
+LAUNCH_FILES=
 # --- end of settings ---
 
 set -euo pipefail
 
-# The fixed paths below sit under RESNET50_RECIPE_ROOT, which only the tests set (tests/journey.py runs this
-# script in a temporary root); on an instance it is empty and the paths are the ones shown.
+# The fixed paths below sit under RESNET50_RECIPE_ROOT: empty on an aws launch instance, where the paths are the
+# ones shown; the home folder of a SkyPilot machine's user (`resnet50-recipe sky`); a temporary root in the tests
+# (tests/journey.py).
 ROOT=${RESNET50_RECIPE_ROOT:-}
 HOME_DIR=$ROOT/opt/resnet50-recipe
 VENV=$HOME_DIR/venv
@@ -251,10 +255,12 @@ trap 'say "failed at line $LINENO"; exit 1' ERR
 
 # The AWS CLI for S3 transfers: the AMI's, or one in its own virtualenv (never mixed with the training one).
 if ! [ -x "$HOME_DIR/awscli/bin/aws" ] && ! command -v aws > /dev/null; then
-    say "installing python3-venv and the AWS CLI"
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-venv
-    python3 -m venv "$HOME_DIR/awscli"
+    say "installing the AWS CLI"
+    # python3-venv from apt only where the Python lacks venv (Ubuntu's): a SkyPilot machine's user has no root.
+    python3 -m venv "$HOME_DIR/awscli" 2> /dev/null || {
+        apt-get -o DPkg::Lock::Timeout=600 update -qq
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq python3-venv
+        python3 -m venv "$HOME_DIR/awscli"; }
     "$HOME_DIR/awscli/bin/pip" install --quiet awscli
 fi
 AWS=$(command -v aws || echo "$HOME_DIR/awscli/bin/aws")
@@ -290,8 +296,12 @@ if [ -n "$HUB_TOKEN_PARAMETER" ] && ! [ -s "$HOME_DIR/hub.env" ]; then
     unset hub_token
 fi
 
-# The recipe, resolved and validated on the launching machine.
-"$AWS" s3 cp --only-show-errors "$REMOTE/launch/recipe.yaml" "$HOME_DIR/recipe.yaml"
+# The recipe, resolved and validated on the launching machine: from the run's prefix, or the launch files.
+if [ -n "${LAUNCH_FILES:-}" ]; then
+    install -m 0644 "$LAUNCH_FILES/recipe.yaml" "$HOME_DIR/recipe.yaml"
+else
+    "$AWS" s3 cp --only-show-errors "$REMOTE/launch/recipe.yaml" "$HOME_DIR/recipe.yaml"
+fi
 
 # The data: an EBS volume made from a snapshot (mounted on every boot), or a copy from S3 (once).
 if [ -n "$VOLUME" ] && ! mountpoint -q "$DATA_DIR"; then

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -580,13 +581,18 @@ def build_loop(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet
 
 
 class Services:
-    """The checkpoint writer, the S3 uploader and the spot watcher (rank 0 only), and their bounded drains."""
+    """The checkpoint writer and the S3 uploader (rank 0 only), the spot watcher (each machine's local rank 0), and
+    their bounded drains."""
 
     def __init__(self, run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, control: StopControl, runlog):
         cc = recipe.checkpoint
         self.control = control
         self.uploader = self.writer = self.watcher = self.budget = None
         if not rt.is_main:
+            # A spot notice reaches only the machine being reclaimed: its local rank 0 watches, and the stop it
+            # sets is agreed by every rank at the next step (agreed_stop), so the run stops with one checkpoint.
+            if os.environ.get("LOCAL_RANK") == "0":
+                self.watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s)
             return
         if inputs.store is not None:
             self.uploader = Uploader(inputs.store, run.out, cc.keep_last, cc.keep_best, run.lineage)

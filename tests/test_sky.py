@@ -1,0 +1,179 @@
+"""`resnet50-recipe sky`: the managed job's YAML read by SkyPilot's own parser, its `run` section run on localhost
+as two machines (stopped, resumed, bitwise the uninterrupted run), and `--launch` at SkyPilot's API boundary. No
+test reaches a cloud: SkyPilot parses the task offline, and sky.jobs.launch is replaced by a recorder."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from helpers import args_for, assert_same_tree, final_state, free_port, output_of, worker_pids
+
+from resnet50_recipe.cli import main
+from resnet50_recipe.cloud import sky_job
+from resnet50_recipe.data.synthetic import generate
+from resnet50_recipe.errors import EXIT_PREEMPTED
+
+
+def skypilot():
+    """SkyPilot, which the [sky] extra installs (.ci/run does); CI fails without it, elsewhere the tests skip."""
+    try:
+        import sky
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("SkyPilot is missing; .ci/run installs the [sky] extra")
+        pytest.skip("SkyPilot is not installed: pip install -e '.[sky]'")
+    return sky
+
+
+RELEASE = "resnet50-recipe[aws]==0.1"  # --package: a spec, so that no test builds a wheel
+
+
+@pytest.mark.parametrize("nodes", [1, 4])
+def test_skypilots_own_parser_reads_the_task_for_one_machine_and_four(nodes, tmp_path, monkeypatch):
+    sky = skypilot()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # SkyPilot's state (~/.sky) in the test's folder
+    clouds = "aws" if nodes == 1 else "aws,gcp"
+    task, notes = sky_job.sky_job("imagenet-100ep", "s3://my-bucket/runs", nodes=nodes, gpus="T4:1,A10G:1",
+                                  clouds=clouds, data="s3://my-bucket/imagenet/", package=RELEASE,
+                                  push="me/r50" if nodes == 4 else None, files=tmp_path / "files")
+    config = yaml.safe_load(sky_job.to_text(task, notes))
+    assert config == task
+    parsed = sky.Task.from_yaml_config(copy.deepcopy(config))  # SkyPilot's schema validation included
+
+    assert parsed.num_nodes == nodes
+    resources = list(parsed.resources)
+    assert len(resources) == 2 * len(clouds.split(","))
+    assert {r.cloud.canonical_name() for r in resources} == set(clouds.split(","))
+    assert {tuple(r.accelerators.items()) for r in resources} == {(("T4", 1),), (("A10G", 1),)}
+    assert all(r.use_spot and r.disk_size == 300 for r in resources)
+    assert {json.dumps(r.job_recovery, sort_keys=True) for r in resources} == {json.dumps(
+        {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 3, "recover_on_exit_codes": [75, 74]},
+        sort_keys=True)}
+    # any_of, cheapest estimated cost to finish first: an A10G's throughput costs less per image than a T4's
+    assert [c["accelerators"] for c in config["resources"]["any_of"]][:1] == ["A10G:1"]
+    assert parsed.envs == {"RUN": "imagenet-100ep", "REMOTE": "s3://my-bucket/runs/imagenet-100ep",
+                           "MASTER_PORT": "29400"}
+    refs = {ref.name for ref in parsed._managed_secret_refs}  # no value: given at launch, never in the YAML
+    assert refs == (set() if nodes == 1 else {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
+    assert parsed.file_mounts == {sky_job.LAUNCH_FILES: str(tmp_path / "files")}
+    assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["recipe.yaml", "setup.sh"]
+    assert "bash setup.sh --setup" in parsed.setup and "--nnodes \"$SKYPILOT_NUM_NODES\"" in parsed.run
+    setup = (tmp_path / "files" / "setup.sh").read_text()
+    assert f"PACKAGE='{RELEASE}'" in setup and "LAUNCH_FILES=.\n" in setup and "DATA=s3://my-bucket/imagenet/" in setup
+    assert any(n.startswith("estimated cost to finish on the first candidate") for n in notes), notes
+    assert any("sky-jobs-controller" in n for n in notes), notes
+
+
+def test_a_budget_the_trainer_cannot_price_is_said_and_one_it_can_goes_into_the_recipe(tmp_path):
+    _, notes = sky_job.sky_job("imagenet-100ep", "s3://b/runs", nodes=2, data="s3://b/in/", package=RELEASE,
+                               budget_usd=1000, files=tmp_path / "a")
+    assert any("checked against the estimate only" in n and "2 machines" in n for n in notes), notes
+    assert "budget_usd: null" in (tmp_path / "a" / "recipe.yaml").read_text()
+    sky_job.sky_job("imagenet-100ep", "s3://b/runs", data="s3://b/in/", package=RELEASE, budget_usd=1000,
+                    files=tmp_path / "b")
+    assert "budget_usd: 1000" in (tmp_path / "b" / "recipe.yaml").read_text()
+    with pytest.raises(sky_job.UserError, match="--budget-usd 5: the estimate"):
+        sky_job.sky_job("imagenet-100ep", "s3://b/runs", data="s3://b/in/", package=RELEASE, budget_usd=5,
+                        files=tmp_path / "c")
+
+
+def test_launch_submits_the_task_through_sky_jobs_launch_with_the_token_as_a_secret(tmp_path, monkeypatch, capsys):
+    sky = skypilot()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_TOKEN", "hf_stand_in_token")
+    submitted = []
+    monkeypatch.setattr(sky.jobs, "launch", lambda task, name=None, **kw: submitted.append((task, name)) or "req-1")
+    out = tmp_path / "job.yaml"
+    code = main(["sky", "smoke", "--bucket", "s3://my-bucket/runs", "--nodes", "2", "--gpus", "A10G:1",
+                 "--push", "me/smoke", "--package", RELEASE, "--out", str(out), "--launch"])
+    assert code == 0
+    [(task, name)] = submitted
+    assert name == "smoke" and isinstance(task, sky.Task) and task.num_nodes == 2
+    assert {k: v.get_secret_value() for k, v in task.secrets.items()} == {"HF_TOKEN": "hf_stand_in_token"}
+    assert "hf_stand_in_token" not in out.read_text() and "HF_TOKEN: null" in out.read_text()
+    assert [(r.use_spot, r.accelerators) for r in task.resources] == [(True, {"A10G": 1})]
+    assert task.run == yaml.safe_load(out.read_text())["run"]
+    assert "request req-1" in capsys.readouterr().out
+
+
+def test_launch_without_skypilot_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sky", None)  # as if not installed
+    code = main(["sky", "smoke", "--bucket", "s3://b/runs", "--package", RELEASE, "--out", str(tmp_path / "j.yaml"),
+                 "--launch"])
+    assert code == 2
+    assert "--launch needs SkyPilot: pip install 'resnet50-recipe[sky]'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run section on two "machines" of localhost
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("data") / "shapes", classes=4, per_class=48, val_per_class=7, size=32)
+
+
+def machines(data, root, bucket, endpoint, run: str) -> list[subprocess.Popen]:
+    """The generated job's `run` section started as SkyPilot starts it on two machines: bash, with the task's envs
+    and SkyPilot's variables, each machine with its own home folder that holds what setup leaves there (the
+    recipe, the dataset, the package's command)."""
+    settings = args_for(data, "unused", 2, **{"checkpoint.endpoint_url": endpoint})[4:]
+    overrides = [settings[i + 1] for i in range(0, len(settings), 2)]
+    task, _ = sky_job.sky_job("smoke", f"s3://{bucket}/runs", name=run, overrides=overrides, nodes=2,
+                              data=f"s3://{bucket}/data/", package=RELEASE, files=root / "files")
+    port, nodes = free_port(), []
+    for rank in (0, 1):
+        home = root / f"node{rank}"
+        opt = home / "resnet50-recipe" / "opt" / "resnet50-recipe"
+        (opt / "venv" / "bin").mkdir(parents=True, exist_ok=True)
+        (opt / "recipe.yaml").write_text((root / "files" / "recipe.yaml").read_text())
+        command = opt / "venv" / "bin" / "resnet50-recipe"
+        command.write_text(f'#!/bin/sh\nexec {sys.executable} -m resnet50_recipe "$@"\n')
+        command.chmod(0o755)
+        dataset = home / "resnet50-recipe" / "data" / "dataset"
+        if not dataset.exists():
+            dataset.parent.mkdir(parents=True, exist_ok=True)
+            dataset.symlink_to(data)
+        env = {**os.environ, **task["envs"], "MASTER_PORT": str(port), "HOME": str(home),
+               "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
+               "SKYPILOT_NUM_GPUS_PER_NODE": "1"}
+        nodes.append(subprocess.Popen(["bash", "-c", task["run"]], cwd=home, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, start_new_session=True))
+    return nodes
+
+
+def run_dir(root, run):
+    return root / "node0" / "resnet50-recipe" / "data" / "runs" / run
+
+
+def test_the_run_section_on_two_machines_stops_on_sigterm_and_resumes_bitwise(data, s3_endpoint, bucket, tmp_path):
+    reference = machines(data, tmp_path / "reference", bucket, s3_endpoint, "reference")
+    logs = [output_of(node, 600) for node in reference]
+    assert [node.returncode for node in reference] == [0, 0], logs
+
+    root = tmp_path / "stopped"
+    nodes = machines(data, root, bucket, s3_endpoint, "stopped")
+    metrics, deadline = run_dir(root, "stopped") / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"kind": "step"') >= 14):
+        time.sleep(0.02)
+    ranks = worker_pids(nodes[1].pid)
+    assert set(ranks) == {1}, ranks
+    os.kill(ranks[1], signal.SIGTERM)  # the second machine's rank: the ranks agree on the stop
+    logs = [output_of(node, 120) for node in nodes]
+    # Both machines exit 75, which the job's recover_on_exit_codes reads: SkyPilot relaunches, not fails.
+    assert [node.returncode for node in nodes] == [EXIT_PREEMPTED] * 2, logs
+    stopped = final_state(run_dir(root, "stopped"))
+    assert 10 < stopped["global_step"] < 20 and stopped["step_in_epoch"] > 0, logs
+
+    resumed = machines(data, root, bucket, s3_endpoint, "stopped")  # the relaunch runs the same section again
+    logs = [output_of(node, 600) for node in resumed]
+    assert [node.returncode for node in resumed] == [0, 0], logs
+    assert "resuming from" in logs[0]
+    a, b = final_state(run_dir(tmp_path / "reference", "reference")), final_state(run_dir(root, "stopped"))
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "loop", "rng", "best", "global_step"):
+        assert_same_tree(a[key], b[key], key)
