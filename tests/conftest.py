@@ -21,6 +21,7 @@ SLOW = {
     "test_ddp.py",  # every run through torchrun with 2 processes (and a 1-process twin): ~80 s in all
     "test_nodes.py",  # torchrun runs: a 30 s push under a short timeout; two nodes, three times: ~150 s in all
     "test_sky.py::test_the_run_section_on_two_machines_stops_on_sigterm_and_resumes_bitwise",  # two nodes, 3 times
+    "test_sky.py::test_exit_2_ends_the_job_for_good_and_a_new_job_of_the_run_starts_again",  # 3 two-node starts
     # whole trainings in subprocesses, stopped or killed, then resumed: 5-26 s each
     "test_resume.py::test_sigterm_mid_epoch_then_resume_is_bitwise_identical",
     "test_resume.py::test_sigkill_during_a_save_resumes_from_the_previous_good_checkpoint",

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import boto3
 import pytest
 import yaml
 from helpers import args_for, assert_same_tree, final_state, free_port, output_of, worker_pids
 
+from resnet50_recipe import load_recipe
 from resnet50_recipe.cli import main
 from resnet50_recipe.cloud import sky_job
 from resnet50_recipe.data.synthetic import generate
@@ -54,8 +56,11 @@ def test_skypilots_own_parser_reads_the_task_for_one_machine_and_four(nodes, tmp
     assert {json.dumps(r.job_recovery, sort_keys=True) for r in resources} == {json.dumps(
         {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 3, "recover_on_exit_codes": [75, 74]},
         sort_keys=True)}
-    # any_of, cheapest estimated cost to finish first: an A10G's throughput costs less per image than a T4's
-    assert [c["accelerators"] for c in config["resources"]["any_of"]][:1] == ["A10G:1"]
+    # any_of, cheapest estimated cost to finish first (cost.finish on the cheapest EC2 type of each)
+    recipe = load_recipe("imagenet-100ep")
+    costs = {g: sky_job.cost_to_finish(recipe, g, 1, nodes)["usd"] for g in ("T4", "A10G")}
+    assert [c["accelerators"] for c in config["resources"]["any_of"]][:1] == [f"{min(costs, key=costs.get)}:1"]
+    assert costs["T4"] != costs["A10G"]
     assert parsed.envs == {"RUN": "imagenet-100ep", "REMOTE": "s3://my-bucket/runs/imagenet-100ep",
                            "MASTER_PORT": "29400"}
     refs = {ref.name for ref in parsed._managed_secret_refs}  # no value: given at launch, never in the YAML
@@ -118,10 +123,11 @@ def data(tmp_path_factory):
     return generate(tmp_path_factory.mktemp("data") / "shapes", classes=4, per_class=48, val_per_class=7, size=32)
 
 
-def machines(data, root, bucket, endpoint, run: str) -> list[subprocess.Popen]:
+def machines(data, root, bucket, endpoint, run: str, job: str = "sky-managed-1_job") -> list[subprocess.Popen]:
     """The generated job's `run` section started as SkyPilot starts it on two machines: bash, with the task's envs
-    and SkyPilot's variables, each machine with its own home folder that holds what setup leaves there (the
-    recipe, the dataset, the package's command)."""
+    and SkyPilot's variables (`job`: SKYPILOT_TASK_ID, which a managed job keeps across recoveries), each machine
+    with its own home folder that holds what setup leaves there (the recipe, the dataset, the package's command).
+    The AWS CLI (the run's logs/end.json) talks to moto's server."""
     settings = args_for(data, "unused", 2, **{"checkpoint.endpoint_url": endpoint})[4:]
     overrides = [settings[i + 1] for i in range(0, len(settings), 2)]
     task, _ = sky_job.sky_job("smoke", f"s3://{bucket}/runs", name=run, overrides=overrides, nodes=2,
@@ -141,7 +147,7 @@ def machines(data, root, bucket, endpoint, run: str) -> list[subprocess.Popen]:
             dataset.symlink_to(data)
         env = {**os.environ, **task["envs"], "MASTER_PORT": str(port), "HOME": str(home),
                "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": "2", "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.1",
-               "SKYPILOT_NUM_GPUS_PER_NODE": "1"}
+               "SKYPILOT_NUM_GPUS_PER_NODE": "1", "SKYPILOT_TASK_ID": job, "AWS_ENDPOINT_URL": endpoint}
         nodes.append(subprocess.Popen(["bash", "-c", task["run"]], cwd=home, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, start_new_session=True))
     return nodes
@@ -170,10 +176,34 @@ def test_the_run_section_on_two_machines_stops_on_sigterm_and_resumes_bitwise(da
     stopped = final_state(run_dir(root, "stopped"))
     assert 10 < stopped["global_step"] < 20 and stopped["step_in_epoch"] > 0, logs
 
-    resumed = machines(data, root, bucket, s3_endpoint, "stopped")  # the relaunch runs the same section again
+    # SkyPilot's relaunch runs the same section again, on fresh machines: the run resumes from S3
+    resumed = machines(data, tmp_path / "relaunched", bucket, s3_endpoint, "stopped")
     logs = [output_of(node, 600) for node in resumed]
     assert [node.returncode for node in resumed] == [0, 0], logs
     assert "resuming from" in logs[0]
-    a, b = final_state(run_dir(tmp_path / "reference", "reference")), final_state(run_dir(root, "stopped"))
+    a, b = (final_state(run_dir(tmp_path / "reference", "reference")),
+            final_state(run_dir(tmp_path / "relaunched", "stopped")))
     for key in ("model", "ema", "optimizer", "scheduler", "scaler", "loop", "rng", "best", "global_step"):
         assert_same_tree(a[key], b[key], key)
+
+
+def test_exit_2_ends_the_job_for_good_and_a_new_job_of_the_run_starts_again(data, s3_endpoint, bucket, tmp_path):
+    """SkyPilot retries every exit outside recover_on_exit_codes: the run section makes 2 and 3 final for the job
+    (logs/end.json with its SKYPILOT_TASK_ID), and a new job (a new id) of the same run trains again."""
+    empty = tmp_path / "empty"  # a dataset folder without train/ and val/: exit 2, on both machines
+    empty.mkdir()
+    first = machines(empty, tmp_path / "first", bucket, s3_endpoint, "bad")
+    logs = [output_of(node, 300) for node in first]
+    assert [node.returncode for node in first] == [2, 2], logs
+    ended = json.loads(boto3.client("s3", endpoint_url=s3_endpoint).get_object(
+        Bucket=bucket, Key="runs/bad/logs/end.json")["Body"].read())
+    assert ended == {"state": "ended", "reason": "exit 2 is final", "exit_status": "2", "job": "sky-managed-1_job"}
+
+    retried = machines(empty, tmp_path / "retried", bucket, s3_endpoint, "bad")  # SkyPilot's retry of the job
+    logs = [output_of(node, 60) for node in retried]
+    assert [node.returncode for node in retried] == [2, 2], logs
+    assert all("this job's run has ended for good, not retried" in log and "lineage" not in log for log in logs), logs
+
+    again = machines(empty, tmp_path / "again", bucket, s3_endpoint, "bad", job="sky-managed-2_job")
+    logs = [output_of(node, 300) for node in again]
+    assert [node.returncode for node in again] == [2, 2] and "ended for good" not in logs[0], logs

@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from resnet50_recipe.cloud import ship
-from resnet50_recipe.cloud.cost import estimate, recipe_images
-from resnet50_recipe.cloud.launch import hub_token, plan_launch, render_user_data
+from resnet50_recipe.cloud.cost import finish
+from resnet50_recipe.cloud.launch import asset, hub_token, plan_launch, render_user_data
 from resnet50_recipe.ec2 import INSTANCE_TYPES
 from resnet50_recipe.errors import EXIT_INCOMPLETE, EXIT_PREEMPTED, UserError
 from resnet50_recipe.recipe import to_yaml
@@ -70,18 +70,18 @@ def parse_gpus(text: str) -> list[tuple[str, int]]:
 
 
 def cost_to_finish(recipe, gpu: str, per_node: int, nodes: int) -> dict | None:
-    """Hours and USD to train `recipe` on `nodes` machines of `per_node` `gpu`s: cost.py's hours for one GPU over
-    every GPU (DDP), at the on-demand list price of the cheapest EC2 type with those GPUs (ec2.INSTANCE_TYPES;
-    spot is usually lower). None where either is unknown (another GPU, a dataset of unknown size).
-
-    The one place this command asks cost.py, so that a finer estimate there (per instance type) drops in here."""
-    est = estimate(recipe, gpu, recipe_images(recipe))
-    priced = sorted((v[3], t) for t, v in INSTANCE_TYPES.items() if v[0] == gpu and v[1] == per_node and v[3])
-    if est is None or not priced:
+    """Hours and USD to train `recipe` on `nodes` machines of `per_node` `gpu`s: cost.finish's estimate for the EC2
+    type with those GPUs that finishes cheapest at its on-demand list price (ec2.INSTANCE_TYPES; spot is usually
+    lower), its hours spread over the machines (DDP). None where nothing is known (another GPU, a dataset of
+    unknown size). The one place this command asks cost.py."""
+    found = [finish(recipe, t, v[3]) for t, v in INSTANCE_TYPES.items() if v[0] == gpu and v[1] == per_node and v[3]]
+    found = [f for f in found if f is not None]
+    if not found:
         return None
-    price, instance_type = priced[0]
-    hours = est["hours"] / (per_node * nodes)
-    return {"hours": hours, "usd": hours * price * nodes, "instance_type": instance_type, "price": price}
+    best = min(found, key=lambda f: f["usd"])
+    hours = best["hours"] / nodes
+    return {"hours": hours, "usd": hours * best["price_usd_per_h"] * nodes, "instance_type": best["instance_type"],
+            "price": best["price_usd_per_h"]}
 
 
 def candidates(recipe, gpus: list[tuple[str, int]], clouds: list[str], regions: list[str], nodes: int) -> list[dict]:
@@ -114,19 +114,9 @@ def setup_section() -> str:
             f"RESNET50_RECIPE_ROOT=\"{ROOT}\" bash setup.sh --setup\n")
 
 
-def run_section(data: bool) -> str:
-    """`train --nproc-per-node` on every machine from SkyPilot's variables: one process per GPU, the rendezvous on
-    the first machine, node rank SkyPilot's. Each machine exits with the run's own status (75 after a stop), which
-    recover_on_exit_codes reads."""
-    home = f"{ROOT}/opt/resnet50-recipe"
-    data_arg = f' --data "{ROOT}/data/dataset"' if data else ""
-    return (f'export PATH="{home}/venv/bin:$PATH"\n'
-            "gpus=${SKYPILOT_NUM_GPUS_PER_NODE:-0}\n"
-            '[ "$gpus" -ge 1 ] || gpus=1  # a machine without GPUs trains one process\n'
-            f'exec resnet50-recipe train "{home}/recipe.yaml"{data_arg} --output "{ROOT}/data/runs/$RUN" '
-            '--remote "$REMOTE" --resume auto \\\n'
-            '  --nproc-per-node "$gpus" --nnodes "$SKYPILOT_NUM_NODES" --node-rank "$SKYPILOT_NODE_RANK" \\\n'
-            '  --master-addr "$(echo "$SKYPILOT_NODE_IPS" | head -n1)" --master-port "$MASTER_PORT"\n')
+def run_section() -> str:
+    """sky-run.sh: `train --nproc-per-node` on every machine from SkyPilot's variables; its comments say more."""
+    return asset("sky-run.sh")
 
 
 def task_config(plan, nodes: int, gpus: list[tuple[str, int]], clouds: list[str], regions: list[str],
@@ -151,7 +141,7 @@ def task_config(plan, nodes: int, gpus: list[tuple[str, int]], clouds: list[str]
         **({"secrets": secrets} if secrets else {}),
         "file_mounts": {LAUNCH_FILES: str(files)},
         "setup": setup_section(),
-        "run": run_section(bool(plan.data)),
+        "run": run_section(),
     }
     return task
 
