@@ -1168,6 +1168,35 @@ def first_boot_then_setup(cloud, s3_endpoint, tmp_path, gpus: int) -> list[str]:
     return unit_command(unit.read_text())
 
 
+def test_a_sky_jobs_setup_after_its_final_exit_ends_at_once_and_a_new_jobs_goes_on(cloud, s3_endpoint, tmp_path,
+                                                                                     monkeypatch):
+    """`resnet50-recipe sky`'s setup (this script's --setup with LAUNCH_FILES): once the job's run section noted a
+    final exit (2 or 3) in logs/end.json, SkyPilot's retries of that job end before anything is installed or copied;
+    another job (another SKYPILOT_TASK_ID) of the same run is set up as usual."""
+    import hashlib
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "recipe.yaml").write_text("name: smoke\n")
+    settings = {"RUN": "r1", "REMOTE": f"s3://{cloud['bucket']}/runs/r1", "DATA": "", "LAUNCH_FILES": str(files)}
+    home = tmp_path / "root" / "opt" / "resnet50-recipe"
+    home.mkdir(parents=True)
+    (home / f".installed-{hashlib.md5((RELEASE + chr(10)).encode()).hexdigest()[:12]}").touch()
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json", Body=json.dumps(
+        {"state": "ended", "reason": "exit 2 is final", "exit_status": "2", "job": "sky-managed-7_r1"}).encode())
+
+    monkeypatch.setenv("SKYPILOT_TASK_ID", "sky-managed-7_r1")
+    ended = run_user_data(tmp_path, s3_endpoint, ["--setup"], PACKAGE=RELEASE, **settings)
+    assert ended.returncode == 2, ended.stdout + ended.stderr
+    assert "this job's run has ended for good, not set up again" in ended.stdout
+    assert not (home / "recipe.yaml").exists()
+
+    monkeypatch.setenv("SKYPILOT_TASK_ID", "sky-managed-8_r1")
+    again = run_user_data(tmp_path, s3_endpoint, ["--setup"], PACKAGE=RELEASE, **settings)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (home / "recipe.yaml").read_text() == "name: smoke\n"
+
+
 @pytest.mark.parametrize("gpus", [4, 1, 0])
 def test_setup_counts_the_gpus_and_the_unit_runs_one_training_process_per_gpu(cloud, s3_endpoint, tmp_path, gpus):
     argv = first_boot_then_setup(cloud, s3_endpoint, tmp_path, gpus)
