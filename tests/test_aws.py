@@ -966,6 +966,8 @@ def fit_run(tiny_data, tmp_path_factory):
 
 
 def test_a_fit_budget_ends_in_a_finished_model_with_a_shortened_plan(fit_run, capsys):
+    from resnet50_recipe.trainer.budget import planned_epochs
+
     out, summary, printed = fit_run
     assert summary["exit_status"] == 0 and not summary["stopped"] and "over_budget" not in summary
     assert summary["replan"] == {"planned_epochs": 8, "epochs": 4, "after_epoch": 1} and summary["epochs"] == 4
@@ -981,6 +983,7 @@ def test_a_fit_budget_ends_in_a_finished_model_with_a_shortened_plan(fit_run, ca
     # (a step line's lr is the next step's) the last epoch still decays, and reaches the end value with its end
     assert len(last) == 4 and last == sorted(last, reverse=True) and last[0] > 0.0 == last[-1]
     assert epochs[-1]["cost_usd"] <= 2.4
+    assert planned_epochs(records) == (4, 8)  # what `watch` and `aws status` count the ETA to
     assert main(["watch", str(out), "--once"]) == 0
     text = capsys.readouterr().out
     assert "epoch 4/4 (planned 8, shortened to fit train.budget_usd)  step 4/4  global step 16/16 (100%)" in text

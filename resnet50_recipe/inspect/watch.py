@@ -73,6 +73,7 @@ def summarize(run: dict, now: float | None = None) -> dict:
     last = records[-1] if records else {}
     global_step = max((r.get("global_step", 0) for r in records), default=0)
     epochs, planned = planned_epochs(records)  # train.budget_mode: fit may have shortened the run since it started
+    epochs = epochs or plan.get("epochs")
     total = epochs * plan["steps_per_epoch"] if epochs is not None and "steps_per_epoch" in plan else None
     summary = run["summary"]
     if summary and summary.get("global_step", -1) >= global_step and last.get("kind") != "start":

@@ -163,10 +163,10 @@ def fitted(recipe: Recipe, epochs: int) -> tuple[AugmentConfig, SchedConfig]:
 
 
 def planned_epochs(records: list[dict]) -> tuple[int | None, int | None]:
-    """(the run's length now, the recipe's length when a budget shortened it, else None) from metrics records:
-    the newest `start` or `replan` line's."""
-    plan = next((r for r in reversed(records) if r.get("kind") in ("start", "replan") and "epochs" in r), {})
-    return plan.get("epochs"), plan.get("planned_epochs")
+    """(the run's length, the recipe's) when train.budget_mode: fit has shortened the run, else (None, None), from
+    metrics records: the newest `start` or `replan` line says (a resume that dropped the plan starts without it)."""
+    plan = next((r for r in reversed(records) if r.get("kind") in ("start", "replan")), {})
+    return (plan["epochs"], plan["planned_epochs"]) if "planned_epochs" in plan else (None, None)
 
 
 def budget_text(spent: float, budget_usd: float | None, price: float | None, hours_left: float | None,
