@@ -965,7 +965,7 @@ def fit_run(tiny_data, tmp_path_factory):
     return out, *train_priced(tiny_data, out)
 
 
-def test_a_fit_budget_ends_in_a_finished_model_with_a_shortened_plan(fit_run, capsys):
+def test_a_fit_budget_ends_in_a_finished_model_with_a_shortened_plan(fit_run, capsys, tmp_path):
     from resnet50_recipe.trainer.budget import planned_epochs
 
     out, summary, printed = fit_run
@@ -987,6 +987,9 @@ def test_a_fit_budget_ends_in_a_finished_model_with_a_shortened_plan(fit_run, ca
     assert main(["watch", str(out), "--once"]) == 0
     text = capsys.readouterr().out
     assert "epoch 4/4 (planned 8, shortened to fit train.budget_usd)  step 4/4  global step 16/16 (100%)" in text
+    assert main(["export", str(out), str(tmp_path / "export")]) == 0  # the model card says so too
+    assert "- Epochs: 4 of 4 (the recipe's 8, shortened after epoch 1 to fit train.budget_usd: decay and resolution " \
+        "ramp compressed); 16 optimizer steps" in (tmp_path / "export" / "README.md").read_text()
 
 
 def test_a_run_stopped_after_its_fit_replan_resumes_it_bitwise(fit_run, tiny_data, tmp_path):
