@@ -987,6 +987,13 @@ def test_a_fit_budget_ends_in_a_finished_model_with_a_shortened_plan(fit_run, ca
     assert main(["watch", str(out), "--once"]) == 0
     text = capsys.readouterr().out
     assert "epoch 4/4 (planned 8, shortened to fit train.budget_usd)  step 4/4  global step 16/16 (100%)" in text
+    running = tmp_path / "running"  # the same run as it stood at step 10: its ETA counts to the new end
+    running.mkdir()
+    (running / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["global_step"] <= 10))
+    assert main(["watch", str(running), "--once"]) == 0
+    text = capsys.readouterr().out
+    assert "running" in text and "(planned 8, shortened to fit train.budget_usd)" in text
+    assert "global step 10/16 (62%)" in text and "ETA " in text
     assert main(["export", str(out), str(tmp_path / "export")]) == 0  # the model card says so too
     assert "- Epochs: 4 of 4 (the recipe's 8, shortened after epoch 1 to fit train.budget_usd: decay and resolution " \
         "ramp compressed); 16 optimizer steps" in (tmp_path / "export" / "README.md").read_text()

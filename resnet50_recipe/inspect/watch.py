@@ -72,16 +72,16 @@ def summarize(run: dict, now: float | None = None) -> dict:
     plan = starts[-1] if starts else {}
     last = records[-1] if records else {}
     global_step = max((r.get("global_step", 0) for r in records), default=0)
-    epochs, planned = planned_epochs(records)  # train.budget_mode: fit may have shortened the run since it started
-    epochs = epochs or plan.get("epochs")
-    total = epochs * plan["steps_per_epoch"] if epochs is not None and "steps_per_epoch" in plan else None
+    length, planned = planned_epochs(records)  # train.budget_mode: fit may have shortened the run since it started
+    length = length or plan.get("epochs")
+    total = length * plan["steps_per_epoch"] if length is not None and "steps_per_epoch" in plan else None
     summary = run["summary"]
     if summary and summary.get("global_step", -1) >= global_step and last.get("kind") != "start":
         status = "stopped (preempted or interrupted; resume continues it)" if summary.get("stopped") else "finished"
     else:
         status = "running"
     snap = {"source": run["source"], "status": status, "global_step": global_step, "total_steps": total,
-            "epochs": epochs, "planned_epochs": planned, "steps_per_epoch": plan.get("steps_per_epoch"),
+            "epochs": length, "planned_epochs": planned, "steps_per_epoch": plan.get("steps_per_epoch"),
             "restarts": max(0, len(starts) - 1), "updated_age_s": None if run["updated"] is None
             else now - run["updated"]}
     if steps:
