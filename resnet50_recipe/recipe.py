@@ -163,6 +163,7 @@ class TrainConfig:
     sync_bn: bool = False
     stop_sync_every: int = field(default=5, metadata=_range(1))
     budget_usd: Optional[float] = field(default=None, metadata=_range(0, lo_open=True))
+    budget_mode: Literal["stop", "fit"] = "stop"
 
 
 @dataclass(frozen=True)
@@ -582,10 +583,12 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 # Keys that change where or how fast a run goes, not what it computes: they may differ on resume.
 # train.batch_size is per process: what must match is the global batch, checked on its own.
 # data.bad_images changes nothing unless an image is unreadable, and then only whether the run goes on;
-# train.budget_usd only where it stops (a run stopped by its budget resumes with a larger one).
+# train.budget_usd and train.budget_mode only where it stops or how much of the schedule is left (a run stopped
+# by its budget resumes with a larger one, or with budget_mode: fit; a shortened plan is in the checkpoint).
 RESUME_SAFE = ("name", "data.path", "data.workers", "data.pin_memory", "data.bad_images", "train.device",
                "train.compile", "train.channels_last", "train.deterministic", "train.stop_sync_every",
-               "train.budget_usd", "train.batch_size", "optim.fused", "log.", "checkpoint.", "export.")
+               "train.budget_usd", "train.budget_mode", "train.batch_size", "optim.fused", "log.", "checkpoint.",
+               "export.")
 
 
 def recipe_diff(old: Mapping, new: Mapping) -> list[str]:

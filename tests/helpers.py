@@ -167,6 +167,20 @@ def worker_pids(root: int) -> dict[int, int]:
 # The EC2 instance metadata service (test_resume, test_aws)
 
 
+class FakeCost:
+    """A cost source in place of budget.py's InstanceCost (monkeypatched into trainer/run.py): $0.10 more at every
+    metrics line, at a known price, from $0 in every process. A budget then acts at the same epochs in every run,
+    whatever the machine's speed."""
+    price = 0.5
+
+    def __init__(self, watcher, metrics_path):
+        self.cost = self.cost_at_epoch_start = 0.0
+
+    def __call__(self) -> dict:
+        self.cost += 0.10
+        return {"price_usd_per_h": self.price, "cost_usd": self.cost}
+
+
 class MetadataStandIn(BaseHTTPRequestHandler):
     """IMDSv2 as amazon-ec2-metadata-mock serves it: a token first, then 404 until a notice is posted.
 

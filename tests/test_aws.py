@@ -18,7 +18,7 @@ import boto3
 import pytest
 import yaml
 from botocore.stub import Stubber
-from helpers import FaultProxy, MetadataStandIn, free_port, tiny_overlay
+from helpers import FakeCost, FaultProxy, MetadataStandIn, free_port, tiny_overlay
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 
@@ -547,8 +547,9 @@ def test_the_first_budget_check_after_a_mid_epoch_restart_estimates_a_whole_epoc
     assert cost.cost == 1.6
     cost.price, cost.cost = 1.0, 2.0  # what the process's own metrics lines bring it to by the end of epoch 2
     control = StopControl()
-    reason = Budget(2.5, cost).check(control, last_epoch=False)
-    assert reason is not None and control.stop.is_set(), "the next epoch (~$1.00) would pass the $2.50 budget"
+    epochs, reason = Budget(2.5, cost).check(control, epochs_done=2, epochs=10)
+    assert epochs == 10 and reason is not None and control.stop.is_set(), \
+        "the next epoch (~$1.00) would pass the $2.50 budget"
     assert "(~$1.00)" in reason
 
 
@@ -852,18 +853,6 @@ def test_the_end_of_run_path_keeps_an_unsynced_run_or_a_kept_instance(cloud, s3_
     assert state["Name"] == "running"
 
 
-class FakeCost:
-    """A cost source in place of InstanceCost: $0.10 more at every metrics line, at a known price."""
-    price = 0.5
-
-    def __init__(self, watcher, metrics_path):
-        self.cost = self.cost_at_epoch_start = 0.0
-
-    def __call__(self) -> dict:
-        self.cost += 0.10
-        return {"price_usd_per_h": self.price, "cost_usd": self.cost}
-
-
 def test_the_trainer_checkpoints_and_stops_before_an_epoch_would_pass_the_budget(tiny_data, tmp_path, monkeypatch):
     from resnet50_recipe.errors import EXIT_BUDGET
     from resnet50_recipe.trainer import run
@@ -886,6 +875,148 @@ def test_the_trainer_checkpoints_and_stops_before_an_epoch_would_pass_the_budget
     assert 1 <= len(epochs) < 6 and spent <= 1.0 < spent + (spent - before)  # stopped right before passing it
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
     assert manifest["epoch"] == len(epochs)  # a checkpoint at the epoch it stopped after: a resume continues there
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.budget_mode: fit (issue 25, item 6): a budget that ends in a finished model
+
+
+def test_a_fit_budget_shortens_the_plan_to_what_fits_and_stops_only_when_not_one_more_epoch_does():
+    from resnet50_recipe.trainer.budget import Budget
+    from resnet50_recipe.trainer.stop import StopControl
+
+    class Spent:  # InstanceCost's fields the budget reads: $1.00 after the first epoch of 10
+        price, cost, cost_at_epoch_start = 1.0, 1.0, 0.0
+
+    control = StopControl()
+    assert Budget(4.5, Spent(), "fit").check(control, 1, 10)[0] == 4  # 3 more at ~$1.00 fit the $3.50 left
+    assert Budget(20.0, Spent(), "fit").check(control, 1, 10) == (10, None)  # all 9 fit: nothing changes
+    assert Budget(2.5, Spent(), "stop").check(control, 1, 10) == (10, None)  # stop: one more fits, it goes on
+    assert not control.stop.is_set()
+    epochs, line = Budget(2.5, Spent(), "fit").check(control, 1, 10)  # the shortest plan: the next epoch alone
+    assert epochs == 2 and "ends at epoch 2 instead of 10" in line and not control.stop.is_set()
+    epochs, reason = Budget(1.5, Spent(), "fit").check(control, 1, 10)  # not even that: a stop, as in "stop"
+    assert epochs == 10 and control.stop.is_set() and reason.startswith("train.budget_usd: $1.00 spent of $1.50")
+
+
+def test_fitted_compresses_the_ramp_and_timms_schedule_ends_at_the_new_last_epoch():
+    import torch
+
+    from resnet50_recipe.data.pipeline import train_size_at
+    from resnet50_recipe.trainer.budget import fitted
+    from resnet50_recipe.trainer.components import build_scheduler
+
+    recipe = load_recipe("imagenet-fast-88")
+    aug, sched = fitted(recipe, 44)
+    p, q = recipe.augment.progressive, aug.progressive
+    assert (q.start_epoch, q.end_epoch) == (p.start_epoch / 2, p.end_epoch / 2)
+    assert [train_size_at(aug, e) for e in range(44)] == [train_size_at(recipe.augment, 2 * e) for e in range(44)]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(sched, optimizer, 44, updates_per_epoch=10)
+    scheduler.step_update(num_updates=43 * 10)
+    assert optimizer.param_groups[0]["lr"] > recipe.sched.min_lr  # the last epoch still decays...
+    scheduler.step_update(num_updates=44 * 10)
+    assert optimizer.param_groups[0]["lr"] == recipe.sched.min_lr  # ...to the end value at its end
+    assert fitted(recipe, 88) == (recipe.augment, recipe.sched)
+
+
+# 8 epochs of 4 steps, a line a step: $0.50 an epoch at the stand-in price, so $2.40 covers about half of them.
+# After epoch 1 ($0.50 spent, 7 more at ~$0.50 would make $4.00) the plan becomes 4 epochs; the ramp from 16 to
+# 32 px over epochs 3-6 (1-based) then runs over epochs 2-3.
+FIT = {"train.epochs": 8, "train.steps_per_epoch": 4, "train.budget_usd": 2.4, "train.budget_mode": "fit",
+       "train.deterministic": "true", "model.drop_path": 0.1, "augment.re_prob": 0.25,
+       "augment.progressive": "{min_size: 16, start_epoch: 2, end_epoch: 6, multiple: 8}",
+       "checkpoint.spot_notice": "on", "export.enabled": "false"}
+
+
+def train_priced(data, out, signal_at_step=None):
+    """A FIT run on "EC2" (the metadata stand-in, no notice) at the stand-in price; with `signal_at_step`, this
+    process sends itself SIGTERM once that step is logged. The summary and what the run printed."""
+    import contextlib
+    import io
+
+    from resnet50_recipe.trainer import run
+    from resnet50_recipe.trainer.runlog import RunLog
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MetadataStandIn)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log = RunLog.log
+
+    def log_then_signal(self, record):
+        log(self, record)
+        if record["kind"] == "step" and record["global_step"] == signal_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler train() installed turns it into a stop
+    printed = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+            patch.setattr(run, "InstanceCost", FakeCost)
+            patch.setattr(RunLog, "log", log_then_signal)
+            recipe = load_recipe("smoke", tiny_overlay(data, **FIT, **{
+                "checkpoint.imds_endpoint": f"http://127.0.0.1:{server.server_port}"}))
+            summary = train(recipe, out, quiet=False)
+    finally:
+        server.shutdown()
+    return summary, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fit_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fit") / "run"
+    return out, *train_priced(tiny_data, out)
+
+
+def test_a_fit_budget_ends_in_a_finished_model_with_a_shortened_plan(fit_run, capsys, tmp_path):
+    from resnet50_recipe.trainer.budget import planned_epochs
+
+    out, summary, printed = fit_run
+    assert summary["exit_status"] == 0 and not summary["stopped"] and "over_budget" not in summary
+    assert summary["replan"] == {"planned_epochs": 8, "epochs": 4, "after_epoch": 1} and summary["epochs"] == 4
+    said = [line for line in printed.splitlines() if "the schedule now ends" in line]
+    assert said == ["train.budget_usd: $0.50 spent of $2.40 after epoch 1, and 7 more epochs (~$0.50 each) would "
+                    "pass it: the schedule now ends at epoch 4 instead of 8, its learning-rate decay and resolution "
+                    "ramp compressed to fit (train.budget_mode: fit)"]
+    records = read_metrics(out / "metrics.jsonl")
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["train_size"] for r in epochs] == [16, 16, 24, 32]  # the ramp, compressed to end with the run
+    assert epochs[-1]["lr"] == 0.0 == load_recipe("smoke").sched.min_lr  # the decay's end value, at the end
+    last = [r["lr"] for r in records if r["kind"] == "step" and r["epoch"] == 3]
+    # (a step line's lr is the next step's) the last epoch still decays, and reaches the end value with its end
+    assert len(last) == 4 and last == sorted(last, reverse=True) and last[0] > 0.0 == last[-1]
+    assert epochs[-1]["cost_usd"] <= 2.4
+    assert planned_epochs(records) == (4, 8)  # what `watch` and `aws status` count the ETA to
+    assert main(["watch", str(out), "--once"]) == 0
+    text = capsys.readouterr().out
+    assert "epoch 4/4 (planned 8, shortened to fit train.budget_usd)  step 4/4  global step 16/16 (100%)" in text
+    running = tmp_path / "running"  # the same run as it stood at step 10: its ETA counts to the new end
+    running.mkdir()
+    (running / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records if r["global_step"] <= 10))
+    assert main(["watch", str(running), "--once"]) == 0
+    text = capsys.readouterr().out
+    assert "running" in text and "(planned 8, shortened to fit train.budget_usd)" in text
+    assert "global step 10/16 (62%)" in text and "ETA " in text
+    assert main(["export", str(out), str(tmp_path / "export")]) == 0  # the model card says so too
+    assert "- Epochs: 4 of 4 (the recipe's 8, shortened after epoch 1 to fit train.budget_usd: decay and resolution " \
+        "ramp compressed); 16 optimizer steps" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_a_run_stopped_after_its_fit_replan_resumes_it_bitwise(fit_run, tiny_data, tmp_path):
+    from helpers import assert_same_tree, final_state, without_timing
+
+    from resnet50_recipe.errors import EXIT_PREEMPTED
+
+    reference, _, _ = fit_run
+    out = tmp_path / "run"
+    stopped, _ = train_priced(tiny_data, out, signal_at_step=6)  # epoch 2, after the re-plan
+    assert stopped["exit_status"] == EXIT_PREEMPTED and stopped["global_step"] == 6
+    assert stopped["replan"]["epochs"] == 4
+    # The resumed process starts its stand-in cost at $0: had the plan not come from the checkpoint, it would
+    # train all 8 epochs of the recipe's schedule.
+    summary, printed = train_priced(tiny_data, out)
+    assert "resuming from" in printed and summary["exit_status"] == 0 and summary["global_step"] == 16
+    a, b = final_state(reference), final_state(out)
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "loop", "rng", "best", "global_step", "replan"):
+        assert_same_tree(a[key], b[key], key)
+    assert without_timing(a["metrics"]) == without_timing(b["metrics"])
 
 
 @pytest.fixture

@@ -301,3 +301,38 @@ def test_every_torch_that_setup_cfg_allows_has_torchruns_shutdown_timeout():
     floors = dict(line.split(">=") for line in config["options"]["install_requires"].split() if ">=" in line)
     assert tuple(map(int, floors["torch"].split(".")[:2])) >= (2, 12)
     assert tuple(map(int, floors["torchvision"].split(".")[:2])) >= (0, 27)  # the torchvision of torch 2.12
+
+
+FIT_SCRIPT = """
+import sys, threading
+from http.server import ThreadingHTTPServer
+sys.path.insert(0, {tests!r})
+from helpers import FakeCost, MetadataStandIn
+from resnet50_recipe import load_recipe, train
+from resnet50_recipe.trainer import run
+run.InstanceCost = FakeCost  # the stand-in price; only rank 0 watches the metadata, so only rank 0 has a budget
+server = ThreadingHTTPServer(("127.0.0.1", 0), MetadataStandIn)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+overrides = sys.argv[2:] + [f"checkpoint.imds_endpoint=http://127.0.0.1:{{server.server_port}}"]
+raise SystemExit(train(load_recipe("smoke", overrides), sys.argv[1], quiet=True)["exit_status"])
+"""
+
+
+def test_a_fit_budgets_shorter_plan_is_rank_0s_on_every_rank(data, tmp_path):
+    """train.budget_mode: fit under DDP: rank 0 alone prices the run, and the plan it makes reaches rank 1 (a rank
+    left on the recipe's 8 epochs would wait in a collective that rank 0 never joins, and the run would hang)."""
+    script, out = tmp_path / "fit.py", tmp_path / "run"
+    script.write_text(FIT_SCRIPT.format(tests=str(Path(__file__).parent)))
+    settings = {"data.path": data, "data.synthetic": "null", "data.workers": 0, "train.device": "cpu",
+                "train.epochs": 8, "train.steps_per_epoch": 4, "train.batch_size": 4, "augment.train_size": 32,
+                "augment.eval_size": 32, "log.every_steps": 1, "train.budget_usd": 2.4, "train.budget_mode": "fit",
+                "checkpoint.spot_notice": "on", "export.enabled": "false"}
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                "2", str(script), str(out), *[f"{k}={v}" for k, v in settings.items()]],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output = output_of(process, timeout=120)
+    assert process.returncode == 0, output
+    summary = json.loads((out / "summary.json").read_text())
+    # $0.50 an epoch at the stand-in price (4 step lines and an epoch line), as in test_aws.py's single process
+    assert summary["replan"] == {"planned_epochs": 8, "epochs": 4, "after_epoch": 1}
+    assert summary["global_step"] == 16 and summary["epochs"] == 4

@@ -12,7 +12,7 @@ from resnet50_recipe.cloud.cost import integrate_cost
 from resnet50_recipe.ec2 import PRODUCT
 from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_BUDGET, EXIT_FINISHED, EXIT_PUBLISH_FAILED
 from resnet50_recipe.store.s3 import S3Store
-from resnet50_recipe.trainer.budget import budget_text
+from resnet50_recipe.trainer.budget import budget_text, planned_epochs
 from resnet50_recipe.trainer.runlog import read_metrics
 
 __all__ = ["run_instances_of", "spot_requests_of", "run_status", "print_status", "ENDED", "follow", "logs", "stop",
@@ -90,6 +90,8 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
     summary, _ = store.get_json("summary.json")
     train = (_run_recipe(store) or {}).get("train", {})
     recipe_epochs, status["budget_usd"] = train.get("epochs"), train.get("budget_usd")
+    status["budget_mode"] = train.get("budget_mode")
+    recipe_epochs = planned_epochs(metrics)[0] or recipe_epochs  # a budget's shortened plan, when there is one
     status["finished"] = bool(summary) and summary.get("stopped") is False
     status["exit_status"], status["pushed"] = (summary or {}).get("exit_status"), (summary or {}).get("pushed")
     if epochs and recipe_epochs and not status["finished"]:
@@ -162,7 +164,8 @@ def print_status(status: dict, out=print) -> None:
                if "cost_usd_recorded" in status else ""))
     spent = status.get("cost_usd_recorded", status.get("cost_usd_upper_bound"))
     if spent is not None and (status.get("budget_usd") is not None or status.get("eta_hours") is not None):
-        tail = budget_text(spent, status.get("budget_usd"), status.get("price_usd_per_h"), status.get("eta_hours"))
+        tail = budget_text(spent, status.get("budget_usd"), status.get("price_usd_per_h"), status.get("eta_hours"),
+                           status.get("budget_mode"))
         out(f"  spent ~${spent:.2f}{tail}")
     end = status.get("end") or {}
     log_file = {"2": "train-exit-2.log"}.get(str(end.get("exit_status")), "train-crash-loop.log")

@@ -17,7 +17,7 @@ from pathlib import Path
 from resnet50_recipe.errors import MissingInput, UserError
 from resnet50_recipe.store.checkpoints import MANIFEST, read_manifest
 from resnet50_recipe.store.s3 import S3Store
-from resnet50_recipe.trainer.budget import budget_text
+from resnet50_recipe.trainer.budget import budget_text, planned_epochs
 
 __all__ = ["read_run", "summarize", "gpu_status", "duration", "render", "watch"]
 
@@ -72,14 +72,16 @@ def summarize(run: dict, now: float | None = None) -> dict:
     plan = starts[-1] if starts else {}
     last = records[-1] if records else {}
     global_step = max((r.get("global_step", 0) for r in records), default=0)
-    total = plan["epochs"] * plan["steps_per_epoch"] if "epochs" in plan and "steps_per_epoch" in plan else None
+    length, planned = planned_epochs(records)  # train.budget_mode: fit may have shortened the run since it started
+    length = length or plan.get("epochs")
+    total = length * plan["steps_per_epoch"] if length is not None and "steps_per_epoch" in plan else None
     summary = run["summary"]
     if summary and summary.get("global_step", -1) >= global_step and last.get("kind") != "start":
         status = "stopped (preempted or interrupted; resume continues it)" if summary.get("stopped") else "finished"
     else:
         status = "running"
     snap = {"source": run["source"], "status": status, "global_step": global_step, "total_steps": total,
-            "epochs": plan.get("epochs"), "steps_per_epoch": plan.get("steps_per_epoch"),
+            "epochs": length, "planned_epochs": planned, "steps_per_epoch": plan.get("steps_per_epoch"),
             "restarts": max(0, len(starts) - 1), "updated_age_s": None if run["updated"] is None
             else now - run["updated"]}
     if steps:
@@ -104,7 +106,7 @@ def summarize(run: dict, now: float | None = None) -> dict:
         snap["instance_type"] = next((r["instance_type"] for r in reversed(records + [summary or {}])
                                       if r.get("instance_type")), None)
         snap["price_usd_per_h"] = costed[-1].get("price_usd_per_h")
-        snap["budget_usd"] = plan.get("budget_usd")
+        snap["budget_usd"], snap["budget_mode"] = plan.get("budget_usd"), plan.get("budget_mode")
     if run["local"] and status == "running":
         snap["gpus"] = gpu_status()
     return snap
@@ -161,6 +163,8 @@ def render(snap: dict) -> str:
                 else "")]
     if "epoch" in snap:
         where = f"epoch {snap['epoch']}/{snap['epochs'] or '?'}"
+        if snap.get("planned_epochs"):
+            where += f" (planned {snap['planned_epochs']}, shortened to fit train.budget_usd)"
         if snap["step"] is not None:
             where += f"  step {snap['step']}/{snap['steps_per_epoch'] or '?'}"
         where += f"  global step {snap['global_step']}"
@@ -190,7 +194,7 @@ def render(snap: dict) -> str:
         on = f" on {snap['instance_type']}" if snap.get("instance_type") else ""
         hours_left = snap["eta_s"] / 3600 if snap["eta_s"] is not None else None
         lines.append(f"cost so far ${snap['cost_usd']:.2f}{on}" + budget_text(
-            snap["cost_usd"], snap.get("budget_usd"), snap.get("price_usd_per_h"), hours_left))
+            snap["cost_usd"], snap.get("budget_usd"), snap.get("price_usd_per_h"), hours_left, snap.get("budget_mode")))
     return "\n".join(lines)
 
 

@@ -65,7 +65,7 @@ Validation top-1 {_fmt(top1)}, top-5 {_fmt(top5)}, at {aug.eval_size} px, crop {
 {analysis}
 ## How it was trained
 
-- Epochs: {state['epoch']} of {recipe.train.epochs}; {state['global_step']} optimizer steps
+- Epochs: {state['epoch']} of {_planned(state, recipe)}; {state['global_step']} optimizer steps
 - Hardware: {hardware}; wall time {_duration(state['elapsed_s'])}{f"; cost ${cost:.2f}" if cost else ""}
 - Software: torch {env.get('torch')}, timm {env.get('timm')}, resnet50-recipe {env.get('resnet50_recipe')}
 
@@ -114,6 +114,15 @@ def card_data(name: str, license: str, dataset_id: str | None, dataset_name: str
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def _planned(state: dict, recipe) -> str:
+    """The run's length: the recipe's, or the shorter plan train.budget_mode: fit made (trainer/budget.py)."""
+    plan = state.get("replan")
+    if plan is None:
+        return str(recipe.train.epochs)
+    return (f"{plan['epochs']} (the recipe's {plan['planned_epochs']}, shortened after epoch {plan['after_epoch']} "
+            "to fit train.budget_usd: decay and resolution ramp compressed)")
 
 
 def _fmt(value) -> str:

@@ -1,18 +1,23 @@
 """What the machine a run trains on costs, on the instance: `InstanceCost` (fields for every metrics record) and
-`Budget` (`train.budget_usd`: stop with a checkpoint before the next epoch would pass it), and `budget_text`
-for `watch` and `aws status`. The prices come from ec2.py; the launcher (cloud/) is never imported."""
+`Budget` (`train.budget_usd`: stop with a checkpoint before the next epoch would pass it, or with
+`train.budget_mode: fit` shorten the schedule so that it fits), `fitted` (a recipe's schedule and resolution
+ramp compressed to fewer epochs), and `budget_text` for `watch` and `aws status`. The prices come from ec2.py;
+the launcher (cloud/) is never imported."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 import time
 from pathlib import Path
 
 from resnet50_recipe.ec2 import INSTANCE_TYPES, boto3_call, spot_prices
+from resnet50_recipe.recipe import AugmentConfig, Recipe, SchedConfig
 from resnet50_recipe.trainer.runlog import read_metrics
 
-__all__ = ["BUDGET_REASON", "InstanceCost", "Budget", "budget_text"]
+__all__ = ["BUDGET_REASON", "InstanceCost", "Budget", "fitted", "planned_epochs", "budget_text"]
 
 log = logging.getLogger(__name__)
 
@@ -99,33 +104,76 @@ class InstanceCost:
 
 
 class Budget:
-    """train.budget_usd on EC2: after each epoch but the last, the run stops (with a checkpoint) when the cost so far
-    plus one more epoch at the last epoch's cost would pass the budget. The cost is `source.cost`, an
-    InstanceCost's running total, read right after the epoch's metrics line brought it up to date."""
+    """train.budget_usd on EC2, checked after each epoch but the last. The cost is `source.cost`, an InstanceCost's
+    running total, read right after the epoch's metrics line brought it up to date; the cost of an epoch to come
+    is taken to be the last epoch's.
 
-    def __init__(self, budget_usd: float, source):
-        self.budget_usd, self.source = budget_usd, source
+    `mode` "stop": the run stops (with a checkpoint) when the cost so far plus one more epoch would pass the
+    budget. "fit": when the cost so far plus the epochs left would pass it, the run is shortened to the most
+    epochs that fit (never fewer than the epochs done + 1: the one it has to train next); when not even one more
+    epoch fits, it stops as "stop" does. A plan is only ever shortened: a later check that finds the epochs
+    dearer (a resolution ramp still to come) shortens it again, and none lengthens it."""
+
+    def __init__(self, budget_usd: float, source, mode: str = "stop"):
+        self.budget_usd, self.source, self.mode = budget_usd, source, mode
         self.at_last_epoch: float | None = None  # the cost when the previous epoch ended (None: not seen yet)
 
-    def check(self, control, last_epoch: bool) -> str | None:
-        """Ask `control` to stop when the next epoch would pass the budget; the reason, or None."""
+    def check(self, control, epochs_done: int, epochs: int) -> tuple[int, str | None]:
+        """After `epochs_done` of the run's `epochs`: the run's length from here on, and what was decided (None:
+        nothing). A stop is asked of `control`, with the reason returned; a shorter plan is returned with its line,
+        for the run to apply and say."""
         spent = getattr(self.source, "cost", None)
         if spent is None or getattr(self.source, "price", None) is None:
-            return None  # no price known yet: the cost is not known, and an unknown cost stops nothing
+            return epochs, None  # no price known yet: the cost is not known, and an unknown cost changes nothing
         epoch_cost = spent - (self.at_last_epoch if self.at_last_epoch is not None else
                               self.source.cost_at_epoch_start)
         self.at_last_epoch = spent
-        if last_epoch or spent + epoch_cost <= self.budget_usd:
-            return None
+        left = epochs - epochs_done
+        if left <= 0 or spent + (left if self.mode == "fit" else 1) * epoch_cost <= self.budget_usd:
+            return epochs, None
+        fits = min(left - 1, math.floor((self.budget_usd - spent) / epoch_cost)) \
+            if self.mode == "fit" and epoch_cost > 0 else 0  # fewer than `left`: all of them did not fit
+        if fits >= 1:
+            return epochs_done + fits, (
+                f"{BUDGET_REASON}: ${spent:.2f} spent of ${self.budget_usd:.2f} after epoch {epochs_done}, and "
+                f"{left} more epochs (~${epoch_cost:.2f} each) would pass it: the schedule now ends at epoch "
+                f"{epochs_done + fits} instead of {epochs}, its learning-rate decay and resolution ramp compressed "
+                "to fit (train.budget_mode: fit)")
         reason = (f"{BUDGET_REASON}: ${spent:.2f} spent of ${self.budget_usd:.2f}, and the next epoch "
                   f"(~${epoch_cost:.2f}) would pass it")
         control.request_stop(reason)
-        return reason
+        return epochs, reason
 
 
-def budget_text(spent: float, budget_usd: float | None, price: float | None, hours_left: float | None) -> str:
+def fitted(recipe: Recipe, epochs: int) -> tuple[AugmentConfig, SchedConfig]:
+    """The recipe's resolution ramp (augment.progressive) and learning-rate schedule compressed from train.epochs
+    to `epochs`: every length in epochs (the ramp's start and end, warmup, step decay, cooldown) scaled by
+    epochs / train.epochs, so that the ramp ends and the decay reaches its end value (timm's scheduler, built for
+    `epochs`) by the new last epoch. At epochs == train.epochs, the recipe's own sections."""
+    if epochs == recipe.train.epochs:
+        return recipe.augment, recipe.sched
+    scale = epochs / recipe.train.epochs
+    aug, sched, ramp = recipe.augment, recipe.sched, recipe.augment.progressive
+    if ramp is not None:  # train_size_at interpolates: fractional epochs keep the ramp's shape exactly
+        aug = dataclasses.replace(aug, progressive=dataclasses.replace(
+            ramp, start_epoch=ramp.start_epoch * scale, end_epoch=ramp.end_epoch * scale))
+    sched = dataclasses.replace(sched, warmup_epochs=sched.warmup_epochs * scale,
+                                decay_epochs=sched.decay_epochs * scale, cooldown_epochs=sched.cooldown_epochs * scale)
+    return aug, sched
+
+
+def planned_epochs(records: list[dict]) -> tuple[int | None, int | None]:
+    """(the run's length, the recipe's) when train.budget_mode: fit has shortened the run, else (None, None), from
+    metrics records: the newest `start` or `replan` line says (a resume that dropped the plan starts without it)."""
+    plan = next((r for r in reversed(records) if r.get("kind") in ("start", "replan")), {})
+    return (plan["epochs"], plan["planned_epochs"]) if "planned_epochs" in plan else (None, None)
+
+
+def budget_text(spent: float, budget_usd: float | None, price: float | None, hours_left: float | None,
+                mode: str | None = "stop") -> str:
     """What follows "cost so far $X" in `watch` and `aws status`: ", ~$P projected at the end ($p/h now); budget
-    $B: $L left". The projection is the price now times the hours the ETA gives: spot prices move."""
+    $B: $L left". The projection is the price now times the hours the ETA gives: spot prices move. `mode`:
+    train.budget_mode (None, from a run that predates it: "stop")."""
     text = ""
     projected = spent + price * hours_left if price is not None and hours_left is not None else None
     if projected is not None:
@@ -133,5 +181,7 @@ def budget_text(spent: float, budget_usd: float | None, price: float | None, hou
     if budget_usd is not None:
         text += f"; budget ${budget_usd:.2f}: ${budget_usd - spent:.2f} left"
         if projected is not None and projected > budget_usd:
-            text += " (the run stops with a checkpoint before it would pass it: exit 4)"
+            text += (" (the run shortens its schedule at the next epoch end to fit it, or stops with a checkpoint "
+                     "when not even one more epoch fits: exit 4)" if mode == "fit" else
+                     " (the run stops with a checkpoint before it would pass it: exit 4)")
     return text

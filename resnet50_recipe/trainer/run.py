@@ -71,7 +71,8 @@ from resnet50_recipe.store.checkpoints import (
 from resnet50_recipe.store.lineage import claim, install_staged, pull_files, stage_remote
 from resnet50_recipe.store.s3 import RemoteUnavailable, S3Store, Waiting, is_transient
 from resnet50_recipe.store.uploader import Uploader
-from resnet50_recipe.trainer.budget import BUDGET_REASON, Budget, InstanceCost
+from resnet50_recipe.trainer.budget import BUDGET_REASON, Budget, InstanceCost, fitted
+from resnet50_recipe.trainer.components import build_scheduler
 from resnet50_recipe.trainer.lock import RunLock
 from resnet50_recipe.trainer.runlog import RunLog, check_replaceable, clear_run_dir
 from resnet50_recipe.trainer.runtime import Runtime, setup, wait_timeout_s, write_json
@@ -97,7 +98,8 @@ from resnet50_recipe.trainer.stop import (
 
 __all__ = ["train", "SetupStopped", "check_stop", "agreed", "shared_error", "raise_shared", "Inputs", "check_inputs",
            "check_export_settings", "Run",
-           "open_run", "decide", "check_resumable", "train_set_change", "write_start", "Loop", "Outcome", "build_loop",
+           "open_run", "decide", "check_resumable", "train_set_change", "write_start", "Loop", "replan", "Outcome",
+           "build_loop",
            "Services", "Checkpointer", "run_epochs", "run_epoch", "end_epoch", "evaluate_epoch", "stop_and_drain",
            "finish", "publish_run", "make_summary", "exit_status"]
 
@@ -519,6 +521,21 @@ class Loop:
     train_loader: torch.utils.data.DataLoader | None = None  # made per training resolution, in the epoch loop
     loader_size: int | None = None
 
+    @property
+    def epochs(self) -> int:
+        """The run's length: train.epochs, or the shorter plan of train.budget_mode: fit (`replan`)."""
+        return self.progress.replan["epochs"] if self.progress.replan else self.recipe.train.epochs
+
+
+def replan(loop: Loop, epochs: int, after_epoch: int) -> None:
+    """Shorten the run to `epochs`: timm's scheduler rebuilt for them (budget.py's `fitted`: the decay ends at the
+    new last epoch), the lr set for the step about to run; the resolution ramp follows `loop.epochs` (run_epoch).
+    The plan is in every checkpoint from here on (`Progress.replan`), so a resumed run continues it."""
+    t = loop.t
+    loop.progress.replan = {"planned_epochs": loop.recipe.train.epochs, "epochs": epochs, "after_epoch": after_epoch}
+    t.scheduler = build_scheduler(fitted(loop.recipe, epochs)[1], t.optimizer, epochs, loop.inputs.updates_per_epoch)
+    t.scheduler.step_update(num_updates=t.global_step)
+
 
 @dataclass
 class Outcome:
@@ -544,6 +561,12 @@ def build_loop(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet
                 show_bar=not quiet and rt.is_main and sys.stderr.isatty())
     state, p = run.state, loop.progress
     if state is not None:
+        plan = state.get("replan")  # a schedule train.budget_mode: fit shortened: it goes on as planned
+        if plan is not None and plan["planned_epochs"] == tc.epochs:
+            replan(loop, plan["epochs"], plan["after_epoch"])  # the scheduler for it, before its state is loaded
+        elif plan is not None:
+            say(f"the checkpoint's plan, shortened by the budget from {plan['planned_epochs']} to {plan['epochs']} "
+                f"epochs, is dropped: train.epochs is now {tc.epochs}")
         # After an allowed recipe change (more epochs, say) the schedule follows the new recipe from here on.
         restore(t, state, scheduler=not run.diff)
         p.history, p.best, p.best_checkpoint = state["metrics"], state["best"], state["best_checkpoint"]
@@ -556,10 +579,12 @@ def build_loop(recipe: Recipe, rt: Runtime, inputs: Inputs, run: Run, say, quiet
         loop.runlog.resume(t.global_step, p.history)
         say(f"resuming from {run.resume_path}: epoch {loop.start_epoch + 1}, batch {loop.start_batch} of "
             f"{inputs.num_batches}, step {t.global_step}")
-    loop.runlog.start(recipe, {"epochs": tc.epochs, "steps_per_epoch": inputs.updates_per_epoch,
+    loop.runlog.start(recipe, {"epochs": loop.epochs, "steps_per_epoch": inputs.updates_per_epoch,
                                "global_batch": inputs.global_batch, "world_size": rt.world_size,
                                "train_images": len(inputs.train_set), "device": str(rt.device),
-                               "run_id": run.lineage["run_id"], "budget_usd": tc.budget_usd})
+                               "run_id": run.lineage["run_id"], "budget_usd": tc.budget_usd,
+                               "budget_mode": tc.budget_mode,
+                               **({"planned_epochs": tc.epochs} if p.replan else {})})
     if state is None:
         loop.runlog.sample_images(inputs.train_set)
     n_params = sum(p.numel() for p in t.model.parameters())
@@ -605,7 +630,7 @@ class Services:
         if self.watcher is not None:  # on EC2: every metrics line also says what the instance costs
             runlog.extra = InstanceCost(self.watcher, run.out / "metrics.jsonl")
             if recipe.train.budget_usd is not None:
-                self.budget = Budget(recipe.train.budget_usd, runlog.extra)
+                self.budget = Budget(recipe.train.budget_usd, runlog.extra, recipe.train.budget_mode)
 
     def drain(self, deadline: float) -> list[str]:
         """Wait for the checkpoint on disk, then in S3 until `deadline` (epoch seconds) at most, or the stop's own
@@ -732,7 +757,8 @@ def run_epochs(loop: Loop, checkpointer: Checkpointer, control: StopControl) -> 
         stopped = end_epoch(loop, checkpointer, pending, control)
         if stopped is not None:
             return stopped
-    for epoch in range(loop.start_epoch, loop.recipe.train.epochs):
+    epoch = loop.start_epoch
+    while epoch < loop.epochs:  # the budget may shorten the run at an epoch end
         first_batch = loop.start_batch if epoch == loop.start_epoch else 0
         record = run_epoch(loop, checkpointer, epoch, first_batch, control)
         if isinstance(record, Outcome):
@@ -740,6 +766,7 @@ def run_epochs(loop: Loop, checkpointer: Checkpointer, control: StopControl) -> 
         stopped = end_epoch(loop, checkpointer, record, control)
         if stopped is not None:
             return stopped
+        epoch += 1
     return Outcome()
 
 
@@ -747,7 +774,7 @@ def run_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch: i
                 control: StopControl) -> dict | Outcome:
     """Train one epoch from `first_batch`; its record, or the Outcome of a stop (checkpoint submitted)."""
     recipe, rt, t, inputs, tc = loop.recipe, loop.rt, loop.t, loop.inputs, loop.recipe.train
-    size = train_size_at(recipe.augment, epoch)
+    size = train_size_at(fitted(recipe, loop.epochs)[0], epoch)  # the ramp, compressed with a shortened plan
     if size != loop.loader_size:
         # Progressive resizing: new workers with the new crop size. This happens once per distinct size,
         # so restarting the persistent workers costs seconds in a run of hours.
@@ -762,7 +789,7 @@ def run_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch: i
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     epoch_start = time.time()
-    with tqdm(total=inputs.num_batches, initial=first_batch, desc=f"epoch {epoch + 1}/{tc.epochs}",
+    with tqdm(total=inputs.num_batches, initial=first_batch, desc=f"epoch {epoch + 1}/{loop.epochs}",
               disable=not loop.show_bar, leave=False, dynamic_ncols=True) as bar:
         def log_step(record):
             loop.runlog.log(record)
@@ -794,7 +821,7 @@ def end_epoch(loop: Loop, checkpointer: Checkpointer, record: dict, control: Sto
     """Evaluate (when due), log, and checkpoint an epoch's end. The stop is agreed once here (one collective
     under DDP), so that a stop arriving at any point of the epoch end is either seen or left to the next step."""
     recipe, rt, p, epoch = loop.recipe, loop.rt, loop.progress, record["epoch"]
-    last_epoch = epoch + 1 == recipe.train.epochs
+    last_epoch = epoch + 1 == loop.epochs
     eval_start = time.time()
     if (epoch + 1) % recipe.train.eval_every == 0 or last_epoch:
         scores = evaluate_epoch(loop, control)
@@ -811,11 +838,21 @@ def end_epoch(loop: Loop, checkpointer: Checkpointer, record: dict, control: Sto
     loop.runlog.log(record)
     p.history.append(record)
     loop.runlog.plot()
-    loop.say(_epoch_line(record, recipe.train.epochs))
+    loop.say(_epoch_line(record, loop.epochs))
+    epochs, said = loop.epochs, None
     if checkpointer.services.budget is not None:  # on EC2 with train.budget_usd: rank 0 asks, the ranks agree below
-        checkpointer.services.budget.check(control, last_epoch)
+        epochs, said = checkpointer.services.budget.check(control, epoch + 1, loop.epochs)
+    if rt.distributed and recipe.train.budget_usd is not None and recipe.train.budget_mode == "fit":
+        epochs = rt.broadcast(epochs)  # rank 0's plan, on every rank
+    replanned = epochs != loop.epochs
+    if replanned:
+        loop.say(said or f"{BUDGET_REASON}: the schedule now ends at epoch {epochs} instead of {loop.epochs}")
+        replan(loop, epochs, epoch + 1)
+        loop.runlog.log({"kind": "replan", "epoch": epoch, "global_step": loop.t.global_step, "epochs": epochs,
+                         "planned_epochs": recipe.train.epochs})
     stop = agreed_stop(rt, control.stop)
-    if (epoch + 1) % recipe.checkpoint.every_epochs == 0 or last_epoch or stop:
+    # A new plan is saved at once: a restart from an older checkpoint would have to decide it again.
+    if (epoch + 1) % recipe.checkpoint.every_epochs == 0 or last_epoch or stop or replanned:
         checkpointer.save(epoch + 1, 0, is_best=p.best is not None and p.best["epoch"] == epoch)
     if stop and not last_epoch:  # a stop after the last epoch changes nothing: the run finishes
         return Outcome(True, (epoch + 1, 0), "training")
@@ -878,6 +915,8 @@ def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[st
     summary.update(during=outcome.during, run_id=loop.run.lineage["run_id"])
     if outcome.stopped and (control.reason or "").startswith(BUDGET_REASON):
         summary.update(over_budget=True, stop_reason=control.reason)
+    if p.replan is not None:  # train.budget_mode: fit shortened the schedule
+        summary["replan"] = p.replan
     # A stop has one deadline for all of it; otherwise the final sync has its own, cut short by a stop during it.
     deadline = control.stop_deadline() if control.stop.is_set() else time.time() + cc.upload_timeout_s
     publish = recipe.export.enabled and rt.is_main and not outcome.stopped

@@ -32,6 +32,8 @@ class Progress:
     best: dict | None = None  # best evaluated epoch
     best_checkpoint: dict | None = None  # best epoch that has a checkpoint, kept by retention
     pending_eval: dict | None = None  # an epoch whose evaluation a stop cut short: evaluated first on resume
+    # train.budget_mode: fit's shortened plan, {"planned_epochs", "epochs", "after_epoch"} (trainer/run.py's replan)
+    replan: dict | None = None
     elapsed_before: float = 0.0
     wall_start: float = field(default_factory=time.time)
 
@@ -159,7 +161,7 @@ def snapshot(t: Trainer, epoch: int, step_in_epoch: int, progress: Progress, cla
         "norm_buffers": [r["norm_buffers"] for r in ranks] if ranks[0]["norm_buffers"] is not None else None,
         "train_set": train_set,
         "best": progress.best, "best_checkpoint": progress.best_checkpoint,
-        "metrics": [dict(r) for r in progress.history], "pending_eval": pending_eval,
+        "metrics": [dict(r) for r in progress.history], "pending_eval": pending_eval, "replan": progress.replan,
         "elapsed_s": progress.elapsed(), "recipe": to_dict(t.recipe), "versions": versions(), "class_names": classes,
         "lineage": lineage or new_lineage(),
     }
