@@ -22,13 +22,14 @@ from resnet50_recipe.errors import EXIT_PREEMPTED
 
 
 def skypilot():
-    """SkyPilot, which the [sky] extra installs (.ci/run does); CI fails without it, elsewhere the tests skip."""
+    """SkyPilot, which the [sky] extra installs, in a venv of its own (setup.cfg says why): .ci/run's sky pass runs
+    these tests there with RESNET50_RECIPE_SKY_PASS=1, which makes a missing SkyPilot a failure; elsewhere they skip."""
     try:
         import sky
     except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("SkyPilot is missing; .ci/run installs the [sky] extra")
-        pytest.skip("SkyPilot is not installed: pip install -e '.[sky]'")
+        if os.environ.get("RESNET50_RECIPE_SKY_PASS") == "1":
+            pytest.fail("SkyPilot is missing from the sky pass's venv (.ci/run sky_pass installs the [sky] extra)")
+        pytest.skip("SkyPilot is not installed here: .ci/run's sky pass runs this test (bash .ci/run sky)")
     return sky
 
 
