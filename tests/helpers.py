@@ -173,7 +173,7 @@ class FakeCost:
     whatever the machine's speed."""
     price = 0.5
 
-    def __init__(self, watcher, metrics_path):
+    def __init__(self, watcher, metrics_path, machines=1):
         self.cost = self.cost_at_epoch_start = 0.0
 
     def __call__(self) -> dict:

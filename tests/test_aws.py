@@ -410,6 +410,19 @@ def test_user_data_passes_bash_n_and_shellcheck(settings, tmp_path):
     assert result.returncode == 0, result.stdout
 
 
+def test_the_sky_jobs_run_section_passes_bash_n_and_shellcheck(tmp_path):
+    """cloud/sky-run.sh, the `run` of `resnet50-recipe sky`'s job, as SkyPilot runs it: bash."""
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/bash\n" + launcher.asset("sky-run.sh"))
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is missing; .ci/run installs it from Debian")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
 def test_the_cli_runs_against_a_moto_server_through_aws_endpoint_url(s3_endpoint, bucket, monkeypatch, capsys):
     """The journey as a user types it, every client pointed at the server by AWS_ENDPOINT_URL alone: launch in
     a fresh process, the rest through main(). The server has no public SSM parameters and no EC2 quotas: --ami
@@ -551,6 +564,22 @@ def test_the_first_budget_check_after_a_mid_epoch_restart_estimates_a_whole_epoc
     assert epochs == 10 and reason is not None and control.stop.is_set(), \
         "the next epoch (~$1.00) would pass the $2.50 budget"
     assert "(~$1.00)" in reason
+
+
+def test_a_run_on_several_machines_costs_the_instances_price_on_each(tmp_path):
+    """torchrun's nodes and a SkyPilot job's machines are of one type: the run's cost is rank 0's price times them,
+    and the budget (Budget reads this cost) counts every machine."""
+    costs = {}
+    for machines in (1, 4):
+        cost = InstanceCost(None, tmp_path / "metrics.jsonl", machines=machines)
+        cost.identity = {"instance_type": "g4dn.xlarge", "az": "us-east-1a", "region": "us-east-1",
+                         "market": "on-demand"}  # the list price: no request
+        cost.last -= 3600  # an hour since the last line
+        costs[machines] = cost()
+    assert costs[1]["price_usd_per_h"] == costs[4]["price_usd_per_h"] == ec2_facts.INSTANCE_TYPES["g4dn.xlarge"][3]
+    assert costs[1]["cost_usd"] == pytest.approx(costs[1]["price_usd_per_h"], rel=1e-3)
+    assert costs[4]["cost_usd"] == pytest.approx(4 * costs[1]["cost_usd"], rel=1e-3)
+    assert "machines" not in costs[1] and costs[4]["machines"] == 4
 
 
 def test_the_run_policy_lets_training_use_its_prefix_and_nothing_else(tmp_path, monkeypatch):

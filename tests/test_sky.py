@@ -69,6 +69,7 @@ def test_skypilots_own_parser_reads_the_task_for_one_machine_and_four(nodes, tmp
     assert parsed.file_mounts == {sky_job.LAUNCH_FILES: str(tmp_path / "files")}
     assert sorted(p.name for p in (tmp_path / "files").iterdir()) == ["recipe.yaml", "setup.sh"]
     assert "bash setup.sh --setup" in parsed.setup and "--nnodes \"$SKYPILOT_NUM_NODES\"" in parsed.run
+    assert f'ROOT="{sky_job.ROOT}"' in parsed.run  # where setup leaves the package, the recipe and the data
     setup = (tmp_path / "files" / "setup.sh").read_text()
     assert f"PACKAGE='{RELEASE}'" in setup and "LAUNCH_FILES=.\n" in setup and "DATA=s3://my-bucket/imagenet/" in setup
     assert any(n.startswith("estimated cost to finish on the first candidate") for n in notes), notes
@@ -76,13 +77,15 @@ def test_skypilots_own_parser_reads_the_task_for_one_machine_and_four(nodes, tmp
 
 
 def test_a_budget_the_trainer_cannot_price_is_said_and_one_it_can_goes_into_the_recipe(tmp_path):
-    _, notes = sky_job.sky_job("imagenet-100ep", "s3://b/runs", nodes=2, data="s3://b/in/", package=RELEASE,
-                               budget_usd=1000, files=tmp_path / "a")
-    assert any("checked against the estimate only" in n and "2 machines" in n for n in notes), notes
+    _, notes = sky_job.sky_job("imagenet-100ep", "s3://b/runs", nodes=2, clouds="aws,gcp", data="s3://b/in/",
+                               package=RELEASE, budget_usd=1000, files=tmp_path / "a")
+    assert any("checked against the estimate only" in n and "another cloud" in n for n in notes), notes
     assert "budget_usd: null" in (tmp_path / "a" / "recipe.yaml").read_text()
-    sky_job.sky_job("imagenet-100ep", "s3://b/runs", data="s3://b/in/", package=RELEASE, budget_usd=1000,
-                    files=tmp_path / "b")
-    assert "budget_usd: 1000" in (tmp_path / "b" / "recipe.yaml").read_text()
+    for nodes in (1, 4):  # on AWS the trainer prices its instance times the machines (budget.InstanceCost)
+        _, notes = sky_job.sky_job("imagenet-100ep", "s3://b/runs", nodes=nodes, data="s3://b/in/", package=RELEASE,
+                                   budget_usd=1000, files=tmp_path / f"b{nodes}")
+        assert "budget_usd: 1000" in (tmp_path / f"b{nodes}" / "recipe.yaml").read_text()
+        assert any(f"priced on EC2 for {nodes} machine" in n for n in notes), notes
     with pytest.raises(sky_job.UserError, match="--budget-usd 5: the estimate"):
         sky_job.sky_job("imagenet-100ep", "s3://b/runs", data="s3://b/in/", package=RELEASE, budget_usd=5,
                         files=tmp_path / "c")

@@ -3,10 +3,10 @@
 # what the setup (user-data.sh --setup) left under ROOT. Each machine exits with the run's own status (75 after a
 # stop), which the job's recover_on_exit_codes reads.
 #
-# Exits 2 (bad input) and 3 (trained; the export or push failed) are final, but SkyPilot retries every exit outside
-# recover_on_exit_codes, max_restarts_on_errors times: the first machine notes such an exit in the run's
-# logs/end.json with the job's SKYPILOT_TASK_ID (kept across recoveries, new for a new job), and every later start
-# of this job's setup and run ends at once with it.
+# Exits 2 (bad input), 3 (trained; the export or push failed) and 4 (the budget: a retry would train one more epoch
+# past it) are final, but SkyPilot retries every exit outside recover_on_exit_codes, max_restarts_on_errors times:
+# the first machine notes such an exit in the run's logs/end.json with the job's SKYPILOT_TASK_ID (kept across
+# recoveries, new for a new job), and every later start of this job's setup and run ends at once with it.
 ROOT="$HOME/resnet50-recipe"
 HOME_DIR="$ROOT/opt/resnet50-recipe"
 export PATH="$HOME_DIR/venv/bin:$PATH"
@@ -34,7 +34,7 @@ while kill -0 "$trainer" 2> /dev/null; do  # a trap ended the wait: wait again, 
     status=0
     wait "$trainer" || status=$?
 done
-if { [ "$status" = 2 ] || [ "$status" = 3 ]; } && [ "$SKYPILOT_NODE_RANK" = 0 ]; then
+if { [ "$status" = 2 ] || [ "$status" = 3 ] || [ "$status" = 4 ]; } && [ "$SKYPILOT_NODE_RANK" = 0 ]; then
     printf '{"state": "ended", "reason": "exit %s is final", "exit_status": "%s", "job": "%s"}\n' \
         "$status" "$status" "$SKYPILOT_TASK_ID" | "$AWS" s3 cp --only-show-errors - "$REMOTE/logs/end.json" \
         || echo "resnet50-recipe: could not put $REMOTE/logs/end.json"

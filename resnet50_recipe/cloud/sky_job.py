@@ -189,8 +189,9 @@ def sky_job(recipe_source: str, bucket: str, *, name: str | None = None, overrid
     region_list = [r.strip() for r in regions.split(",") if r.strip()]
     gpu_list = parse_gpus(gpus)
     # train.budget_usd is checked by the trainer against what the instance it runs on costs, which it reads from EC2
-    # (trainer/budget.py): one machine on AWS. Anywhere else this command checks the estimate and says so.
-    priced_by_trainer = cloud_list == ["aws"] and nodes == 1
+    # (trainer/budget.py), times the machines (all of one type): on AWS. Elsewhere this command checks the estimate
+    # and says so.
+    priced_by_trainer = cloud_list == ["aws"]
     plan = plan_launch(recipe_source, bucket, name, list(overrides), "auto", data, None, package, disk_gb,
                        budget_usd if priced_by_trainer else None, push, private, False)
     if data and not data.startswith("s3://"):
@@ -220,11 +221,11 @@ def sky_job(recipe_source: str, bucket: str, *, name: str | None = None, overrid
                             "train.epochs=N) or other --gpus")
         if priced_by_trainer:
             notes.append(f"--budget-usd {budget_usd:g}: the estimate fits, and the run stops with a checkpoint (exit "
-                         "4) before its next epoch would pass it (train.budget_usd, priced on EC2)")
+                         f"4, final) before its next epoch would pass it (train.budget_usd, priced on EC2 for "
+                         f"{nodes} machine{'s' if nodes > 1 else ''})")
         else:
-            where = "another cloud" if cloud_list != ["aws"] else f"{nodes} machines"
-            notes.append(f"--budget-usd {budget_usd:g}: checked against the estimate only; the trainer prices the one "
-                         f"EC2 instance it runs on and cannot price {where}: watch the cost with `sky jobs queue`")
+            notes.append(f"--budget-usd {budget_usd:g}: checked against the estimate only; the trainer prices EC2 "
+                         "instances and cannot price another cloud's: watch the cost with `sky jobs queue`")
     notes.append(CONTROLLER)
     return task, notes
 

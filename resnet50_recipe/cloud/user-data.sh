@@ -265,7 +265,7 @@ if ! [ -x "$HOME_DIR/awscli/bin/aws" ] && ! command -v aws > /dev/null; then
 fi
 AWS=$(command -v aws || echo "$HOME_DIR/awscli/bin/aws")
 
-# A SkyPilot job whose run ended for good (exit 2 or 3: its run section notes it in logs/end.json with the job's
+# A SkyPilot job whose run ended for good (exit 2, 3 or 4: its run section notes it in logs/end.json with the job's
 # SKYPILOT_TASK_ID, which SkyPilot keeps across recoveries) is not set up again: SkyPilot retries every exit but 75
 # and 74, and this ends each retry within seconds, before the data is copied.
 if [ -n "${LAUNCH_FILES:-}" ] && [ -n "${SKYPILOT_TASK_ID:-}" ] \

@@ -39,8 +39,10 @@ class InstanceCost:
     are not in `cost_usd`; `aws status` gives the bill's upper bound from the price history.
     """
 
-    def __init__(self, watcher, metrics_path: Path, refresh_s: float = 600.0):
-        self.watcher, self.refresh_s = watcher, refresh_s
+    def __init__(self, watcher, metrics_path: Path, refresh_s: float = 600.0, machines: int = 1):
+        # `machines`: a run on several machines (torchrun's nodes, a SkyPilot job's num_nodes) costs this
+        # instance's price on each; they are of one type, which is how both start them.
+        self.watcher, self.refresh_s, self.machines = watcher, refresh_s, machines
         self.identity: dict | None = None
         self.price: float | None = None
         self.priced_at = -float("inf")
@@ -79,11 +81,12 @@ class InstanceCost:
                 self.pricing = threading.Thread(target=self.refresh_price, name="spot-price", daemon=True)
                 self.pricing.start()
         if self.price is not None:  # until a price is known the time adds up, to be counted at the first one
-            self.cost += (now - self.last) / 3600 * self.price
+            self.cost += (now - self.last) / 3600 * self.price * self.machines
             self.last = now
         ident = self.identity
         return {"instance_type": ident["instance_type"], "az": ident["az"], "market": ident["market"],
-                "price_usd_per_h": self.price, "cost_usd": self.cost if self.price is not None else None}
+                "price_usd_per_h": self.price, **({"machines": self.machines} if self.machines > 1 else {}),
+                "cost_usd": self.cost if self.price is not None else None}
 
     def refresh_price(self) -> None:
         price = self.current_price()

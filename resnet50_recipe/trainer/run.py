@@ -628,7 +628,9 @@ class Services:
                              self.uploader.submit if self.uploader else None, run.lineage)
         self.watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s)
         if self.watcher is not None:  # on EC2: every metrics line also says what the instance costs
-            runlog.extra = InstanceCost(self.watcher, run.out / "metrics.jsonl")
+            # Every machine costs what this one does (cost_usd is the run's); LOCAL_WORLD_SIZE is torchrun's.
+            machines = rt.world_size // int(os.environ.get("LOCAL_WORLD_SIZE") or rt.world_size)
+            runlog.extra = InstanceCost(self.watcher, run.out / "metrics.jsonl", machines=max(1, machines))
             if recipe.train.budget_usd is not None:
                 self.budget = Budget(recipe.train.budget_usd, runlog.extra, recipe.train.budget_mode)
 
