@@ -395,32 +395,30 @@ def render(**settings):
     return launcher.render_user_data({**values, **settings})
 
 
+def assert_bash_n_and_shellcheck(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is missing; .ci/run installs it from Debian")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
 @pytest.mark.parametrize("settings", [{}, {"DATA": "", "VOLUME": "yes", "PACKAGE": "s3://b/w/x-0.1-py3-none-any.whl"},
                                       {"RUN": "a b'c", "DATA": "s3://b/dir with space/"},
                                       {"HUB_TOKEN_PARAMETER": "/resnet50-recipe/r/hf-token", "KEEP_INSTANCE": "yes"}])
 def test_user_data_passes_bash_n_and_shellcheck(settings, tmp_path):
     script = tmp_path / "user-data.sh"
     script.write_text(render(**settings))
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
-    if shutil.which("shellcheck") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("shellcheck is missing; .ci/run installs it from Debian")
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+    assert_bash_n_and_shellcheck(script)
 
 
 def test_the_sky_jobs_run_section_passes_bash_n_and_shellcheck(tmp_path):
     """cloud/sky-run.sh, the `run` of `resnet50-recipe sky`'s job, as SkyPilot runs it: bash."""
     script = tmp_path / "run.sh"
     script.write_text("#!/bin/bash\n" + launcher.asset("sky-run.sh"))
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
-    if shutil.which("shellcheck") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("shellcheck is missing; .ci/run installs it from Debian")
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout
+    assert_bash_n_and_shellcheck(script)
 
 
 def test_the_cli_runs_against_a_moto_server_through_aws_endpoint_url(s3_endpoint, bucket, monkeypatch, capsys):

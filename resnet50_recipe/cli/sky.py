@@ -29,8 +29,8 @@ def add_sky(sub) -> None:
                    "several clouds (default: any)")
     p.add_argument("--data", metavar="s3://...", help="dataset: a folder with train/ and val/, or a .tar or .tar.gz "
                    "of one; copied to each machine's disk once")
-    p.add_argument("--budget-usd", type=float, help="refuse when the estimate passes it; on one AWS machine the run "
-                   "also stops (exit 4) before it would (train.budget_usd); elsewhere this says it cannot")
+    p.add_argument("--budget-usd", type=float, help="refuse when the estimate passes it; on AWS the run also stops "
+                   "(exit 4) before it would (train.budget_usd); elsewhere this says it cannot")
     p.add_argument("--push", metavar="USER/NAME", help="push the weights to this Hugging Face repository; the token "
                    "(HF_TOKEN or your login) goes as a SkyPilot secret, never into the YAML")
     p.add_argument("--private", action="store_true", help="with --push: a private repository")
