@@ -203,6 +203,9 @@ class ExportConfig:
     license: str = "apache-2.0"
     dataset: Optional[str] = None
     label_names: Optional[str] = None
+    # How long the push to the Hub may take: huggingface_hub's HTTP client has no timeout of its own, and a Hub
+    # that never answers would otherwise hold the run, and an instance's bill, for ever. Past it: exit 3.
+    push_timeout_s: float = field(default=1800.0, metadata=_range(0, lo_open=True))
 
 
 @dataclass(frozen=True)

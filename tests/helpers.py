@@ -288,6 +288,8 @@ class HubStandIn(BaseHTTPRequestHandler):
         type(self).requests.append((self.command, path, auth, payload))
         if self.refuse or not (auth or "").startswith("Bearer hf_"):
             return self.error(self.refuse or 401, "Invalid credentials in Authorization header")
+        if route and route["action"] == "commit":
+            time.sleep(self.delay_s)  # outside the lock: a later push is not queued behind a held one
         with self.lock:
             if (self.command, path) == ("POST", "/api/repos/create"):
                 return self.create_repo(payload)
@@ -357,7 +359,6 @@ class HubStandIn(BaseHTTPRequestHandler):
                         "changes": {"base": "refs/heads/main"}, "filesWithConflicts": [], "events": []})
 
     def commit(self, folder: Path, repo: str, body: bytes, extra: dict | None = None):
-        time.sleep(self.delay_s)
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
         if not lines or lines[0]["key"] != "header":
             return self.error(400, "the commit's first line must be its header")

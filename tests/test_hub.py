@@ -1,6 +1,10 @@
 """Export in timm's Hub format, loaded back through timm; push checked at the huggingface_hub API boundary, then
 over HTTP against a local stand-in for the Hub (helpers.HubStandIn), by hand and at the end of training."""
 import json
+import os
+import signal
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -8,14 +12,13 @@ import timm
 import torch
 from helpers import tiny_overlay
 from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 from safetensors.torch import load_file
 
 from resnet50_recipe import export, load_recipe, push, train
 from resnet50_recipe.cli import main
 from resnet50_recipe.data.pipeline import eval_transform
-from resnet50_recipe.errors import EXIT_FINISHED, EXIT_PUBLISH_FAILED
+from resnet50_recipe.errors import EXIT_BAD_INPUT, EXIT_FINISHED, EXIT_PREEMPTED, EXIT_PUBLISH_FAILED, UserError
 from resnet50_recipe.model import build_model
 from resnet50_recipe.publish.export import choose_weights, label_names, verify_export
 from resnet50_recipe.store.checkpoints import load_state, read_manifest
@@ -205,19 +208,30 @@ def test_push_over_http_stores_what_timm_loads_back_bitwise(run, hub, monkeypatc
     assert hub.requests[0][3] == {"name": "smoke-test", "organization": "me", "visibility": "private", "type": "model"}
     assert {auth for _, _, auth, _ in hub.requests} == {f"Bearer {TOKEN}"}
     assert main(["push", str(out / "export"), "--repo-id", "me/smoke-test"]) == 0  # exist_ok: a second push works
-    assert TOKEN not in "".join(capsys.readouterr())
+    printed = capsys.readouterr()
+    # the repo's address on the Hub that was pushed to (HF_ENDPOINT), not always huggingface.co
+    assert printed.out.splitlines()[-1] == f"pushed {out / 'export'} to {hub.endpoint}/me/smoke-test"
+    assert TOKEN not in printed.out + printed.err
 
 
-def test_a_hub_that_refuses_the_token_fails_the_push_and_stores_nothing(run, hub, monkeypatch):
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_hub_that_refuses_the_token_fails_the_push_in_one_line_and_stores_nothing(run, hub, monkeypatch, capsys,
+                                                                                   status):
+    """A refused token is bad input: one line naming the repo, the status and what would do (exit 2), never a
+    traceback; nothing reaches the Hub."""
     out, _, _ = run
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    hub.handler.refuse = 401
-    with pytest.raises(HfHubHTTPError, match="401"):
+    hub.handler.refuse = status
+    with pytest.raises(UserError, match=f"me/smoke-test: the Hub refused the token \\({status}"):
         push(out / "export", "me/smoke-test")
     # create_repo(exist_ok=True) answered 401 asks whether the repo exists before it gives up
     assert [(method, path) for method, path, _, _ in hub.requests] == [("POST", "/api/repos/create"),
                                                                        ("GET", "/api/models/me/smoke-test")]
     assert not any(hub.root.iterdir())
+    capsys.readouterr()
+    assert main(["push", str(out / "export"), "--repo-id", "me/smoke-test"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "HF_TOKEN" in err and "write" in err and TOKEN not in err
 
 
 def test_training_pushes_at_the_end_and_a_refused_push_exits_3(tiny_data, hub, tmp_path, monkeypatch):
@@ -231,6 +245,49 @@ def test_training_pushes_at_the_end_and_a_refused_push_exits_3(tiny_data, hub, t
     summary = train(recipe, tmp_path / "refused", quiet=True)
     assert summary["exit_status"] == EXIT_PUBLISH_FAILED and "401" in summary["push_error"]
     assert json.loads((tmp_path / "refused/summary.json").read_text())["push_error"] == summary["push_error"]
+
+
+def test_a_hub_that_never_answers_the_push_ends_it_at_its_deadline_with_exit_3(tiny_data, hub, tmp_path,
+                                                                               monkeypatch):
+    """huggingface_hub's HTTP client has no timeout: a Hub that holds the commit would hold the run, and on an
+    instance the bill, for ever. The push has export.push_timeout_s; past it the run ends 3 (released by the unit)
+    with the command that retries the push."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.handler.delay_s = 60.0
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{"export.repo_id": "me/held", "export.push_timeout_s": 2}))
+    started = time.monotonic()
+    summary = train(recipe, tmp_path / "held", quiet=True)
+    assert time.monotonic() - started < 45, "the run waited for the Hub's answer"
+    assert summary["exit_status"] == EXIT_PUBLISH_FAILED and "push_timeout_s" in summary["push_error"], summary
+    assert json.loads((tmp_path / "held/summary.json").read_text())["push_error"] == summary["push_error"]
+
+
+def test_a_stop_during_the_push_exits_75_within_its_deadline_and_the_restart_pushes(tiny_data, hub, tmp_path,
+                                                                                    monkeypatch):
+    """SIGTERM (a spot notice, systemd's stop) while the Hub holds the push: the stop's deadline is not waited past
+    for the Hub; the run exits 75 as stopped during the push, and the restart exports and pushes."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub.handler.delay_s = 60.0
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **{"export.repo_id": "me/stopped",
+                                                             "checkpoint.stop_timeout_s": 5}))
+
+    def signal_at_the_commit():
+        while not any(path.endswith("/commit/main") for _, path, _, _ in list(hub.requests)):
+            time.sleep(0.05)
+        signalled.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signalled: list[float] = []
+    threading.Thread(target=signal_at_the_commit, daemon=True).start()
+    summary = train(recipe, tmp_path / "run", quiet=True)
+    assert signalled and time.monotonic() - signalled[0] < 5, "the stop waited past its deadline for the Hub"
+    assert summary["exit_status"] == EXIT_PREEMPTED and summary["during"] == "push", summary
+    assert "pushed" not in summary and "push_error" not in summary
+    hub.handler.delay_s = 0.0
+    summary = train(recipe, tmp_path / "run", quiet=True)  # the unit's restart: --resume auto
+    assert summary["exit_status"] == EXIT_FINISHED and summary["pushed"] == "me/stopped", summary
+    assert (hub.root / "me/stopped/model.safetensors").read_bytes() == \
+        (tmp_path / "run/export/model.safetensors").read_bytes()
 
 
 def test_private_refuses_an_existing_public_repo_and_uploads_nothing(run, hub, monkeypatch, capsys):

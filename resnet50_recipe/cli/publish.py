@@ -43,7 +43,7 @@ def cmd_push(args) -> int:
     # lazy: only the command that runs pays for importing torch, timm or boto3
     from resnet50_recipe.publish.push import push
 
-    push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
-         commit_message=args.commit_message)
-    print(f"pushed {args.folder} to https://huggingface.co/{args.repo_id}")
+    url = push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+               commit_message=args.commit_message)
+    print(f"pushed {args.folder} to {url}")
     return EXIT_FINISHED

@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,7 @@ def train(recipe: Recipe, output: str | Path | None = None, *, quiet: bool = Fal
     handlers = install_signal_handlers(control)  # before any set-up work: a stop is honoured from here on
     run = services = loop = None
     try:
-        rt = setup(recipe.train, recipe.seed, wait_timeout_s(recipe.checkpoint))
+        rt = setup(recipe.train, recipe.seed, wait_timeout_s(recipe.checkpoint, recipe.export))
         say = (lambda *a: None) if quiet or not rt.is_main else (lambda msg: print(msg, flush=True))
         # 1. every check that needs no checkpoint, nothing written; an error on any rank ends every rank alike
         inputs = agreed(rt, lambda: check_inputs(recipe, rt, control), "check the inputs")
@@ -937,7 +938,7 @@ def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[st
     record(unfinished)
     unfinished += services.sync(deadline)  # the summary, metrics and curves follow the checkpoints
     if publish:
-        summary.update(publish_run(loop))
+        summary.update(publish_run(loop, control))
         record(unfinished)
         unfinished += services.sync(deadline)  # the export, and the summary that says how it went
     record(unfinished)
@@ -954,9 +955,13 @@ def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[st
     return summary
 
 
-def publish_run(loop: Loop) -> dict:
-    """Export, then push when export.repo_id is set; an error is reported with the command that retries it."""
+def publish_run(loop: Loop, control: StopControl) -> dict:
+    """Export, then push when export.repo_id is set; an error is reported with the command that retries it.
 
+    The push runs in a thread of its own and is waited for until `export.push_timeout_s`, or until a stop: its HTTP
+    client has no timeout, and a stop must end by its deadline. A push given up at a stop is the stop's (75: the
+    restart resumes at the end, exports and pushes again); one past its timeout, a failed push (3). A push given up
+    may still land: the thread ends with the process, and the next push of the same files changes nothing."""
     ec, out = loop.recipe.export, loop.run.out
     try:
         exported = export(out, out / "export", ec.weights, ec.label_names, ec.repo_id, ec.license, ec.dataset)
@@ -967,14 +972,32 @@ def publish_run(loop: Loop) -> dict:
     loop.say(f"exported {exported} (timm.create_model('local-dir:{exported}', pretrained=True))")
     if not ec.repo_id:
         return {}
-    try:
-        push(exported, ec.repo_id, private=ec.private)
-    except Exception as e:
+    done: dict = {}
+
+    def push_it():
+        try:
+            done["url"] = push(exported, ec.repo_id, private=ec.private)
+        except Exception as e:  # noqa: BLE001 - reported below, by the thread that waits
+            done["error"] = e
+
+    worker = threading.Thread(target=push_it, name="push", daemon=True)
+    worker.start()
+    give_up = time.monotonic() + ec.push_timeout_s
+    while worker.is_alive() and not control.stop.is_set() and time.monotonic() < give_up:
+        worker.join(0.2)
+    if worker.is_alive() and control.stop.is_set():
+        log.warning("stopped during the push to %s (%s); the restart pushes again", ec.repo_id, control.reason)
+        return {"stopped": True, "during": "push"}
+    if worker.is_alive():
+        done["error"] = TimeoutError(f"the Hub had not taken the push after export.push_timeout_s "
+                                     f"({ec.push_timeout_s:.0f} s)")
+    if "error" in done:
+        e = done["error"]
         log.error("push to %s failed (%s: %s); the run is complete, synced and exported. Retry with: "
                   "resnet50-recipe push %s --repo-id %s%s", ec.repo_id, type(e).__name__, e, exported, ec.repo_id,
                   " --private" if ec.private else "")
         return {"push_error": f"{type(e).__name__}: {e}"}
-    loop.say(f"pushed to https://huggingface.co/{ec.repo_id}")
+    loop.say(f"pushed to {done['url']}")
     return {"pushed": ec.repo_id}
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resnet50_recipe.recipe import CheckpointConfig, RecipeError, TrainConfig
+from resnet50_recipe.recipe import CheckpointConfig, ExportConfig, RecipeError, TrainConfig
 from resnet50_recipe.version import __version__
 
 __all__ = ["Runtime", "pick_device", "pick_amp_dtype", "wait_timeout_s", "setup", "seed_everything", "versions",
@@ -124,14 +124,15 @@ def pick_amp_dtype(train: TrainConfig, device: torch.device) -> torch.dtype | No
     return None
 
 
-def wait_timeout_s(checkpoint: CheckpointConfig) -> float:
+def wait_timeout_s(checkpoint: CheckpointConfig, export: ExportConfig) -> float:
     """How long the other ranks wait in a collective while rank 0 works alone, before torch's watchdog ends them
     (and torchrun then rank 0, in the middle of its work): the longest such phase that a deadline of the recipe
-    bounds (the start's preflight, `startup_retry_s`; the finish's drain and syncs, `upload_timeout_s`; a stop's
-    drain, `stop_timeout_s`), plus torch's own default of ten minutes for the work that has no deadline of its own
-    (a checkpoint's download and its sending to other machines at the start, the export and push at the finish).
-    Twenty minutes with the default deadlines."""
-    return max(checkpoint.startup_retry_s, checkpoint.upload_timeout_s, checkpoint.stop_timeout_s) + 600.0
+    bounds (the start's preflight, `startup_retry_s`; the finish's drain and syncs, `upload_timeout_s`, then the
+    push, `export.push_timeout_s`; a stop's drain, `stop_timeout_s`), plus torch's own default of ten minutes for
+    the work that has no deadline of its own (a checkpoint's download and its sending to other machines at the
+    start, the export at the finish). With the default deadlines: twenty minutes, fifty with a push."""
+    finish = checkpoint.upload_timeout_s + (export.push_timeout_s if export.enabled and export.repo_id else 0.0)
+    return max(checkpoint.startup_retry_s, finish, checkpoint.stop_timeout_s) + 600.0
 
 
 def setup(train: TrainConfig, seed: int, wait_s: float = 600.0) -> Runtime:
