@@ -91,6 +91,17 @@ def test_a_budget_the_trainer_cannot_price_is_said_and_one_it_can_goes_into_the_
                         files=tmp_path / "c")
 
 
+def test_candidates_with_different_gpu_counts_are_refused_before_anything_is_written(tmp_path, capsys):
+    """A recovery onto a candidate with another GPU count would change the global batch, which a resume refuses
+    (exit 2, final): the job would end unfinished at its first such recovery. Refused in one line at once."""
+    with pytest.raises(sky_job.UserError, match=r"--gpus A10G:4,T4:1: .*4 and 1 GPUs per machine"):
+        sky_job.parse_gpus("A10G:4,T4:1")
+    assert main(["sky", "smoke", "--bucket", "s3://b/runs", "--gpus", "A10G:4,T4:1", "--package", RELEASE,
+                 "--out", str(tmp_path / "job.yaml")]) == 2
+    assert "4 and 1 GPUs per machine" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert sky_job.parse_gpus("A10G:4,L4:4, T4:4") == [("A10G", 4), ("L4", 4), ("T4", 4)]
+
+
 def test_launch_submits_the_task_through_sky_jobs_launch_with_the_token_as_a_secret(tmp_path, monkeypatch, capsys):
     sky = skypilot()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

@@ -22,7 +22,8 @@ def add_sky(sub) -> None:
     add_set(p)
     p.add_argument("--nodes", type=int, default=1, help="machines, each training one process per GPU (default 1)")
     p.add_argument("--gpus", default="T4:1", metavar="NAME:COUNT[,...]", help="accelerators per machine, SkyPilot's "
-                   "names; several are candidates, ranked by estimated cost to finish (default T4:1)")
+                   "names; several are candidates, ranked by estimated cost to finish, all with one COUNT (a "
+                   "recovery keeps the global batch) (default T4:1)")
     p.add_argument("--clouds", default="aws", metavar="CLOUD[,...]", help="SkyPilot's cloud names (default aws; "
                    "machines elsewhere get AWS keys for S3 as secrets)")
     p.add_argument("--regions", default="", metavar="REGION[,...]", help="regions to try, CLOUD:REGION with "

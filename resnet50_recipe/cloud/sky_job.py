@@ -66,6 +66,11 @@ def parse_gpus(text: str) -> list[tuple[str, int]]:
         found.append((m.group(1), int(m.group(2) or 1)))
     if not found:
         raise UserError(f"--gpus {text!r}: name at least one accelerator, e.g. T4:1")
+    counts = sorted({count for _, count in found}, reverse=True)
+    if len(counts) > 1:  # train.batch_size is per process: another count is another global batch
+        raise UserError(f"--gpus {text}: the candidates have {' and '.join(map(str, counts))} GPUs per machine; a "
+                        "recovery onto another count would change the global batch, which a resume refuses (exit 2, "
+                        "and the job ends): give every candidate the same count")
     return found
 
 
