@@ -143,3 +143,37 @@ def test_a_spot_notice_that_reaches_only_the_second_machine_stops_every_rank_wit
     summary = json.loads((tmp_path / "node0/run/summary.json").read_text())
     assert summary["exit_status"] == EXIT_PREEMPTED and summary["global_step"] < 20 * 10, (summary, logs)
     assert [node.returncode for node in nodes] == [1, 1], logs  # plain torchrun: a worker's 75 reads as 1
+
+
+AGREE = """
+import json, sys, time
+import torch, torch.distributed as dist
+from resnet50_recipe.trainer.runtime import Runtime
+from resnet50_recipe.trainer.step import agreed_stop
+from resnet50_recipe.trainer.stop import StopControl
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+rt = Runtime(torch.device("cpu"), None, rank, dist.get_world_size())
+control = StopControl(timeout_s=100.0)
+if rank == 1:  # the spot notice, on this machine only: the instance goes in 7 s
+    control.request_stop("EC2 spot interruption notice", time.time() + 7)
+stopped = agreed_stop(rt, control)
+first = control.stop_deadline()
+time.sleep(1.5)
+print(json.dumps({"rank": rank, "stopped": stopped, "reason": control.reason, "left": first - time.time() + 1.5,
+                  "same": control.stop_deadline() == first}), flush=True)
+"""
+
+
+def test_a_stop_agreed_from_another_machine_has_that_machines_deadline_once(tmp_path):
+    """A notice on the second machine is every rank's stop, and its deadline too: rank 0 stops by the notice's time
+    (sent as seconds left, since the machines' clocks differ), fixed once, not `stop_timeout_s` from each wait."""
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                              str(script)], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stdout + process.stderr
+    ranks = {r["rank"]: r for r in (json.loads(line) for line in process.stdout.splitlines() if line.startswith("{"))}
+    assert ranks[0]["stopped"] and ranks[1]["stopped"], ranks
+    assert 5 < ranks[0]["left"] <= 7.0 and ranks[0]["same"], ranks[0]
+    assert "another" in ranks[0]["reason"] and ranks[1]["reason"] == "EC2 spot interruption notice", ranks

@@ -802,7 +802,7 @@ def run_epoch(loop: Loop, checkpointer: Checkpointer, epoch: int, first_batch: i
                          f"data-wait {record['data_wait']:.0%}")
         try:
             stats = train_steps(t, loop.train_loader, epoch, inputs.num_batches, log_step,
-                                    bar if loop.show_bar else None, control.stop, first_batch,
+                                    bar if loop.show_bar else None, control, first_batch,
                                     lambda done: checkpointer.after_step(epoch, done))
         except UnreadableImage as e:  # bad input met mid-run: keep the work done so far, then say what is wrong
             done = getattr(e, "batches_done", None)
@@ -853,7 +853,7 @@ def end_epoch(loop: Loop, checkpointer: Checkpointer, record: dict, control: Sto
         replan(loop, epochs, epoch + 1)
         loop.runlog.log({"kind": "replan", "epoch": epoch, "global_step": loop.t.global_step, "epochs": epochs,
                          "planned_epochs": recipe.train.epochs})
-    stop = agreed_stop(rt, control.stop)
+    stop = agreed_stop(rt, control)
     # A new plan is saved at once: a restart from an older checkpoint would have to decide it again.
     if (epoch + 1) % recipe.checkpoint.every_epochs == 0 or last_epoch or stop or replanned:
         checkpointer.save(epoch + 1, 0, is_best=p.best is not None and p.best["epoch"] == epoch)
@@ -871,12 +871,12 @@ def evaluate_epoch(loop: Loop, control: StopControl) -> dict | None:
         distribute_bn(t.model, loop.rt.world_size, reduce=True)
         if t.ema is not None:
             distribute_bn(t.ema.module, loop.rt.world_size, reduce=True)
-    raw = evaluate(t.model, loop.val_loader, t.to_input, loop.rt, flip, control.stop, loop.val_batches)
+    raw = evaluate(t.model, loop.val_loader, t.to_input, loop.rt, flip, control, loop.val_batches)
     if raw is None:
         return None
     scores = {"top1": raw["top1"], "top5": raw["top5"], "val_loss": raw["loss"]}
     if t.ema is not None:
-        ema = evaluate(t.ema.module, loop.val_loader, t.to_input, loop.rt, flip, control.stop, loop.val_batches)
+        ema = evaluate(t.ema.module, loop.val_loader, t.to_input, loop.rt, flip, control, loop.val_batches)
         if ema is None:
             return None
         scores.update(ema_top1=ema["top1"], ema_top5=ema["top5"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -23,6 +22,7 @@ from resnet50_recipe.model import build_model
 from resnet50_recipe.recipe import Recipe, RecipeError, scaled_lr
 from resnet50_recipe.trainer.components import build_ema, build_loss, build_mixup, build_optimizer, build_scheduler
 from resnet50_recipe.trainer.runtime import Runtime
+from resnet50_recipe.trainer.stop import StopControl
 
 __all__ = ["Trainer", "make_to_input", "device_batches", "prepare_model", "build_trainer", "train_steps",
            "optimizer_step", "should_stop", "agreed_stop", "evaluate"]
@@ -133,7 +133,7 @@ def build_trainer(recipe: Recipe, rt: Runtime, num_classes: int, updates_per_epo
 
 
 def train_steps(t: Trainer, batches: Iterable, epoch: int, num_batches: int, log, progress=None,
-                    stop: threading.Event | None = None, start_batch: int = 0,
+                    stop: StopControl | None = None, start_batch: int = 0,
                     after_step: Callable[[int], None] | None = None) -> dict:
     """Run micro-batches `start_batch` to `num_batches` of the epoch (a whole number of optimizer steps).
 
@@ -211,7 +211,7 @@ def train_steps(t: Trainer, batches: Iterable, epoch: int, num_batches: int, log
     done = batch_idx + 1
     epoch_loss = t.rt.all_reduce(t.epoch_loss.clone()) / t.rt.world_size
     return {"train_loss": epoch_loss.item() / max(1, done), "batches": done, "input_size": input_size,
-            "stopped": stop is not None and stop.is_set() and done < num_batches}
+            "stopped": stop is not None and stop.stop.is_set() and done < num_batches}
 
 
 def optimizer_step(t: Trainer) -> None:
@@ -228,22 +228,27 @@ def optimizer_step(t: Trainer) -> None:
     t.window_steps += 1
 
 
-def should_stop(t: Trainer, stop: threading.Event) -> bool:
+def should_stop(t: Trainer, control: StopControl) -> bool:
     """One process alone decides in a single-process run. Under DDP a stop seen by any rank (a signal, the
     spot notice) is agreed every `train.stop_sync_every` steps, so that every rank stops after the same step
     and one consistent checkpoint is written."""
     if t.rt.distributed and t.global_step % t.recipe.train.stop_sync_every:
         return False
-    return agreed_stop(t.rt, stop)
+    return agreed_stop(t.rt, control)
 
 
-def agreed_stop(rt: Runtime, stop: threading.Event) -> bool:
-    """Whether any process wants to stop (an all-reduce MAX under DDP); sets the event everywhere if so."""
+def agreed_stop(rt: Runtime, control: StopControl) -> bool:
+    """Whether any process wants to stop. Under DDP, an all-reduce (MAX) of [wants to stop, -seconds left]: every
+    rank stops, by the earliest deadline any rank has, so that a spot notice on one machine is every machine's
+    deadline, fixed once (seconds left, not clock times: the machines' clocks differ)."""
     if not rt.distributed:
-        return stop.is_set()
-    flag = rt.all_reduce(torch.tensor(float(stop.is_set()), device=rt.device), op="max")
-    if flag.item() > 0:
-        stop.set()
+        return control.stop.is_set()
+    mine = control.stop.is_set()
+    left = control.stop_deadline() - time.time() if mine else control.timeout_s
+    agreed = rt.all_reduce(torch.tensor([float(mine), -left], dtype=torch.float64, device=rt.device), op="max")
+    if agreed[0].item() > 0:
+        control.request_stop(control.reason or "a stop agreed with another rank (a signal or a spot notice there)",
+                             time.time() - agreed[1].item())
         return True
     return False
 
@@ -254,7 +259,7 @@ def agreed_stop(rt: Runtime, stop: threading.Event) -> bool:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: Iterable, to_input, rt: Runtime, flip: bool = False,
-             stop: threading.Event | None = None, checks: int | None = None) -> dict | None:
+             stop: StopControl | None = None, checks: int | None = None) -> dict | None:
     """Top-1/top-5 accuracy (fractions) and mean cross-entropy over every sample in `batches`.
 
     `flip`: test-time augmentation with the horizontal mirror; the two logits are averaged (FFCV's lr_tta).

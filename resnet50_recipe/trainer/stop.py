@@ -56,7 +56,10 @@ class StopControl:
 
     def stop_deadline(self) -> float:
         """Epoch seconds by which the stop must be complete: the one deadline fixed when it was asked for (a
-        caller that asks before any stop gets `timeout_s` from now)."""
+        caller that asks before any stop gets `timeout_s` from now; a stop set on the event alone gets its
+        deadline fixed at the first ask)."""
+        if self.deadline is None and self.stop.is_set():
+            self.deadline = time.time() + self.timeout_s
         return self.deadline if self.deadline is not None else time.time() + self.timeout_s
 
 
