@@ -688,3 +688,80 @@ def test_an_unreachable_store_at_start_says_so_at_once_and_ctrl_c_stops_the_wait
         process.kill()
         process.wait()
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The remote and the local directory disagree: another run took the prefix over; the remote is ahead of a stale
+# local directory; every local checkpoint is damaged
+
+
+def test_a_run_whose_prefix_another_run_took_over_stops_at_once_and_exits_2_never_0(tiny_data, bucket, s3_endpoint,
+                                                                                    tmp_path, caplog):
+    """Another run starts afresh on this run's prefix (a second launch of the same name): its newer lineage owns
+    the remote now. This run keeps its work on its own disk (a checkpoint where it stopped), but it must not
+    go on billing for nothing, nor end 0 ("finished and synced") when its results never reached S3: the unit
+    would then release the instance and its disk. Two runs on one prefix is bad input: exit 2."""
+    from resnet50_recipe.errors import EXIT_BAD_INPUT
+
+    store = S3Store(f"s3://{bucket}/runs/taken", s3_endpoint)
+
+    def take_over():  # once this run's first checkpoint is up: a newer lineage's pointer, as a fresh start writes
+        while True:
+            pointer, etag = store.get_json("checkpoints/latest.json")
+            if pointer and pointer.get("file"):
+                newer = {"run_id": "other-run", "started": time.time() + 3600, "parent": None}
+                store.put_json("checkpoints/latest.json", {"lineage": newer, "run_id": "other-run", "best": None,
+                                                           "checkpoints": [], "lineages": []}, etag)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=take_over, daemon=True).start()
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "taken"), **{
+        "checkpoint.every_steps": 1, "train.steps_per_epoch": 5, "train.epochs": 6, "export.enabled": "false"}))
+    summary = train(recipe, tmp_path / "run", quiet=True)
+    assert summary["exit_status"] == EXIT_BAD_INPUT and "other-run" in summary["superseded"], summary
+    assert summary["global_step"] < 30  # it stopped, instead of training on for nothing
+    local = read_manifest(tmp_path / "run/checkpoints")
+    assert local["step"] == summary["global_step"]  # what it did is on its own disk
+    assert store.get_json("checkpoints/latest.json")[0]["run_id"] == "other-run"  # and the other run's remote is intact
+    assert "other-run" in caplog.text
+
+
+def test_a_resume_from_a_newer_remote_checkpoint_takes_the_remotes_metrics_over_a_stale_directorys(
+        tiny_data, bucket, s3_endpoint, tmp_path):
+    """Machine A trains to step 3 and is lost; machine B resumes from S3, trains to step 6, and is lost too. A
+    resume in A's old directory stages step 6 from S3: the run's records must be B's (steps 1-6), not A's stale
+    file, which the next sync would otherwise write over the only complete copy (and the spend it records)."""
+    extra = {"checkpoint.every_steps": 1, "train.steps_per_epoch": 3, "export.enabled": "false"}
+
+    def recipe(epochs):
+        return load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "stale"),
+                                                 **{**extra, "train.epochs": epochs}))
+    assert train(recipe(1), tmp_path / "a", quiet=True)["exit_status"] == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "stale")  # machine A's disk, as it was at step 3
+    assert train(recipe(2), tmp_path / "b", quiet=True, allow_recipe_change=True)["global_step"] == 6  # machine B
+    summary = train(recipe(3), tmp_path / "stale", quiet=True, allow_recipe_change=True)
+    assert summary["exit_status"] == 0 and summary["global_step"] == 9
+    store = S3Store(f"s3://{bucket}/runs/stale", s3_endpoint)
+    body = store.client.get_object(Bucket=bucket, Key="runs/stale/metrics.jsonl")["Body"].read().decode()
+    steps = [r["global_step"] for r in map(json.loads, body.splitlines()) if r["kind"] == "step"]
+    assert steps == list(range(1, 10)), steps
+
+
+def test_with_every_local_checkpoint_damaged_the_run_resumes_from_s3_instead_of_exit_2(tiny_data, bucket,
+                                                                                         s3_endpoint, tmp_path):
+    """Every checkpoint the local manifest lists fails its size and hash check, and S3 holds good copies of the
+    same lineage: the run resumes from S3. Exit 2 would be final, and the unit would release the instance."""
+    extra = {"checkpoint.every_steps": 1, "train.steps_per_epoch": 3, "export.enabled": "false"}
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "damaged"), **extra))
+    assert train(recipe, tmp_path / "run", quiet=True)["exit_status"] == 0
+    folder = tmp_path / "run" / "checkpoints"
+    for entry in read_manifest(folder)["checkpoints"]:
+        damaged = bytearray((folder / entry["file"]).read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF
+        (folder / entry["file"]).write_bytes(bytes(damaged))
+    longer = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "damaged"),
+                                               **{**extra, "train.epochs": 2}))
+    summary = train(longer, tmp_path / "run", quiet=True, allow_recipe_change=True)
+    assert summary["exit_status"] == 0 and summary["global_step"] == 6, summary
+    assert read_manifest(folder)["step"] == 6

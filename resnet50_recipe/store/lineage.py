@@ -139,11 +139,16 @@ def fetch_latest(store: S3Store, folder: Path, newer_than: int, keep_last: int) 
     return True
 
 
-def pull_files(store: S3Store, run_dir: Path) -> None:
-    """Fetch the run's small files (metrics, recipe, ...) when the local run directory lacks them."""
+def pull_files(store: S3Store, run_dir: Path, replace: bool = False) -> None:
+    """Fetch the run's small files (metrics, recipe, ...) when the local run directory lacks them, or, with
+    `replace`, whenever the store has them: a resume from a remote checkpoint newer than every local one continues
+    the remote's history, and the stale local records would otherwise be synced over the only complete copy.
+    Each file is downloaded beside its target, then renamed over it."""
     for name in SYNCED_FILES:
-        if not (run_dir / name).exists() and store.exists(name):
-            store.download_file(name, run_dir / name)
+        if (replace or not (run_dir / name).exists()) and store.exists(name):
+            partial = run_dir / f".{name}.pull"
+            store.download_file(name, partial)
+            os.replace(partial, run_dir / name)
 
 
 def safe_path(dest: Path, name: str) -> Path:

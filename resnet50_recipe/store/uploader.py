@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from resnet50_recipe.store.checkpoints import MANIFEST, lineage_of, new_lineage, save_order, sha256_of
 from resnet50_recipe.store.lineage import SYNCED_FILES, RemoteSuperseded, claim
@@ -36,8 +37,9 @@ class Uploader:
     """
 
     def __init__(self, store: S3Store, run_dir: Path, keep_last: int, keep_best: bool = True,
-                 lineage: dict | None = None):
+                 lineage: dict | None = None, on_superseded: Callable[[str], None] | None = None):
         self.store, self.run_dir, self.keep_last, self.keep_best = store, run_dir, keep_last, keep_best
+        self.on_superseded = on_superseded  # told why, once, when another run has taken the prefix over
         self.lineage = lineage or new_lineage()
         self._cond = threading.Condition()
         self._pending: dict | None = None  # the local manifest naming the checkpoint to upload
@@ -133,6 +135,8 @@ class Uploader:
                     self.superseded = str(e)
                     self.failed += [self._pending["file"]] if self._pending else []
                     self._pending, self._files_pending, self._closed = None, False, True
+                if self.on_superseded is not None:
+                    self.on_superseded(str(e))
                 return
             except Exception as e:  # network or store failure: warn, back off, try again; training goes on
                 with self._cond:

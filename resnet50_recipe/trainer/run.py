@@ -43,6 +43,7 @@ from resnet50_recipe.data.pipeline import (
     train_transform,
 )
 from resnet50_recipe.errors import (
+    EXIT_BAD_INPUT,
     EXIT_BUDGET,
     EXIT_FINISHED,
     EXIT_INCOMPLETE,
@@ -105,6 +106,9 @@ __all__ = ["train", "SetupStopped", "check_stop", "agreed", "shared_error", "rai
            "finish", "publish_run", "make_summary", "exit_status"]
 
 log = logging.getLogger(__name__)
+
+# A stop's reason when another run has taken the remote prefix over (exit 2).
+SUPERSEDED_REASON = "the remote was taken over by another run"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -366,10 +370,9 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
     remote = None
     if resume == "auto":
         local = find_latest(folder)
-        if local is None and manifest is not None and manifest["checkpoints"]:
-            raise UserError(f"{folder}: latest.json lists {len(manifest['checkpoints'])} checkpoint(s) and none "
-                            "passes its size and hash check (see the lines above). Nothing was changed: resume "
-                            "from one explicitly with --resume PATH, or pass --output DIR for a new run")
+        # Every listed checkpoint failing its check is refused (a fresh start would drop the run), unless S3
+        # holds a good one of this lineage, which is then resumed from.
+        damaged_all = local is None and manifest is not None and bool(manifest["checkpoints"])
         current = lineage_of(manifest)
         if store is not None:
             check_stop(control, "fetching from the remote")
@@ -383,6 +386,12 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
                 current, local = theirs, None
             if theirs is not None and theirs["run_id"] == current["run_id"]:
                 staged = stage_remote(store, folder, remote, local[1]["global_step"] if local else -1)
+        if damaged_all and staged is None:
+            raise UserError(f"{folder}: latest.json lists {len(manifest['checkpoints'])} checkpoint(s) and none "
+                            "passes its size and hash check (see the lines above)"
+                            + (", nor does the remote hold one of this run" if store is not None else "")
+                            + ". Nothing was changed: resume from one explicitly with --resume PATH, or pass "
+                            "--output DIR for a new run")
         run.lineage = current or new_lineage()
         if staged is not None:
             run.resume_path, run.state = folder / staged[1]["file"], load_state(staged[0], staged[1])
@@ -479,7 +488,7 @@ def write_start(run: Run, manifest: dict | None, damaged: bool, staged, remote: 
         clear_run_dir(run.out)
     if staged is not None:
         install_staged(inputs.store, folder, staged, remote, cc.keep_last)
-        pull_files(inputs.store, run.out)
+        pull_files(inputs.store, run.out, replace=True)  # the remote is ahead: so are its records
     elif run.state is not None and lineage_of(run.state)["run_id"] != run.lineage["run_id"]:
         # A new lineage from a checkpoint: its first checkpoint is that state, under the new id, so that a stop
         # before its first save resumes from the same point instead of from step 0.
@@ -621,7 +630,10 @@ class Services:
                 self.watcher = start_spot_watcher(control, cc.spot_notice, cc.imds_endpoint, cc.spot_poll_s)
             return
         if inputs.store is not None:
-            self.uploader = Uploader(inputs.store, run.out, cc.keep_last, cc.keep_best, run.lineage)
+            # A run whose prefix another run took over stops (exit 2): it would train on for nothing, billing,
+            # with no copy of its work in S3.
+            self.uploader = Uploader(inputs.store, run.out, cc.keep_last, cc.keep_best, run.lineage,
+                                     lambda why: control.request_stop(f"{SUPERSEDED_REASON}: {why}"))
             local = read_manifest(run.folder) if run.folder.is_dir() else None
             if local is not None and local.get("file"):
                 self.uploader.submit(local)  # a checkpoint written while the store was out of reach goes up now
@@ -932,6 +944,8 @@ def finish(loop: Loop, services: Services, outcome: Outcome, unfinished: list[st
     def record(left):
         summary["unfinished"] = sorted(set(left))
         summary["failed_uploads"] = list(uploader.failed) if uploader is not None else []
+        if uploader is not None and uploader.superseded:
+            summary["superseded"] = uploader.superseded
         summary["exit_status"] = exit_status(summary)
         if rt.is_main:
             write_json(loop.run.out / "summary.json", summary)
@@ -1029,7 +1043,10 @@ def _epoch_line(r: dict, epochs: int) -> str:
 def exit_status(summary: dict) -> int:
     """0 finished; 74 something did not reach disk or S3 in time (a restart retries it); 75 stopped with a
     checkpoint (a restart continues); 3 finished and synced, but the export or push failed; 4 stopped with a
-    checkpoint by train.budget_usd (not restarted)."""
+    checkpoint by train.budget_usd (not restarted); 2 another run took the remote over (two runs on one prefix is
+    bad input: this one's work is on its own disk only, and a restart would follow the other run)."""
+    if summary.get("superseded"):
+        return EXIT_BAD_INPUT
     if summary.get("unfinished"):
         return EXIT_INCOMPLETE
     if summary.get("over_budget"):
