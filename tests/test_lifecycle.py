@@ -456,6 +456,33 @@ def test_a_second_save_at_the_newest_checkpoints_step_never_rewrites_it(tiny_dat
     assert path.name == final["file"] and state["pending_eval"] is None  # a resume takes the evaluated one
 
 
+def test_a_later_save_at_the_same_step_in_s3_wins_over_the_local_one(tiny_data, bucket, s3_endpoint, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Machine A stops during its last evaluation (ckpt-S.pt, the evaluation pending) and is lost; machine B
+    resumes from S3, evaluates and saves ckpt-S.1.pt. A resume on A's old disk takes B's evaluated save (a later
+    save at the same step is newer), rather than evaluate again and save its own ckpt-S.1.pt over the object the
+    remote pointer lists with B's sha256."""
+    import resnet50_recipe.trainer.run as engine
+
+    control, evaluate_epoch = StopControl(), engine.evaluate_epoch
+
+    def stopped_during_evaluation(loop, _control):
+        control.request_stop("test")
+        return None
+    monkeypatch.setattr(engine, "evaluate_epoch", stopped_during_evaluation)
+    args = tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "later"), **{"checkpoint.keep_last": 5})
+    assert train(load_recipe("smoke", args), tmp_path / "a", quiet=True, control=control)["stopped"]
+    monkeypatch.setattr(engine, "evaluate_epoch", evaluate_epoch)
+    shutil.copytree(tmp_path / "a", tmp_path / "a-disk")  # machine A's disk, as it was when it was lost
+    train(load_recipe("smoke", args), tmp_path / "b", quiet=True)  # machine B, from S3
+    store = S3Store(f"s3://{bucket}/runs/later", s3_endpoint)
+    evaluated = store.get_json("checkpoints/latest.json")[0]["file"]
+    capsys.readouterr()
+    summary = train(load_recipe("smoke", args), tmp_path / "a-disk", quiet=False)
+    assert summary["exit_status"] == 0
+    assert f"resuming from {tmp_path / 'a-disk' / 'checkpoints' / evaluated}:" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bounded waits and the finish
 

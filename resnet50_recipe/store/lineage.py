@@ -5,6 +5,7 @@ lineage aside, fetching the newest verified checkpoint for a resume, and the run
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path, PurePosixPath
 
@@ -75,13 +76,16 @@ def claim(store: S3Store, lineage: dict) -> None:
     raise RemoteRefused(f"{store.remote}: could not claim the remote latest.json: another writer keeps changing it")
 
 
-def stage_remote(store: S3Store, folder: Path, manifest: dict, newer_than: int) -> tuple[Path, dict] | None:
-    """Download the newest checkpoint the remote manifest lists, newer than step `newer_than`, that passes its
-    sha256 check, to a hidden temp file in `folder`; return it with its entry. Nothing is installed: the caller
-    checks the checkpoint against the recipe and data first (`install_staged`). A corrupt or vanished object
-    is reported and the previous one tried."""
+def stage_remote(store: S3Store, folder: Path, manifest: dict,
+                 newer_than: int | tuple[int, int]) -> tuple[Path, dict] | None:
+    """Download the newest checkpoint the remote manifest lists, saved after `newer_than` (a step, or a local
+    checkpoint's `save_order`: a later save at the same step, evaluated, is newer), that passes its sha256 check,
+    to a hidden temp file in `folder`; return it with its entry. Nothing is installed: the caller checks the
+    checkpoint against the recipe and data first (`install_staged`). A corrupt or vanished object is reported
+    and the previous one tried."""
+    after = (newer_than, math.inf) if isinstance(newer_than, int) else newer_than
     for entry in sorted(manifest["checkpoints"], key=save_order, reverse=True):
-        if entry["step"] <= newer_than:
+        if save_order(entry) <= after:
             return None
         tmp = download_verified(store, folder, entry)
         if tmp is not None:

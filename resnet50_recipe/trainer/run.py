@@ -68,6 +68,7 @@ from resnet50_recipe.store.checkpoints import (
     read_manifest,
     remove_partials,
     save_atomic,
+    save_order,
     start_lineage,
 )
 from resnet50_recipe.store.lineage import claim, install_staged, pull_files, stage_remote
@@ -385,7 +386,8 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
                         f"{current['run_id']}: following it")
                 current, local = theirs, None
             if theirs is not None and theirs["run_id"] == current["run_id"]:
-                staged = stage_remote(store, folder, remote, local[1]["global_step"] if local else -1)
+                mine = save_order({"step": local[1]["global_step"], "file": local[0].name}) if local else -1
+                staged = stage_remote(store, folder, remote, mine)
         if damaged_all and staged is None:
             raise UserError(f"{folder}: latest.json lists {len(manifest['checkpoints'])} checkpoint(s) and none "
                             "passes its size and hash check (see the lines above)"
