@@ -765,3 +765,23 @@ def test_with_every_local_checkpoint_damaged_the_run_resumes_from_s3_instead_of_
     summary = train(longer, tmp_path / "run", quiet=True, allow_recipe_change=True)
     assert summary["exit_status"] == 0 and summary["global_step"] == 6, summary
     assert read_manifest(folder)["step"] == 6
+
+
+def test_a_fresh_machine_whose_remote_checkpoints_all_fail_their_check_refuses_and_changes_nothing(
+        tiny_data, bucket, s3_endpoint, tmp_path):
+    """As with a local directory whose every checkpoint fails its check: a start from step 0 in the same lineage
+    would write its own pointer over the run's and retention would delete what it listed. Refused in one line
+    (exit 2), the remote as it was."""
+    from resnet50_recipe.errors import UserError
+
+    extra = {"checkpoint.every_steps": 1, "train.steps_per_epoch": 3, "export.enabled": "false"}
+    recipe = load_recipe("smoke", tiny_overlay(tiny_data, **remote_args(bucket, s3_endpoint, "allbad"), **extra))
+    assert train(recipe, tmp_path / "a", quiet=True)["exit_status"] == 0
+    store = S3Store(f"s3://{bucket}/runs/allbad", s3_endpoint)
+    pointer, _ = store.get_json("checkpoints/latest.json")
+    for entry in pointer["checkpoints"]:
+        store.client.put_object(Bucket=bucket, Key=f"runs/allbad/checkpoints/{entry['file']}", Body=b"damaged")
+    before = sorted(store.list())
+    with pytest.raises(UserError, match="none passes its sha256 check"):
+        train(recipe, tmp_path / "fresh", quiet=True)
+    assert store.get_json("checkpoints/latest.json")[0] == pointer and sorted(store.list()) == before

@@ -388,6 +388,13 @@ def decide(run: Run, recipe: Recipe, rt: Runtime, inputs: Inputs, resume: str, f
             if theirs is not None and theirs["run_id"] == current["run_id"]:
                 mine = save_order({"step": local[1]["global_step"], "file": local[0].name}) if local else -1
                 staged = stage_remote(store, folder, remote, mine)
+                if staged is None and local is None and remote["checkpoints"]:
+                    # A start from step 0 in this lineage would replace the run's pointer, and retention delete
+                    # what it lists: as with a local directory, the user decides.
+                    raise UserError(f"{store.remote}/checkpoints/latest.json lists {len(remote['checkpoints'])} "
+                                    "checkpoint(s) of this run and none passes its sha256 check (see the lines "
+                                    "above). Nothing was changed: resume from one explicitly with --resume PATH, "
+                                    "or start over with --no-resume --force")
         if damaged_all and staged is None:
             raise UserError(f"{folder}: latest.json lists {len(manifest['checkpoints'])} checkpoint(s) and none "
                             "passes its size and hash check (see the lines above)"
