@@ -34,8 +34,8 @@ __all__ = ["DLAMI_PARAMETER", "SPOT_QUOTAS", "run_location", "check_name", "asse
            "iam_get", "ensure_instance_profile", "quota_family", "spot_quota", "check_quota", "spot_vcpus_in_use",
            "render_user_data", "Plan", "plan_launch", "INSTANCE_DATA_DIR", "check_for_the_instance",
            "training_processes", "cost_to_finish", "rank_types", "hourly_price", "price_source", "budget_refusal",
-           "check_free",
-           "find_image", "hub_token", "store_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
+           "check_free", "find_image", "ARCHIVES", "check_data",
+           "hub_token", "store_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
            "instance_params", "NO_CAPACITY", "place", "SPOT_REQUEST", "record_spot_request", "launch"]
 
 log = logging.getLogger(__name__)
@@ -416,6 +416,40 @@ def find_image(api: Api, ami: str | None) -> tuple[str, str]:
     return image_id, image["Images"][0]["RootDeviceName"] if image else "/dev/sda1"
 
 
+# What user-data.sh streams into tar; any other --data is a folder it copies with `aws s3 sync`.
+ARCHIVES = (".tar", ".tar.gz", ".tgz")
+
+
+def check_data(api: Api, data: str) -> None:
+    """Step 3b with --data: what the instance will copy is there, read with the launching credentials. On the
+    instance `aws s3 sync` of a missing prefix copies nothing and exits 0, and the trainer exits 2 after the whole
+    set-up; `aws s3 cp` of a missing archive fails every setup, a crash each time. A folder needs an object under
+    its train/ and its val/, an archive must exist. Credentials that may not read the data warn, and the launch goes
+    on (the run role is granted the read, and a bucket policy may grant it to the role alone)."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = parse_remote(data)
+    archive = data.endswith(ARCHIVES)
+    for split in [None] if archive else ["train", "val"]:
+        try:
+            if archive:
+                api("s3", "head_object", Bucket=bucket, Key=key)
+                continue
+            found = api("s3", "list_objects_v2", Bucket=bucket, Prefix=f"{key}/{split}/".lstrip("/"), MaxKeys=1)
+            if found is None or found["KeyCount"]:  # (a dry run reads nothing)
+                continue
+            missing = f"no {split}/ under it"
+        except ClientError as e:
+            code = error_code(e)
+            if code in ("AccessDenied", "403"):
+                log.warning("could not read --data %s (%s): going on unchecked", data, code)
+                return
+            if code not in ("NoSuchBucket", "404"):  # head_object's errors have no body, only the status
+                raise
+            missing = "no such bucket" if code == "NoSuchBucket" else "no such object"
+        raise UserError(f"{data}: {missing}; --data takes a folder with train/ and val/, or a .tar/.tar.gz of one")
+
+
 def hub_token() -> str:
     """HF_TOKEN, else the token of the local huggingface_hub login."""
     import os
@@ -584,7 +618,8 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     """Launch a persistent spot instance that trains `recipe_source` and mirrors the run to `bucket`/NAME.
 
     Steps: (1) plan: validate the recipe, the name, the data, the package (2) rank the instance types against
-    the spot quota and the budget (3) find the AMI, refuse a run that has a live instance (4) store the Hub token
+    the spot quota and the budget (3) find the AMI, refuse a run that has a live instance, check that the data is in
+    S3 (4) store the Hub token
     (--push) (5) the run's IAM role and profile (6) upload the recipe and the wheel, and offer (or set) the
     bucket's rule for cut-off multipart uploads (7) run_instances' arguments
     (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity (9) record
@@ -607,6 +642,8 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     ranked = rank_types(api, plan, {}, say)
     check_free(api, plan.name)
     image_id, root_device = find_image(api, ami)
+    if plan.data:
+        check_data(api, plan.data)
     if plan.push:
         store_token(api, plan)
     profile, created = ensure_instance_profile(api, plan.name, policy_document(
