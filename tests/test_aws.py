@@ -1248,6 +1248,26 @@ def test_the_hub_token_goes_to_ssm_and_the_role_may_read_only_that_parameter(clo
     assert denied(ssm.get_parameters_by_path, Path="/resnet50-recipe/")
 
 
+def test_a_launch_that_places_no_instance_leaves_no_hub_token(cloud, monkeypatch):
+    """A launch files' upload that fails, then no capacity in any AZ (both raised at the API boundary, the second
+    as moto cannot): `aws stop` then has no instance to act on, so the launch itself must not leave the token in
+    SSM."""
+    def upload_fails(**kw):
+        raise RuntimeError("connection lost")
+    monkeypatch.setenv("HF_TOKEN", "hf_own-token")
+    ssm = boto3.client("ssm", region_name=REGION)
+    api = cloud_api.Api(REGION)
+    api.client("s3").meta.events.register("before-call.s3.PutObject", upload_fails)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        launch(cloud, api=api, push="me/resnet50-a3")
+    assert ssm.describe_parameters()["Parameters"] == []
+    api = cloud_api.Api(REGION)
+    api.client("ec2").meta.events.register("before-call.ec2.RunInstances", lambda **kw: _raise_capacity())
+    with pytest.raises(cloud_api.AwsError, match="no spot capacity"):
+        launch(cloud, api=api, push="me/resnet50-a3")
+    assert ssm.describe_parameters()["Parameters"] == []
+
+
 def test_the_token_is_in_no_artefact_of_the_launch(cloud, monkeypatch, tmp_path, capsys, caplog):
     """Every file the launch writes (the wheel build goes to a temporary folder, here under tmp_path), every S3
     object, the instance's user data and tags, the role's policy, the dry run and the log: no token."""

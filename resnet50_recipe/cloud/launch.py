@@ -35,7 +35,7 @@ __all__ = ["DLAMI_PARAMETER", "SPOT_QUOTAS", "run_location", "check_name", "asse
            "render_user_data", "Plan", "plan_launch", "INSTANCE_DATA_DIR", "check_for_the_instance",
            "training_processes", "cost_to_finish", "rank_types", "hourly_price", "price_source", "budget_refusal",
            "check_free", "find_image", "ARCHIVES", "check_data",
-           "hub_token", "store_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
+           "hub_token", "store_token", "delete_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
            "instance_params", "NO_CAPACITY", "place", "SPOT_REQUEST", "record_spot_request", "launch"]
 
 log = logging.getLogger(__name__)
@@ -467,16 +467,27 @@ def hub_token() -> str:
     return token
 
 
-def store_token(api: Api, plan: Plan) -> None:
-    """Step 4 with --push: the token as an SSM SecureString under the run's name (the run role may read only
-    this parameter). The dry run shows the call with the value hidden."""
+def store_token(api: Api, plan: Plan, token: str) -> None:
+    """Step 7 with --push: the token (read in step 1) as an SSM SecureString under the run's name (the run role may
+    read only this parameter). The dry run shows the call with the value hidden."""
     api("ssm", "put_parameter", Name=plan.token_parameter, Type="SecureString", Overwrite=True,
-        Value=SECRET if api.dry_run else hub_token(), Description=f"Hugging Face token of resnet50-recipe run "
-        f"{plan.name} (push to {plan.push})")
+        Value=token, Description=f"Hugging Face token of resnet50-recipe run {plan.name} (push to {plan.push})")
+
+
+def delete_token(api: Api, plan: Plan) -> None:
+    """The token's parameter of a launch that placed no instance: nothing will read it, and `aws stop` finds no run
+    to delete it with. A failed delete is a warning, so that it never hides why the launch failed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        api("ssm", "delete_parameter", Name=plan.token_parameter)
+    except (ClientError, BotoCoreError) as e:
+        log.warning("could not delete the Hub token's SSM parameter %s (%s); delete it with: aws ssm "
+                    "delete-parameter --name %s", plan.token_parameter, e, plan.token_parameter)
 
 
 def upload_launch_files(api: Api, plan: Plan) -> str:
-    """Step 6: the resolved recipe, and the wheel (built first when it is this checkout), to the run's prefix;
+    """Step 5: the resolved recipe, and the wheel (built first when it is this checkout), to the run's prefix;
     what the instance pip-installs."""
 
     api("s3", "put_object", Bucket=plan.bucket, Key=f"{plan.prefix}/launch/recipe.yaml",
@@ -498,7 +509,7 @@ UPLOAD_RULE_ID = "resnet50-recipe-abort-incomplete-uploads"
 
 
 def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
-    """Step 6b: parts of a multipart upload cut off by a preemption are billed until aborted. The run aborts its
+    """Step 5b: parts of a multipart upload cut off by a preemption are billed until aborted. The run aborts its
     own at start; the bucket's AbortIncompleteMultipartUpload rule catches what a run never restarted leaves.
     Without one over the run's prefix the launch says so, and with `set_rule` adds one to the bucket's rules
     (a put replaces the whole configuration, so the existing rules are kept in it, and the bucket's
@@ -536,7 +547,7 @@ def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
 
 
 def instance_params(plan: Plan, api: Api, image_id: str, root_device: str, profile: str, package: str) -> dict:
-    """Step 7: run_instances' arguments, but the type and AZ: a persistent spot request that stops on an
+    """Step 6: run_instances' arguments, but the type and AZ: a persistent spot request that stops on an
     interruption, IMDSv2, the rendered user data, and tags on the instance, its request and its volumes."""
     settings = {"RUN": plan.name, "REMOTE": plan.remote, "REGION": api.region, "PACKAGE": package,
                 "DATA": plan.data or "", "VOLUME": "yes" if plan.volume else "",
@@ -619,10 +630,10 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
 
     Steps: (1) plan: validate the recipe, the name, the data, the package (2) rank the instance types against
     the spot quota and the budget (3) find the AMI, refuse a run that has a live instance, check that the data is in
-    S3 (4) store the Hub token
-    (--push) (5) the run's IAM role and profile (6) upload the recipe and the wheel, and offer (or set) the
-    bucket's rule for cut-off multipart uploads (7) run_instances' arguments
-    (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity (9) record
+    S3 (4) the run's IAM role and profile (5) upload the recipe and the wheel, and offer (or set) the bucket's rule
+    for cut-off multipart uploads (6) run_instances' arguments (7) store the Hub token (--push), deleted again when
+    no instance is placed (8) place it: each type in order, the cheapest AZ first, the next on
+    InsufficientInstanceCapacity (9) record
     its spot request id under the run's prefix, for the instance to cancel at the end. Returns
     what was launched. With `dry_run`, prints each call instead of making it.
     """
@@ -633,6 +644,8 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
         raise UserError(f"--abort-incomplete-uploads: --bucket {bucket.rstrip('/')} has no prefix, and the rule would "
                         "abort every unfinished upload in the bucket, any tool's; give the runs a prefix "
                         f"(--bucket {bucket.rstrip('/')}/runs), or add a rule by hand (docs/aws.md)")
+    # Read here, where a missing token fails before any AWS call; stored in step 7.
+    token = (SECRET if dry_run else hub_token()) if plan.push else None
     api = api or Api(region, dry_run, out)
     say = (lambda text: out(f"# {text}")) if dry_run else out
     if dry_run:
@@ -644,8 +657,6 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     image_id, root_device = find_image(api, ami)
     if plan.data:
         check_data(api, plan.data)
-    if plan.push:
-        store_token(api, plan)
     profile, created = ensure_instance_profile(api, plan.name, policy_document(
         plan.bucket, plan.prefix, plan.reads, region=api.region, run=plan.name, token=plan.token_parameter,
         release=not plan.keep_instance))
@@ -656,7 +667,14 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
         if value:
             params[key] = value
     zones = [None] if subnet else [az] if az != "auto" else None
-    reservation, itype, tried = place(api, params, ranked, zones, created)
+    if plan.push:  # as late as can be, for the instance reads it at boot: what fails before leaves no token
+        store_token(api, plan, token)
+    reservation = None
+    try:
+        reservation, itype, tried = place(api, params, ranked, zones, created)
+    finally:  # no capacity, an error, Ctrl-C
+        if reservation is None and plan.push and not dry_run:
+            delete_token(api, plan)
     if dry_run:
         record_spot_request(api, plan.remote, "<SpotInstanceRequestId from run_instances>")
         for i, (key, text) in enumerate(api.texts, 1):
