@@ -362,7 +362,8 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
                      "s3.list_objects_v2", "iam.get_role",
                      "iam.create_role", "iam.put_role_policy", "iam.get_instance_profile",
                      "iam.create_instance_profile", "iam.add_role_to_instance_profile", "s3.put_object",
-                     "s3.upload_file", "s3.get_bucket_lifecycle_configuration", "ec2.run_instances", "s3.put_object"]
+                     "s3.upload_file", "s3.get_bucket_lifecycle_configuration", "s3.delete_object", "ec2.run_instances",
+                     "s3.put_object"]
     assert "# s3://my-bucket has no AbortIncompleteMultipartUpload lifecycle rule over runs/imagenet-100ep/" in out
     # This checkout is an editable install: the plan says so, and a wheel of it goes through the run's prefix.
     assert "# package: resnet50-recipe 0.1.0 runs from a checkout (an editable install" in out
@@ -874,6 +875,29 @@ def spot_run(cloud, name="r1"):
     launcher.record_spot_request(cloud_api.Api(REGION), f"s3://{cloud['bucket']}/runs/{name}",
                                  request["SpotInstanceRequestId"])
     return request["SpotInstanceRequestId"], request["InstanceId"]
+
+
+def test_a_relaunch_whose_record_fails_leaves_no_earlier_runs_spot_request_id(cloud):
+    """Run 1 of the name recorded its request A and was stopped by hand; run 2's run_instances opens request B
+    (named in the answer, as EC2 does and moto does not), then the put of B's id fails. A left in S3 would have
+    run 2's end cancel A, not B, and terminate an instance B replaces."""
+    from botocore.exceptions import ClientError
+
+    request_a, _ = spot_run(cloud)
+    instances.stop("r1", REGION, out=lambda *a: None)
+    api = cloud_api.Api(REGION)
+    api.client("ec2").meta.events.register("after-call.ec2.RunInstances", lambda parsed, **kw: [
+        i.update(SpotInstanceRequestId="sir-0b0b0b0b") for i in parsed["Instances"]])
+
+    def record_fails(params, **kw):
+        if params["Key"].endswith(launcher.SPOT_REQUEST):
+            raise RuntimeError("connection lost")
+    api.client("s3").meta.events.register("provide-client-params.s3.PutObject", record_fails)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        launch(cloud, api=api)
+    assert len(live_instances(cloud["ec2"])) == 1  # run 2's, placed before the record failed
+    with pytest.raises(ClientError, match="NoSuchKey"):  # its end powers off (no id) instead of cancelling A
+        cloud["s3"].get_object(Bucket=cloud["bucket"], Key=f"runs/r1/{launcher.SPOT_REQUEST}")
 
 
 @pytest.mark.parametrize("status", [0, 2])

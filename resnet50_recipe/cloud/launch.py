@@ -611,10 +611,9 @@ SPOT_REQUEST = "launch/spot-request"
 def record_spot_request(api: Api, remote: str, request_id: str | None) -> None:
     """Step 9: the spot request id, from run_instances' answer, to the run's prefix (SPOT_REQUEST)."""
     bucket, prefix = parse_remote(remote)
-    if not request_id:  # (moto's run_instances opens none) an earlier launch's id of this name must not stay
+    if not request_id:  # (moto's run_instances opens none)
         log.warning("run_instances named no spot request; at its end the instance cannot cancel one, and powers off "
                     "instead of terminating: resnet50-recipe aws stop releases it")
-        api("s3", "delete_object", Bucket=bucket, Key=f"{prefix}/{SPOT_REQUEST}")
         return
     api("s3", "put_object", Bucket=bucket, Key=f"{prefix}/{SPOT_REQUEST}", Body=request_id, ContentType="text/plain")
 
@@ -632,10 +631,10 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     the spot quota and the budget (3) find the AMI, refuse a run that has a live instance, check that the data is in
     S3 (4) the run's IAM role and profile (5) upload the recipe and the wheel, and offer (or set) the bucket's rule
     for cut-off multipart uploads (6) run_instances' arguments (7) store the Hub token (--push), deleted again when
-    no instance is placed (8) place it: each type in order, the cheapest AZ first, the next on
-    InsufficientInstanceCapacity (9) record
-    its spot request id under the run's prefix, for the instance to cancel at the end. Returns
-    what was launched. With `dry_run`, prints each call instead of making it.
+    no instance is placed (8) delete the spot request id an earlier run of the name recorded, then place it: each
+    type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity (9) record its spot request id
+    under the run's prefix, for the instance to cancel at the end. Returns what was launched. With `dry_run`,
+    prints each call instead of making it.
     """
     _boto3()  # without boto3, say how to install it before anything else
     plan = plan_launch(recipe_source, bucket, name, list(overrides), instance_type, data, volume, package, disk_gb,
@@ -667,6 +666,10 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
         if value:
             params[key] = value
     zones = [None] if subnet else [az] if az != "auto" else None
+    # The id an earlier run of this name recorded goes before placement: if recording this one's fails, the instance
+    # finds no id at its end and powers off, instead of cancelling that other request and terminating itself (which
+    # its own request would replace).
+    api("s3", "delete_object", Bucket=plan.bucket, Key=f"{plan.prefix}/{SPOT_REQUEST}")
     if plan.push:  # as late as can be, for the instance reads it at boot: what fails before leaves no token
         store_token(api, plan, token)
     reservation = None
