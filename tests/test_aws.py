@@ -62,6 +62,14 @@ def launch(cloud, name="r1", **kwargs):
     return launcher.launch("smoke", f"s3://{cloud['bucket']}/runs", name=name, **kwargs)
 
 
+def put_dataset(cloud, prefix: str) -> str:
+    """One object under PREFIX/train/ and PREFIX/val/, what a launch checks before it sends the instance to copy the
+    folder; its s3:// URL."""
+    for split in ("train", "val"):
+        cloud["s3"].put_object(Bucket=cloud["bucket"], Key=f"{prefix}/{split}/c0/0.jpg", Body=b"x")
+    return f"s3://{cloud['bucket']}/{prefix}/"
+
+
 def live_instances(ec2):
     return [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]
             if i["State"]["Name"] != "terminated"]
@@ -184,7 +192,7 @@ def test_a_second_launch_reuses_the_role_and_profile_and_moves_the_policy(cloud)
     with pytest.raises(cloud_api.AwsError, match="already has instance"):
         launch(cloud)  # one live instance per run
     instances.stop("r1", REGION, out=lambda *a: None)
-    launch(cloud, data=f"s3://{cloud['bucket']}/datasets/imagenette/")
+    launch(cloud, data=put_dataset(cloud, "datasets/imagenette"))
     assert iam.get_role(RoleName="resnet50-recipe-r1")["Role"]["RoleId"] == role_id
     profile = iam.get_instance_profile(InstanceProfileName="resnet50-recipe-r1")["InstanceProfile"]
     assert profile["InstanceProfileId"] == profile_id and len(profile["Roles"]) == 1
@@ -194,6 +202,28 @@ def test_a_second_launch_reuses_the_role_and_profile_and_moves_the_policy(cloud)
     assert [s["Action"] for s in reads] == ["s3:ListBucket", "s3:GetObject"]  # read-only on the data
     assert reads[1]["Resource"][1] == f"arn:aws:s3:::{cloud['bucket']}/datasets/imagenette/*"
     assert len(live_instances(cloud["ec2"])) == 1
+
+
+def test_data_missing_from_s3_is_refused_before_anything_is_created(cloud, monkeypatch):
+    """On the instance `aws s3 sync` of a missing prefix copies nothing and exits 0 (the trainer then exits 2 after
+    the whole set-up), and `aws s3 cp` of a missing archive fails every setup: the launch reads the data first."""
+    monkeypatch.setenv("HF_TOKEN", "hf_own-token")
+    s3, bucket = cloud["s3"], cloud["bucket"]
+    s3.put_object(Bucket=bucket, Key="datasets/imagenette/train/c0/0.jpg", Body=b"x")  # no val/ yet
+    for data, refusal in ((f"s3://{bucket}/datasets/imagenete/", "datasets/imagenete/: no train/ under it"),
+                          (f"s3://{bucket}/datasets/imagenette", "datasets/imagenette: no val/ under it"),
+                          (f"s3://{bucket}/datasets/imagenette.tar", "datasets/imagenette.tar: no such object")):
+        with pytest.raises(launcher.UserError, match=f"^s3://{bucket}/{refusal}; --data takes"):
+            launch(cloud, data=data, push="me/m")
+    assert [r for r in cloud["iam"].list_roles()["Roles"] if r["RoleName"].startswith("resnet50-recipe")] == []
+    assert boto3.client("ssm", region_name=REGION).describe_parameters()["Parameters"] == []
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]] == ["datasets/imagenette/train/c0/0.jpg"]
+    assert live_instances(cloud["ec2"]) == []
+    s3.put_object(Bucket=bucket, Key="datasets/imagenette/val/c0/0.jpg", Body=b"x")
+    s3.put_object(Bucket=bucket, Key="datasets/imagenette.tar", Body=b"x")
+    launch(cloud, data=f"s3://{bucket}/datasets/imagenette")
+    instances.stop("r1", REGION, out=lambda *a: None)
+    launch(cloud, data=f"s3://{bucket}/datasets/imagenette.tar")
 
 
 def test_an_exceeded_quota_refuses_clearly_and_creates_nothing(cloud):
@@ -328,10 +358,12 @@ def test_dry_run_prints_every_call_and_makes_none(tmp_path, capsys, monkeypatch)
     listed = out.split("\n# <")[0].splitlines()  # the calls, before the long arguments printed after them
     calls = [line.split("(")[0] for line in listed if line[:1].isalpha()]
     assert calls == ["service-quotas.get_service_quota", "ec2.describe_instances", "ec2.describe_spot_price_history",
-                     "ec2.describe_instances", "ssm.get_parameter", "ec2.describe_images", "iam.get_role",
+                     "ec2.describe_instances", "ssm.get_parameter", "ec2.describe_images", "s3.list_objects_v2",
+                     "s3.list_objects_v2", "iam.get_role",
                      "iam.create_role", "iam.put_role_policy", "iam.get_instance_profile",
                      "iam.create_instance_profile", "iam.add_role_to_instance_profile", "s3.put_object",
-                     "s3.upload_file", "s3.get_bucket_lifecycle_configuration", "ec2.run_instances", "s3.put_object"]
+                     "s3.upload_file", "s3.get_bucket_lifecycle_configuration", "s3.delete_object", "ec2.run_instances",
+                     "s3.put_object"]
     assert "# s3://my-bucket has no AbortIncompleteMultipartUpload lifecycle rule over runs/imagenet-100ep/" in out
     # This checkout is an editable install: the plan says so, and a wheel of it goes through the run's prefix.
     assert "# package: resnet50-recipe 0.1.0 runs from a checkout (an editable install" in out
@@ -761,7 +793,7 @@ def test_auto_ranks_by_cost_to_finish_and_falls_back_to_the_next_type_without_ca
     api = cloud_api.Api(REGION)
     lines = []
     plan = launcher.plan_launch("imagenet-100ep", f"s3://{cloud['bucket']}/runs", "r1", [], "auto",
-                                f"s3://{cloud['bucket']}/imagenet/", None, RELEASE, None, None, None, False, False)
+                                put_dataset(cloud, "imagenet"), None, RELEASE, None, None, None, False, False)
     priced = {t: ec2_facts.spot_prices(api, t) for t, row in ec2_facts.INSTANCE_TYPES.items()
               if row[0] in estimates.THROUGHPUT_224}
     expected = sorted((launcher.cost_to_finish(plan, t, next(iter(p.values()))), t) for t, p in priced.items() if p)
@@ -843,6 +875,29 @@ def spot_run(cloud, name="r1"):
     launcher.record_spot_request(cloud_api.Api(REGION), f"s3://{cloud['bucket']}/runs/{name}",
                                  request["SpotInstanceRequestId"])
     return request["SpotInstanceRequestId"], request["InstanceId"]
+
+
+def test_a_relaunch_whose_record_fails_leaves_no_earlier_runs_spot_request_id(cloud):
+    """Run 1 of the name recorded its request A and was stopped by hand; run 2's run_instances opens request B
+    (named in the answer, as EC2 does and moto does not), then the put of B's id fails. A left in S3 would have
+    run 2's end cancel A, not B, and terminate an instance B replaces."""
+    from botocore.exceptions import ClientError
+
+    request_a, _ = spot_run(cloud)
+    instances.stop("r1", REGION, out=lambda *a: None)
+    api = cloud_api.Api(REGION)
+    api.client("ec2").meta.events.register("after-call.ec2.RunInstances", lambda parsed, **kw: [
+        i.update(SpotInstanceRequestId="sir-0b0b0b0b") for i in parsed["Instances"]])
+
+    def record_fails(params, **kw):
+        if params["Key"].endswith(launcher.SPOT_REQUEST):
+            raise RuntimeError("connection lost")
+    api.client("s3").meta.events.register("provide-client-params.s3.PutObject", record_fails)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        launch(cloud, api=api)
+    assert len(live_instances(cloud["ec2"])) == 1  # run 2's, placed before the record failed
+    with pytest.raises(ClientError, match="NoSuchKey"):  # its end powers off (no id) instead of cancelling A
+        cloud["s3"].get_object(Bucket=cloud["bucket"], Key=f"runs/r1/{launcher.SPOT_REQUEST}")
 
 
 @pytest.mark.parametrize("status", [0, 2])
@@ -1215,6 +1270,26 @@ def test_the_hub_token_goes_to_ssm_and_the_role_may_read_only_that_parameter(clo
     assert denied(ssm.get_parameter, Name="/resnet50-recipe/r2/hf-token", WithDecryption=True)
     assert denied(ssm.put_parameter, Name="/resnet50-recipe/r1/hf-token", Value="x", Type="String", Overwrite=True)
     assert denied(ssm.get_parameters_by_path, Path="/resnet50-recipe/")
+
+
+def test_a_launch_that_places_no_instance_leaves_no_hub_token(cloud, monkeypatch):
+    """A launch files' upload that fails, then no capacity in any AZ (both raised at the API boundary, the second
+    as moto cannot): `aws stop` then has no instance to act on, so the launch itself must not leave the token in
+    SSM."""
+    def upload_fails(**kw):
+        raise RuntimeError("connection lost")
+    monkeypatch.setenv("HF_TOKEN", "hf_own-token")
+    ssm = boto3.client("ssm", region_name=REGION)
+    api = cloud_api.Api(REGION)
+    api.client("s3").meta.events.register("before-call.s3.PutObject", upload_fails)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        launch(cloud, api=api, push="me/resnet50-a3")
+    assert ssm.describe_parameters()["Parameters"] == []
+    api = cloud_api.Api(REGION)
+    api.client("ec2").meta.events.register("before-call.ec2.RunInstances", lambda **kw: _raise_capacity())
+    with pytest.raises(cloud_api.AwsError, match="no spot capacity"):
+        launch(cloud, api=api, push="me/resnet50-a3")
+    assert ssm.describe_parameters()["Parameters"] == []
 
 
 def test_the_token_is_in_no_artefact_of_the_launch(cloud, monkeypatch, tmp_path, capsys, caplog):

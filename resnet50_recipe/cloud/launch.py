@@ -34,8 +34,8 @@ __all__ = ["DLAMI_PARAMETER", "SPOT_QUOTAS", "run_location", "check_name", "asse
            "iam_get", "ensure_instance_profile", "quota_family", "spot_quota", "check_quota", "spot_vcpus_in_use",
            "render_user_data", "Plan", "plan_launch", "INSTANCE_DATA_DIR", "check_for_the_instance",
            "training_processes", "cost_to_finish", "rank_types", "hourly_price", "price_source", "budget_refusal",
-           "check_free",
-           "find_image", "hub_token", "store_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
+           "check_free", "find_image", "ARCHIVES", "check_data",
+           "hub_token", "store_token", "delete_token", "upload_launch_files", "UPLOAD_RULE_ID", "offer_upload_rule",
            "instance_params", "NO_CAPACITY", "place", "SPOT_REQUEST", "record_spot_request", "launch"]
 
 log = logging.getLogger(__name__)
@@ -416,6 +416,40 @@ def find_image(api: Api, ami: str | None) -> tuple[str, str]:
     return image_id, image["Images"][0]["RootDeviceName"] if image else "/dev/sda1"
 
 
+# What user-data.sh streams into tar; any other --data is a folder it copies with `aws s3 sync`.
+ARCHIVES = (".tar", ".tar.gz", ".tgz")
+
+
+def check_data(api: Api, data: str) -> None:
+    """Step 3b with --data: what the instance will copy is there, read with the launching credentials. On the
+    instance `aws s3 sync` of a missing prefix copies nothing and exits 0, and the trainer exits 2 after the whole
+    set-up; `aws s3 cp` of a missing archive fails every setup, a crash each time. A folder needs an object under
+    its train/ and its val/, an archive must exist. Credentials that may not read the data warn, and the launch goes
+    on (the run role is granted the read, and a bucket policy may grant it to the role alone)."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = parse_remote(data)
+    archive = data.endswith(ARCHIVES)
+    for split in [None] if archive else ["train", "val"]:
+        try:
+            if archive:
+                api("s3", "head_object", Bucket=bucket, Key=key)
+                continue
+            found = api("s3", "list_objects_v2", Bucket=bucket, Prefix=f"{key}/{split}/".lstrip("/"), MaxKeys=1)
+            if found is None or found["KeyCount"]:  # (a dry run reads nothing)
+                continue
+            missing = f"no {split}/ under it"
+        except ClientError as e:
+            code = error_code(e)
+            if code in ("AccessDenied", "403"):
+                log.warning("could not read --data %s (%s): going on unchecked", data, code)
+                return
+            if code not in ("NoSuchBucket", "404"):  # head_object's errors have no body, only the status
+                raise
+            missing = "no such bucket" if code == "NoSuchBucket" else "no such object"
+        raise UserError(f"{data}: {missing}; --data takes a folder with train/ and val/, or a .tar/.tar.gz of one")
+
+
 def hub_token() -> str:
     """HF_TOKEN, else the token of the local huggingface_hub login."""
     import os
@@ -433,16 +467,27 @@ def hub_token() -> str:
     return token
 
 
-def store_token(api: Api, plan: Plan) -> None:
-    """Step 4 with --push: the token as an SSM SecureString under the run's name (the run role may read only
-    this parameter). The dry run shows the call with the value hidden."""
+def store_token(api: Api, plan: Plan, token: str) -> None:
+    """Step 7 with --push: the token (read in step 1) as an SSM SecureString under the run's name (the run role may
+    read only this parameter). The dry run shows the call with the value hidden."""
     api("ssm", "put_parameter", Name=plan.token_parameter, Type="SecureString", Overwrite=True,
-        Value=SECRET if api.dry_run else hub_token(), Description=f"Hugging Face token of resnet50-recipe run "
-        f"{plan.name} (push to {plan.push})")
+        Value=token, Description=f"Hugging Face token of resnet50-recipe run {plan.name} (push to {plan.push})")
+
+
+def delete_token(api: Api, plan: Plan) -> None:
+    """The token's parameter of a launch that placed no instance: nothing will read it, and `aws stop` finds no run
+    to delete it with. A failed delete is a warning, so that it never hides why the launch failed."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        api("ssm", "delete_parameter", Name=plan.token_parameter)
+    except (ClientError, BotoCoreError) as e:
+        log.warning("could not delete the Hub token's SSM parameter %s (%s); delete it with: aws ssm "
+                    "delete-parameter --name %s", plan.token_parameter, e, plan.token_parameter)
 
 
 def upload_launch_files(api: Api, plan: Plan) -> str:
-    """Step 6: the resolved recipe, and the wheel (built first when it is this checkout), to the run's prefix;
+    """Step 5: the resolved recipe, and the wheel (built first when it is this checkout), to the run's prefix;
     what the instance pip-installs."""
 
     api("s3", "put_object", Bucket=plan.bucket, Key=f"{plan.prefix}/launch/recipe.yaml",
@@ -464,7 +509,7 @@ UPLOAD_RULE_ID = "resnet50-recipe-abort-incomplete-uploads"
 
 
 def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
-    """Step 6b: parts of a multipart upload cut off by a preemption are billed until aborted. The run aborts its
+    """Step 5b: parts of a multipart upload cut off by a preemption are billed until aborted. The run aborts its
     own at start; the bucket's AbortIncompleteMultipartUpload rule catches what a run never restarted leaves.
     Without one over the run's prefix the launch says so, and with `set_rule` adds one to the bucket's rules
     (a put replaces the whole configuration, so the existing rules are kept in it, and the bucket's
@@ -502,7 +547,7 @@ def offer_upload_rule(api: Api, plan: Plan, set_rule: bool, say) -> None:
 
 
 def instance_params(plan: Plan, api: Api, image_id: str, root_device: str, profile: str, package: str) -> dict:
-    """Step 7: run_instances' arguments, but the type and AZ: a persistent spot request that stops on an
+    """Step 6: run_instances' arguments, but the type and AZ: a persistent spot request that stops on an
     interruption, IMDSv2, the rendered user data, and tags on the instance, its request and its volumes."""
     settings = {"RUN": plan.name, "REMOTE": plan.remote, "REGION": api.region, "PACKAGE": package,
                 "DATA": plan.data or "", "VOLUME": "yes" if plan.volume else "",
@@ -566,10 +611,9 @@ SPOT_REQUEST = "launch/spot-request"
 def record_spot_request(api: Api, remote: str, request_id: str | None) -> None:
     """Step 9: the spot request id, from run_instances' answer, to the run's prefix (SPOT_REQUEST)."""
     bucket, prefix = parse_remote(remote)
-    if not request_id:  # (moto's run_instances opens none) an earlier launch's id of this name must not stay
+    if not request_id:  # (moto's run_instances opens none)
         log.warning("run_instances named no spot request; at its end the instance cannot cancel one, and powers off "
                     "instead of terminating: resnet50-recipe aws stop releases it")
-        api("s3", "delete_object", Bucket=bucket, Key=f"{prefix}/{SPOT_REQUEST}")
         return
     api("s3", "put_object", Bucket=bucket, Key=f"{prefix}/{SPOT_REQUEST}", Body=request_id, ContentType="text/plain")
 
@@ -584,12 +628,13 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     """Launch a persistent spot instance that trains `recipe_source` and mirrors the run to `bucket`/NAME.
 
     Steps: (1) plan: validate the recipe, the name, the data, the package (2) rank the instance types against
-    the spot quota and the budget (3) find the AMI, refuse a run that has a live instance (4) store the Hub token
-    (--push) (5) the run's IAM role and profile (6) upload the recipe and the wheel, and offer (or set) the
-    bucket's rule for cut-off multipart uploads (7) run_instances' arguments
-    (8) place it: each type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity (9) record
-    its spot request id under the run's prefix, for the instance to cancel at the end. Returns
-    what was launched. With `dry_run`, prints each call instead of making it.
+    the spot quota and the budget (3) find the AMI, refuse a run that has a live instance, check that the data is in
+    S3 (4) the run's IAM role and profile (5) upload the recipe and the wheel, and offer (or set) the bucket's rule
+    for cut-off multipart uploads (6) run_instances' arguments (7) store the Hub token (--push), deleted again when
+    no instance is placed (8) delete the spot request id an earlier run of the name recorded, then place it: each
+    type in order, the cheapest AZ first, the next on InsufficientInstanceCapacity (9) record its spot request id
+    under the run's prefix, for the instance to cancel at the end. Returns what was launched. With `dry_run`,
+    prints each call instead of making it.
     """
     _boto3()  # without boto3, say how to install it before anything else
     plan = plan_launch(recipe_source, bucket, name, list(overrides), instance_type, data, volume, package, disk_gb,
@@ -598,6 +643,8 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
         raise UserError(f"--abort-incomplete-uploads: --bucket {bucket.rstrip('/')} has no prefix, and the rule would "
                         "abort every unfinished upload in the bucket, any tool's; give the runs a prefix "
                         f"(--bucket {bucket.rstrip('/')}/runs), or add a rule by hand (docs/aws.md)")
+    # Read here, where a missing token fails before any AWS call; stored in step 7.
+    token = (SECRET if dry_run else hub_token()) if plan.push else None
     api = api or Api(region, dry_run, out)
     say = (lambda text: out(f"# {text}")) if dry_run else out
     if dry_run:
@@ -607,8 +654,8 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
     ranked = rank_types(api, plan, {}, say)
     check_free(api, plan.name)
     image_id, root_device = find_image(api, ami)
-    if plan.push:
-        store_token(api, plan)
+    if plan.data:
+        check_data(api, plan.data)
     profile, created = ensure_instance_profile(api, plan.name, policy_document(
         plan.bucket, plan.prefix, plan.reads, region=api.region, run=plan.name, token=plan.token_parameter,
         release=not plan.keep_instance))
@@ -619,7 +666,18 @@ def launch(recipe_source: str, bucket: str, *, name: str | None = None, override
         if value:
             params[key] = value
     zones = [None] if subnet else [az] if az != "auto" else None
-    reservation, itype, tried = place(api, params, ranked, zones, created)
+    # The id an earlier run of this name recorded goes before placement: if recording this one's fails, the instance
+    # finds no id at its end and powers off, instead of cancelling that other request and terminating itself (which
+    # its own request would replace).
+    api("s3", "delete_object", Bucket=plan.bucket, Key=f"{plan.prefix}/{SPOT_REQUEST}")
+    if plan.push:  # as late as can be, for the instance reads it at boot: what fails before leaves no token
+        store_token(api, plan, token)
+    reservation = None
+    try:
+        reservation, itype, tried = place(api, params, ranked, zones, created)
+    finally:  # no capacity, an error, Ctrl-C
+        if reservation is None and plan.push and not dry_run:
+            delete_token(api, plan)
     if dry_run:
         record_spot_request(api, plan.remote, "<SpotInstanceRequestId from run_instances>")
         for i, (key, text) in enumerate(api.texts, 1):
