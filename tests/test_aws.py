@@ -1503,6 +1503,39 @@ def test_a_crash_loop_ends_after_max_crashes_and_74_and_75_never_count(cloud, s3
                f"{settings['REMOTE']}/logs/train-crash-loop.log" in lines, text
 
 
+def test_aws_status_says_a_powered_off_instance_bills_its_disk_until_aws_stop_and_why(cloud, s3_endpoint, tmp_path):
+    from moto.ec2.models import ec2_backends
+
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    remote = f"s3://{cloud['bucket']}/runs/r1"
+    cloud["ec2"].create_tags(Resources=[instance_id], Tags=[{"Key": launcher.TAG_REMOTE, "Value": remote}])
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
+        {"stopped": True, "exit_status": 4}))
+    ended = run_end_of_run(tmp_path, s3_endpoint, 4, "exit-code", RUN="r1", REMOTE=remote, KEEP_INSTANCE="yes")
+    assert ended.returncode == 0 and (tmp_path / "systemctl.calls").read_text() == "poweroff\n", ended.stderr
+    cloud["ec2"].stop_instances(InstanceIds=[instance_id])  # what the poweroff does on EC2
+    # EC2 disables a persistent request whose instance was stopped by its user or its own shutdown (an interrupted
+    # one is opened again); moto leaves it active.
+    request = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].spot_instance_requests[request_id]
+    request.state, request._status_code = "disabled", "instance-stopped-by-user"
+
+    def said() -> list[str]:
+        lines = []
+        instances.print_status(instances.run_status("r1", REGION), out=lines.append)
+        return lines
+    lines = said()
+    assert f"  spot request {request_id}: disabled (instance-stopped-by-user)" in lines
+    assert "  ended with exit 4 (train.budget_usd): powered off with its spot request disabled, nothing running, " \
+           "but its disk bills until `resnet50-recipe aws stop r1` deletes it (--keep-instance)" in lines, lines
+    # Powered off by a failure before logs/end.json was written (S3 unreachable, a full disk): still said.
+    cloud["s3"].delete_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json")
+    lines = said()
+    assert "  powered off with its spot request disabled, nothing running, but its disk bills until " \
+           "`resnet50-recipe aws stop r1` deletes it (no logs/end.json: its end-of-run path failed; " \
+           "`resnet50-recipe aws logs r1` shows why)" in lines, lines
+
+
 def test_aws_status_says_when_a_run_is_crash_looping(cloud):
     launch(cloud)
     cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json", Body=json.dumps(

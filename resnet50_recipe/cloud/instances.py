@@ -115,7 +115,10 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
         status["cost_usd_recorded"], status["price_usd_per_h"] = recorded[-1]["cost_usd"], recorded[-1].get(
             "price_usd_per_h")
     live = [i for i in instances if i["State"]["Name"] not in ("terminated", "shutting-down")]
-    live_requests = [r for r in requests if r["State"] in ("open", "active", "disabled")]
+    # A persistent request is open or active while EC2 runs its instance or will start one again (an interrupted
+    # one is opened again); one whose instance was stopped by its user or its own shutdown (the end of the run with
+    # --keep-instance, or a failure on the way) is disabled, and starts nothing: that instance is powered off.
+    live_requests = [r for r in requests if r["State"] in ("open", "active")]
     status["released"] = not live and not live_requests
     status["powered_off"] = status["state"] in ("stopping", "stopped") and not live_requests
     # How the instance ended its run, or that it is crash-looping (user-data.sh --end writes it); one written
@@ -168,8 +171,10 @@ def print_status(status: dict, out=print) -> None:
                            status.get("budget_mode"))
         out(f"  spent ~${spent:.2f}{tail}")
     end = status.get("end") or {}
-    log_file = {"2": "train-exit-2.log"}.get(str(end.get("exit_status")), "train-crash-loop.log")
-    log_text = f"; the log is in {status['remote']}/logs/{log_file}" if _ended_by(end) != "finished" else ""
+    # The training log goes to S3 at an end by exit 2 or by crashes (user-data.sh --end); 0, 3 and 4 have a summary.
+    code = str(end.get("exit_status"))
+    log_file = {"2": "train-exit-2.log"}.get(code, "train-crash-loop.log")
+    log_text = f"; the log is in {status['remote']}/logs/{log_file}" if code not in ("0", "3", "4") else ""
     disk = f"its disk bills until `resnet50-recipe aws stop {status['run']}` deletes it"
     if status.get("finished") and status.get("released"):
         out("  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)")
@@ -177,13 +182,15 @@ def print_status(status: dict, out=print) -> None:
         out(f"  ended {_ended_by(end)}: released, nothing running, nothing billing except S3 (the instance and its "
             f"spot request are gone){log_text}")
     elif status.get("powered_off"):
-        why = ""
-        if end.get("reason") == "not-in-s3":
-            why = f" (it holds {end.get('checkpoint') or 'the run'}, which is not in S3)"
-        elif end.get("reason") == "keep-instance":
-            why = " (--keep-instance)"
+        logs = f"`resnet50-recipe aws logs {status['run']}` shows why"
+        why = {"not-in-s3": f" (it holds {end.get('checkpoint') or 'the run'}, which is not in S3)",
+               "keep-instance": " (--keep-instance)",
+               "end-failed": f" (its end-of-run path failed; {logs})"}.get(end.get("reason"), "")
+        if not end:
+            why = f" (no logs/end.json: its end-of-run path failed; {logs})"
         ended = f"ended {_ended_by(end)}: " if end.get("state") == "powered-off" else ""
-        out(f"  {ended}powered off with its spot request cancelled, nothing running, but {disk}{why}"
+        request = "disabled" if any(r["state"] == "disabled" for r in status["spot_requests"]) else "cancelled"
+        out(f"  {ended}powered off with its spot request {request}, nothing running, but {disk}{why}"
             + (log_text if ended else ""))
     elif end.get("state") == "crash-looping" and status["state"] == "running":
         out(f"  crash-looping: {end['crashes']} crashes in a row without a new checkpoint (the last exit "
