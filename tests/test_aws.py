@@ -1536,6 +1536,31 @@ def test_aws_status_says_a_powered_off_instance_bills_its_disk_until_aws_stop_an
            "`resnet50-recipe aws logs r1` shows why)" in lines, lines
 
 
+def test_a_crash_count_that_cannot_be_written_ends_the_run_and_a_failed_end_still_says_so(cloud, s3_endpoint,
+                                                                                          tmp_path):
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    settings = {"RUN": "r1", "REMOTE": f"s3://{cloud['bucket']}/runs/r1"}
+    home = tmp_path / "root" / "opt" / "resnet50-recipe"
+    home.mkdir(parents=True)
+    os.symlink("/dev/full", home / "crashes")  # every write fails with ENOSPC, as on a full root disk
+    ended = run_end_of_run(tmp_path, s3_endpoint, 1, "exit-code", **settings)
+    assert ended.returncode == 0, ended.stderr
+    # Not counted, so never counted to the end: ended at once, as the last crash ends it.
+    assert "ending the run" in ended.stdout and live_requests(cloud) == []
+    assert end_record(cloud)["state"] == "released" and instance_state(cloud, instance_id) in (
+        "shutting-down", "terminated")
+    assert cloud["s3"].head_object(Bucket=cloud["bucket"], Key="runs/r1/logs/train-crash-loop.log")
+
+    # A step of the end that fails (here the cancel of a request EC2 does not know) powers off, and says so first.
+    cloud["s3"].delete_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json")
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/launch/spot-request", Body=b"sir-0000unknown")
+    ended = run_end_of_run(tmp_path, s3_endpoint, 2, "exit-code", **settings)
+    assert "ending the run failed at line" in ended.stdout and ended.returncode == 1
+    assert (tmp_path / "systemctl.calls").read_text() == "poweroff\n"
+    assert end_record(cloud)["state"] == "powered-off" and end_record(cloud)["reason"] == "end-failed"
+
+
 def test_aws_status_says_when_a_run_is_crash_looping(cloud):
     launch(cloud)
     cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json", Body=json.dumps(
