@@ -1646,6 +1646,18 @@ def test_the_hub_token_is_deleted_when_the_run_ends_and_by_aws_stop(cloud, s3_en
     assert "deleted the Hub token /resnet50-recipe/r3/hf-token" in said[0]
 
 
+def test_aws_stop_deletes_a_hub_token_left_without_an_instance_and_refuses_only_with_nothing_to_do(cloud):
+    # What a launch that failed after storing the token leaves, or an instance whose own delete failed.
+    ssm = boto3.client("ssm", region_name=REGION)
+    ssm.put_parameter(Name="/resnet50-recipe/r1/hf-token", Type="SecureString", Value="hf_left")
+    said = []
+    result = instances.stop("r1", REGION, out=said.append)
+    assert ssm.describe_parameters()["Parameters"] == [] and result["cancelled"] == result["terminated"] == []
+    assert "deleted the Hub token /resnet50-recipe/r1/hf-token" in said[0], said
+    with pytest.raises(cloud_api.AwsError, match="has no live instance, spot request or Hub token"):
+        instances.stop("r1", REGION, out=said.append)
+
+
 def test_the_unit_the_first_boot_writes_passes_systemd_analyze_verify(tmp_path):
     """The first boot under a temporary root (systemctl a stand-in), then systemd's own check of the unit file:
     its directives, and its commands, which verify wants to exist and be executable (stand-ins where the venv's

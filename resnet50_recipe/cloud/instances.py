@@ -254,24 +254,15 @@ def logs(name: str, region: str | None = None, api: Api | None = None) -> str:
 
 
 def stop(name: str, region: str | None = None, api: Api | None = None, out=print) -> dict:
-    """Cancel the run's persistent spot request first (else EC2 would replace the instance), then terminate its
-    instances (a powered-off one too: its disk), and delete the run's Hub token. S3 is left as it is."""
+    """Delete the run's Hub token, cancel its persistent spot request (else EC2 would replace the instance), then
+    terminate its instances (a powered-off one too: its disk). S3 is left as it is. Refused only when there is
+    none of the three."""
     from botocore.exceptions import ClientError
 
     api = api or Api(region)
-    instances = [i for i in run_instances_of(api, name) if i["State"]["Name"] != "terminated"]
-    requests = [r for r in spot_requests_of(api, name, instances)
-                if r["State"] in ("open", "active", "disabled")]
-    if not instances and not requests:
-        raise AwsError(f"run {name!r} has no live instance or spot request in {api.region}")
-    if requests:
-        api("ec2", "cancel_spot_instance_requests", SpotInstanceRequestIds=[r["SpotInstanceRequestId"]
-                                                                             for r in requests])
-    ids = sorted({i["InstanceId"] for i in instances} | {r["InstanceId"] for r in requests if r.get("InstanceId")})
-    if ids:
-        api("ec2", "terminate_instances", InstanceIds=ids)
     # The Hub token of a --push run (launch.py's Plan.token_parameter), which the instance deletes itself when the
-    # run ends; gone already, or never stored, is fine.
+    # run ends; first, since one can be left with no instance at all (a launch that failed after storing it, an
+    # instance whose own delete failed). Gone already, or never stored, is fine.
     token = f"/resnet50-recipe/{name}/hf-token"
     try:
         api("ssm", "delete_parameter", Name=token)
@@ -280,6 +271,17 @@ def stop(name: str, region: str | None = None, api: Api | None = None, out=print
         if error_code(e) != "ParameterNotFound":
             raise
         deleted = ""
+    instances = [i for i in run_instances_of(api, name) if i["State"]["Name"] != "terminated"]
+    requests = [r for r in spot_requests_of(api, name, instances)
+                if r["State"] in ("open", "active", "disabled")]
+    if not instances and not requests and not deleted:
+        raise AwsError(f"run {name!r} has no live instance, spot request or Hub token in {api.region}")
+    if requests:
+        api("ec2", "cancel_spot_instance_requests", SpotInstanceRequestIds=[r["SpotInstanceRequestId"]
+                                                                             for r in requests])
+    ids = sorted({i["InstanceId"] for i in instances} | {r["InstanceId"] for r in requests if r.get("InstanceId")})
+    if ids:
+        api("ec2", "terminate_instances", InstanceIds=ids)
     out(f"run {name}: cancelled {len(requests)} spot request(s), terminating {', '.join(ids) or 'nothing'}{deleted}; "
         f"the files in S3 stay ({tag(instances[0], TAG_REMOTE) if instances else 'its prefix'})")
     return {"cancelled": [r["SpotInstanceRequestId"] for r in requests], "terminated": ids}
