@@ -1262,6 +1262,49 @@ def test_follow_redraws_the_status_until_the_run_ends_then_says_where_the_weight
                     f"s3://{cloud['bucket']}/runs/r1 DIR) and https://huggingface.co/me/resnet50-a3"]
 
 
+def test_follow_of_a_relaunch_reads_no_summary_of_the_runs_earlier_instance(cloud):
+    import io
+
+    launch(cloud)
+    s3 = cloud["s3"]
+    s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
+        {"stopped": True, "exit_status": 4, "over_budget": True}))  # the first instance stopped at its budget
+    instances.stop("r1", REGION, out=lambda *a: None)
+    time.sleep(1.1)  # EC2's LaunchTime and S3's Last-Modified count whole seconds: the relaunch comes a second later
+    launch(cloud, budget_usd=50)  # the documented resume: a larger budget
+    slept, said = [], []
+
+    def finish_the_run(seconds):  # what the new instance does between two redraws
+        slept.append(seconds)
+        s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
+            {"stopped": False, "exit_status": 0}))
+    status = instances.follow("r1", REGION, interval=30, out=said.append, stream=io.StringIO(), sleep=finish_the_run)
+    assert slept == [30] and status["finished"] and said[0].startswith("weights: "), said
+
+
+def test_follow_ends_when_the_instance_powered_off_at_the_end_of_its_run(cloud):
+    import io
+
+    launch(cloud)
+    instance_id = live_instances(cloud["ec2"])[0]["InstanceId"]
+    # The end of a run whose newest checkpoint is not in S3 (user-data.sh --end): end.json, the request cancelled
+    # (moto made none), the instance powered off. No summary.json.
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json", Body=json.dumps(
+        {"state": "powered-off", "reason": "not-in-s3", "exit_status": "2", "crashes": 0, "max_crashes": 5,
+         "checkpoint": "ckpt-000000200.pt"}))
+    cloud["ec2"].stop_instances(InstanceIds=[instance_id])
+    drawn, slept, said = io.StringIO(), [], []
+
+    def wait(seconds):
+        slept.append(seconds)
+        if len(slept) > 2:
+            raise AssertionError(f"still redrawing a run that has ended:\n{drawn.getvalue()}")
+    status = instances.follow("r1", REGION, interval=30, out=said.append, stream=drawn, sleep=wait)
+    assert slept == [] and status["powered_off"]
+    assert said == [f"run r1 ended without weights (exit 2); its files are in s3://{cloud['bucket']}/runs/r1"]
+    assert "its disk bills until `resnet50-recipe aws stop r1` deletes it" in drawn.getvalue()
+
+
 def test_the_plan_says_how_to_keep_the_global_batch_when_the_batch_does_not_fit_the_gpu(cloud):
     lines = []
     launch(cloud, instance_type="g4dn.2xlarge", overrides=["train.batch_size=512", "augment.train_size=224"],

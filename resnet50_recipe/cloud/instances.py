@@ -87,7 +87,7 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
         status["last_epoch"] = {k: epochs[-1].get(k) for k in ("epoch", "train_loss", "top1", "top5", "ema_top1")}
     if steps:
         status["last_step"] = {k: steps[-1].get(k) for k in ("epoch", "step", "loss", "lr", "img_per_s")}
-    summary, _ = store.get_json("summary.json")
+    summary = _since_launch(store, "summary.json", instance)
     train = (_run_recipe(store) or {}).get("train", {})
     recipe_epochs, status["budget_usd"] = train.get("epochs"), train.get("budget_usd")
     status["budget_mode"] = train.get("budget_mode")
@@ -121,13 +121,21 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
     live_requests = [r for r in requests if r["State"] in ("open", "active")]
     status["released"] = not live and not live_requests
     status["powered_off"] = status["state"] in ("stopping", "stopped") and not live_requests
-    # How the instance ended its run, or that it is crash-looping (user-data.sh --end writes it); one written
-    # before this instance was launched belongs to an earlier run of the same name.
-    end, _ = store.get_json("logs/end.json")
-    head = store.head("logs/end.json") if end else None
-    if end and (head is None or "LaunchTime" not in instance or head["LastModified"] >= instance["LaunchTime"]):
+    # How the instance ended its run, or that it is crash-looping (user-data.sh --end writes it).
+    end = _since_launch(store, "logs/end.json", instance)
+    if end:
         status["end"] = end
     return status
+
+
+def _since_launch(store, name: str, instance: dict) -> dict | None:
+    """The JSON object `name` under the run's prefix, unless it was written before this instance was launched: then
+    it belongs to an earlier run of the same name (one stopped by its budget, say, and launched again)."""
+    body, _ = store.get_json(name)
+    head = store.head(name) if body else None
+    if body and (head is None or "LaunchTime" not in instance or head["LastModified"] >= instance["LaunchTime"]):
+        return body
+    return None
 
 
 def _run_recipe(store) -> dict | None:
@@ -221,7 +229,8 @@ ENDED = (EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_PUBLISH_FAILED, EXIT_BUDGET)
 def follow(name: str, region: str | None = None, interval: float = 60.0, api: Api | None = None, out=print,
            stream=None, sleep=time.sleep) -> dict:
     """Redraw `aws status` every `interval` seconds, as `watch` does, until the run has ended (finished, stopped by
-    its budget, bad input) or its instance is gone; then say where the weights are."""
+    its budget, bad input, released or powered off by its end) or its instance is gone; then say where the weights
+    are."""
     import io
     import sys
 
@@ -233,14 +242,17 @@ def follow(name: str, region: str | None = None, interval: float = 60.0, api: Ap
         print_status(status, out=lambda line: print(line, file=text))
         clear = "\x1b[H\x1b[2J" if stream.isatty() else ""  # redraw in place on a terminal; append in a log
         print(f"{clear}{time.strftime('%H:%M:%S')}  {text.getvalue()}", file=stream, flush=True)
-        if status["exit_status"] in ENDED or status["finished"] or status["released"]:
+        end = status.get("end") or {}
+        if (status["exit_status"] in ENDED or status["finished"] or status["released"] or status["powered_off"]
+                or end.get("state") in ("released", "powered-off")):
             break
         sleep(interval)
     if status["finished"]:
         out(f"weights: {status['remote']}/export/ (timm format; resnet50-recipe runs pull {status['remote']} DIR)"
             + (f" and https://huggingface.co/{status['pushed']}" if status.get("pushed") else ""))
     else:
-        out(f"run {name} ended without weights (exit {status['exit_status']}); its files are in {status['remote']}")
+        code = status["exit_status"] if status["exit_status"] is not None else end.get("exit_status") or "?"
+        out(f"run {name} ended without weights (exit {code}); its files are in {status['remote']}")
     return status
 
 
