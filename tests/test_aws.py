@@ -1575,8 +1575,8 @@ def test_aws_status_says_a_powered_off_instance_bills_its_disk_until_aws_stop_an
     cloud["s3"].delete_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json")
     lines = said()
     assert "  powered off with its spot request disabled, nothing running, but its disk bills until " \
-           "`resnet50-recipe aws stop r1` deletes it (no logs/end.json: its end-of-run path failed; " \
-           "`resnet50-recipe aws logs r1` shows why)" in lines, lines
+           "`resnet50-recipe aws stop r1` deletes it (no logs/end.json: stopped by hand, or its end-of-run path " \
+           "failed before writing it; `resnet50-recipe aws logs r1` shows why)" in lines, lines
 
 
 def test_a_crash_count_that_cannot_be_written_ends_the_run_and_a_failed_end_still_says_so(cloud, s3_endpoint,

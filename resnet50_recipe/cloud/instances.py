@@ -195,7 +195,7 @@ def print_status(status: dict, out=print) -> None:
                "keep-instance": " (--keep-instance)",
                "end-failed": f" (its end-of-run path failed; {logs})"}.get(end.get("reason"), "")
         if not end:
-            why = f" (no logs/end.json: its end-of-run path failed; {logs})"
+            why = f" (no logs/end.json: stopped by hand, or its end-of-run path failed before writing it; {logs})"
         ended = f"ended {_ended_by(end)}: " if end.get("state") == "powered-off" else ""
         request = "disabled" if any(r["state"] == "disabled" for r in status["spot_requests"]) else "cancelled"
         out(f"  {ended}powered off with its spot request {request}, nothing running, but {disk}{why}"
