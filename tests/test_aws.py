@@ -1337,6 +1337,49 @@ def test_follow_redraws_the_status_until_the_run_ends_then_says_where_the_weight
                     f"s3://{cloud['bucket']}/runs/r1 DIR) and https://huggingface.co/me/resnet50-a3"]
 
 
+def test_follow_of_a_relaunch_reads_no_summary_of_the_runs_earlier_instance(cloud):
+    import io
+
+    launch(cloud)
+    s3 = cloud["s3"]
+    s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
+        {"stopped": True, "exit_status": 4, "over_budget": True}))  # the first instance stopped at its budget
+    instances.stop("r1", REGION, out=lambda *a: None)
+    time.sleep(1.1)  # EC2's LaunchTime and S3's Last-Modified count whole seconds: the relaunch comes a second later
+    launch(cloud, budget_usd=50)  # the documented resume: a larger budget
+    slept, said = [], []
+
+    def finish_the_run(seconds):  # what the new instance does between two redraws
+        slept.append(seconds)
+        s3.put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
+            {"stopped": False, "exit_status": 0}))
+    status = instances.follow("r1", REGION, interval=30, out=said.append, stream=io.StringIO(), sleep=finish_the_run)
+    assert slept == [30] and status["finished"] and said[0].startswith("weights: "), said
+
+
+def test_follow_ends_when_the_instance_powered_off_at_the_end_of_its_run(cloud):
+    import io
+
+    launch(cloud)
+    instance_id = live_instances(cloud["ec2"])[0]["InstanceId"]
+    # The end of a run whose newest checkpoint is not in S3 (user-data.sh --end): end.json, the request cancelled
+    # (moto made none), the instance powered off. No summary.json.
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json", Body=json.dumps(
+        {"state": "powered-off", "reason": "not-in-s3", "exit_status": "2", "crashes": 0, "max_crashes": 5,
+         "checkpoint": "ckpt-000000200.pt"}))
+    cloud["ec2"].stop_instances(InstanceIds=[instance_id])
+    drawn, slept, said = io.StringIO(), [], []
+
+    def wait(seconds):
+        slept.append(seconds)
+        if len(slept) > 2:
+            raise AssertionError(f"still redrawing a run that has ended:\n{drawn.getvalue()}")
+    status = instances.follow("r1", REGION, interval=30, out=said.append, stream=drawn, sleep=wait)
+    assert slept == [] and status["powered_off"]
+    assert said == [f"run r1 ended without weights (exit 2); its files are in s3://{cloud['bucket']}/runs/r1"]
+    assert "its disk bills until `resnet50-recipe aws stop r1` deletes it" in drawn.getvalue()
+
+
 def test_the_plan_says_how_to_keep_the_global_batch_when_the_batch_does_not_fit_the_gpu(cloud):
     lines = []
     launch(cloud, instance_type="g4dn.2xlarge", overrides=["train.batch_size=512", "augment.train_size=224"],
@@ -1578,6 +1621,64 @@ def test_a_crash_loop_ends_after_max_crashes_and_74_and_75_never_count(cloud, s3
                f"{settings['REMOTE']}/logs/train-crash-loop.log" in lines, text
 
 
+def test_aws_status_says_a_powered_off_instance_bills_its_disk_until_aws_stop_and_why(cloud, s3_endpoint, tmp_path):
+    from moto.ec2.models import ec2_backends
+
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    remote = f"s3://{cloud['bucket']}/runs/r1"
+    cloud["ec2"].create_tags(Resources=[instance_id], Tags=[{"Key": launcher.TAG_REMOTE, "Value": remote}])
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/summary.json", Body=json.dumps(
+        {"stopped": True, "exit_status": 4}))
+    ended = run_end_of_run(tmp_path, s3_endpoint, 4, "exit-code", RUN="r1", REMOTE=remote, KEEP_INSTANCE="yes")
+    assert ended.returncode == 0 and (tmp_path / "systemctl.calls").read_text() == "poweroff\n", ended.stderr
+    cloud["ec2"].stop_instances(InstanceIds=[instance_id])  # what the poweroff does on EC2
+    # EC2 disables a persistent request whose instance was stopped by its user or its own shutdown (an interrupted
+    # one is opened again); moto leaves it active.
+    request = ec2_backends[DEFAULT_ACCOUNT_ID][REGION].spot_instance_requests[request_id]
+    request.state, request._status_code = "disabled", "instance-stopped-by-user"
+
+    def said() -> list[str]:
+        lines = []
+        instances.print_status(instances.run_status("r1", REGION), out=lines.append)
+        return lines
+    lines = said()
+    assert f"  spot request {request_id}: disabled (instance-stopped-by-user)" in lines
+    assert "  ended with exit 4 (train.budget_usd): powered off with its spot request disabled, nothing running, " \
+           "but its disk bills until `resnet50-recipe aws stop r1` deletes it (--keep-instance)" in lines, lines
+    # Powered off by a failure before logs/end.json was written (S3 unreachable, a full disk): still said.
+    cloud["s3"].delete_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json")
+    lines = said()
+    assert "  powered off with its spot request disabled, nothing running, but its disk bills until " \
+           "`resnet50-recipe aws stop r1` deletes it (no logs/end.json: stopped by hand, or its end-of-run path " \
+           "failed before writing it; `resnet50-recipe aws logs r1` shows why)" in lines, lines
+
+
+def test_a_crash_count_that_cannot_be_written_ends_the_run_and_a_failed_end_still_says_so(cloud, s3_endpoint,
+                                                                                          tmp_path):
+    request_id, instance_id = spot_run(cloud)
+    ReleasingInstance.instance_id = instance_id
+    settings = {"RUN": "r1", "REMOTE": f"s3://{cloud['bucket']}/runs/r1"}
+    home = tmp_path / "root" / "opt" / "resnet50-recipe"
+    home.mkdir(parents=True)
+    os.symlink("/dev/full", home / "crashes")  # every write fails with ENOSPC, as on a full root disk
+    ended = run_end_of_run(tmp_path, s3_endpoint, 1, "exit-code", **settings)
+    assert ended.returncode == 0, ended.stderr
+    # Not counted, so never counted to the end: ended at once, as the last crash ends it.
+    assert "ending the run" in ended.stdout and live_requests(cloud) == []
+    assert end_record(cloud)["state"] == "released" and instance_state(cloud, instance_id) in (
+        "shutting-down", "terminated")
+    assert cloud["s3"].head_object(Bucket=cloud["bucket"], Key="runs/r1/logs/train-crash-loop.log")
+
+    # A step of the end that fails (here the cancel of a request EC2 does not know) powers off, and says so first.
+    cloud["s3"].delete_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json")
+    cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/launch/spot-request", Body=b"sir-0000unknown")
+    ended = run_end_of_run(tmp_path, s3_endpoint, 2, "exit-code", **settings)
+    assert "ending the run failed at line" in ended.stdout and ended.returncode == 1
+    assert (tmp_path / "systemctl.calls").read_text() == "poweroff\n"
+    assert end_record(cloud)["state"] == "powered-off" and end_record(cloud)["reason"] == "end-failed"
+
+
 def test_aws_status_says_when_a_run_is_crash_looping(cloud):
     launch(cloud)
     cloud["s3"].put_object(Bucket=cloud["bucket"], Key="runs/r1/logs/end.json", Body=json.dumps(
@@ -1661,6 +1762,18 @@ def test_the_hub_token_is_deleted_when_the_run_ends_and_by_aws_stop(cloud, s3_en
     instances.stop("r3", REGION, out=said.append)
     assert parameters() == {"/resnet50-recipe/r2/hf-token"}
     assert "deleted the Hub token /resnet50-recipe/r3/hf-token" in said[0]
+
+
+def test_aws_stop_deletes_a_hub_token_left_without_an_instance_and_refuses_only_with_nothing_to_do(cloud):
+    # What a launch that failed after storing the token leaves, or an instance whose own delete failed.
+    ssm = boto3.client("ssm", region_name=REGION)
+    ssm.put_parameter(Name="/resnet50-recipe/r1/hf-token", Type="SecureString", Value="hf_left")
+    said = []
+    result = instances.stop("r1", REGION, out=said.append)
+    assert ssm.describe_parameters()["Parameters"] == [] and result["cancelled"] == result["terminated"] == []
+    assert "deleted the Hub token /resnet50-recipe/r1/hf-token" in said[0], said
+    with pytest.raises(cloud_api.AwsError, match="has no live instance, spot request or Hub token"):
+        instances.stop("r1", REGION, out=said.append)
 
 
 def test_the_unit_the_first_boot_writes_passes_systemd_analyze_verify(tmp_path):

@@ -87,7 +87,7 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
         status["last_epoch"] = {k: epochs[-1].get(k) for k in ("epoch", "train_loss", "top1", "top5", "ema_top1")}
     if steps:
         status["last_step"] = {k: steps[-1].get(k) for k in ("epoch", "step", "loss", "lr", "img_per_s")}
-    summary, _ = store.get_json("summary.json")
+    summary = _since_launch(store, "summary.json", instance)
     train = (_run_recipe(store) or {}).get("train", {})
     recipe_epochs, status["budget_usd"] = train.get("epochs"), train.get("budget_usd")
     status["budget_mode"] = train.get("budget_mode")
@@ -115,16 +115,27 @@ def run_status(name: str, region: str | None = None, api: Api | None = None, sto
         status["cost_usd_recorded"], status["price_usd_per_h"] = recorded[-1]["cost_usd"], recorded[-1].get(
             "price_usd_per_h")
     live = [i for i in instances if i["State"]["Name"] not in ("terminated", "shutting-down")]
-    live_requests = [r for r in requests if r["State"] in ("open", "active", "disabled")]
+    # A persistent request is open or active while EC2 runs its instance or will start one again (an interrupted
+    # one is opened again); one whose instance was stopped by its user or its own shutdown (the end of the run with
+    # --keep-instance, or a failure on the way) is disabled, and starts nothing: that instance is powered off.
+    live_requests = [r for r in requests if r["State"] in ("open", "active")]
     status["released"] = not live and not live_requests
     status["powered_off"] = status["state"] in ("stopping", "stopped") and not live_requests
-    # How the instance ended its run, or that it is crash-looping (user-data.sh --end writes it); one written
-    # before this instance was launched belongs to an earlier run of the same name.
-    end, _ = store.get_json("logs/end.json")
-    head = store.head("logs/end.json") if end else None
-    if end and (head is None or "LaunchTime" not in instance or head["LastModified"] >= instance["LaunchTime"]):
+    # How the instance ended its run, or that it is crash-looping (user-data.sh --end writes it).
+    end = _since_launch(store, "logs/end.json", instance)
+    if end:
         status["end"] = end
     return status
+
+
+def _since_launch(store, name: str, instance: dict) -> dict | None:
+    """The JSON object `name` under the run's prefix, unless it was written before this instance was launched: then
+    it belongs to an earlier run of the same name (one stopped by its budget, say, and launched again)."""
+    body, _ = store.get_json(name)
+    head = store.head(name) if body else None
+    if body and (head is None or "LaunchTime" not in instance or head["LastModified"] >= instance["LaunchTime"]):
+        return body
+    return None
 
 
 def _run_recipe(store) -> dict | None:
@@ -168,8 +179,10 @@ def print_status(status: dict, out=print) -> None:
                            status.get("budget_mode"))
         out(f"  spent ~${spent:.2f}{tail}")
     end = status.get("end") or {}
-    log_file = {"2": "train-exit-2.log"}.get(str(end.get("exit_status")), "train-crash-loop.log")
-    log_text = f"; the log is in {status['remote']}/logs/{log_file}" if _ended_by(end) != "finished" else ""
+    # The training log goes to S3 at an end by exit 2 or by crashes (user-data.sh --end); 0, 3 and 4 have a summary.
+    code = str(end.get("exit_status"))
+    log_file = {"2": "train-exit-2.log"}.get(code, "train-crash-loop.log")
+    log_text = f"; the log is in {status['remote']}/logs/{log_file}" if code not in ("0", "3", "4") else ""
     disk = f"its disk bills until `resnet50-recipe aws stop {status['run']}` deletes it"
     if status.get("finished") and status.get("released"):
         out("  finished, nothing running, nothing billing except S3 (the instance and its spot request are gone)")
@@ -177,13 +190,15 @@ def print_status(status: dict, out=print) -> None:
         out(f"  ended {_ended_by(end)}: released, nothing running, nothing billing except S3 (the instance and its "
             f"spot request are gone){log_text}")
     elif status.get("powered_off"):
-        why = ""
-        if end.get("reason") == "not-in-s3":
-            why = f" (it holds {end.get('checkpoint') or 'the run'}, which is not in S3)"
-        elif end.get("reason") == "keep-instance":
-            why = " (--keep-instance)"
+        logs = f"`resnet50-recipe aws logs {status['run']}` shows why"
+        why = {"not-in-s3": f" (it holds {end.get('checkpoint') or 'the run'}, which is not in S3)",
+               "keep-instance": " (--keep-instance)",
+               "end-failed": f" (its end-of-run path failed; {logs})"}.get(end.get("reason"), "")
+        if not end:
+            why = f" (no logs/end.json: stopped by hand, or its end-of-run path failed before writing it; {logs})"
         ended = f"ended {_ended_by(end)}: " if end.get("state") == "powered-off" else ""
-        out(f"  {ended}powered off with its spot request cancelled, nothing running, but {disk}{why}"
+        request = "disabled" if any(r["state"] == "disabled" for r in status["spot_requests"]) else "cancelled"
+        out(f"  {ended}powered off with its spot request {request}, nothing running, but {disk}{why}"
             + (log_text if ended else ""))
     elif end.get("state") == "crash-looping" and status["state"] == "running":
         out(f"  crash-looping: {end['crashes']} crashes in a row without a new checkpoint (the last exit "
@@ -214,7 +229,8 @@ ENDED = (EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_PUBLISH_FAILED, EXIT_BUDGET)
 def follow(name: str, region: str | None = None, interval: float = 60.0, api: Api | None = None, out=print,
            stream=None, sleep=time.sleep) -> dict:
     """Redraw `aws status` every `interval` seconds, as `watch` does, until the run has ended (finished, stopped by
-    its budget, bad input) or its instance is gone; then say where the weights are."""
+    its budget, bad input, released or powered off by its end) or its instance is gone; then say where the weights
+    are."""
     import io
     import sys
 
@@ -226,14 +242,17 @@ def follow(name: str, region: str | None = None, interval: float = 60.0, api: Ap
         print_status(status, out=lambda line: print(line, file=text))
         clear = "\x1b[H\x1b[2J" if stream.isatty() else ""  # redraw in place on a terminal; append in a log
         print(f"{clear}{time.strftime('%H:%M:%S')}  {text.getvalue()}", file=stream, flush=True)
-        if status["exit_status"] in ENDED or status["finished"] or status["released"]:
+        end = status.get("end") or {}
+        if (status["exit_status"] in ENDED or status["finished"] or status["released"] or status["powered_off"]
+                or end.get("state") in ("released", "powered-off")):
             break
         sleep(interval)
     if status["finished"]:
         out(f"weights: {status['remote']}/export/ (timm format; resnet50-recipe runs pull {status['remote']} DIR)"
             + (f" and https://huggingface.co/{status['pushed']}" if status.get("pushed") else ""))
     else:
-        out(f"run {name} ended without weights (exit {status['exit_status']}); its files are in {status['remote']}")
+        code = status["exit_status"] if status["exit_status"] is not None else end.get("exit_status") or "?"
+        out(f"run {name} ended without weights (exit {code}); its files are in {status['remote']}")
     return status
 
 
@@ -247,24 +266,15 @@ def logs(name: str, region: str | None = None, api: Api | None = None) -> str:
 
 
 def stop(name: str, region: str | None = None, api: Api | None = None, out=print) -> dict:
-    """Cancel the run's persistent spot request first (else EC2 would replace the instance), then terminate its
-    instances (a powered-off one too: its disk), and delete the run's Hub token. S3 is left as it is."""
+    """Delete the run's Hub token, cancel its persistent spot request (else EC2 would replace the instance), then
+    terminate its instances (a powered-off one too: its disk). S3 is left as it is. Refused only when there is
+    none of the three."""
     from botocore.exceptions import ClientError
 
     api = api or Api(region)
-    instances = [i for i in run_instances_of(api, name) if i["State"]["Name"] != "terminated"]
-    requests = [r for r in spot_requests_of(api, name, instances)
-                if r["State"] in ("open", "active", "disabled")]
-    if not instances and not requests:
-        raise AwsError(f"run {name!r} has no live instance or spot request in {api.region}")
-    if requests:
-        api("ec2", "cancel_spot_instance_requests", SpotInstanceRequestIds=[r["SpotInstanceRequestId"]
-                                                                             for r in requests])
-    ids = sorted({i["InstanceId"] for i in instances} | {r["InstanceId"] for r in requests if r.get("InstanceId")})
-    if ids:
-        api("ec2", "terminate_instances", InstanceIds=ids)
     # The Hub token of a --push run (launch.py's Plan.token_parameter), which the instance deletes itself when the
-    # run ends; gone already, or never stored, is fine.
+    # run ends; first, since one can be left with no instance at all (a launch that failed after storing it, an
+    # instance whose own delete failed). Gone already, or never stored, is fine.
     token = f"/resnet50-recipe/{name}/hf-token"
     try:
         api("ssm", "delete_parameter", Name=token)
@@ -273,6 +283,17 @@ def stop(name: str, region: str | None = None, api: Api | None = None, out=print
         if error_code(e) != "ParameterNotFound":
             raise
         deleted = ""
+    instances = [i for i in run_instances_of(api, name) if i["State"]["Name"] != "terminated"]
+    requests = [r for r in spot_requests_of(api, name, instances)
+                if r["State"] in ("open", "active", "disabled")]
+    if not instances and not requests and not deleted:
+        raise AwsError(f"run {name!r} has no live instance, spot request or Hub token in {api.region}")
+    if requests:
+        api("ec2", "cancel_spot_instance_requests", SpotInstanceRequestIds=[r["SpotInstanceRequestId"]
+                                                                             for r in requests])
+    ids = sorted({i["InstanceId"] for i in instances} | {r["InstanceId"] for r in requests if r.get("InstanceId")})
+    if ids:
+        api("ec2", "terminate_instances", InstanceIds=ids)
     out(f"run {name}: cancelled {len(requests)} spot request(s), terminating {', '.join(ids) or 'nothing'}{deleted}; "
         f"the files in S3 stay ({tag(instances[0], TAG_REMOTE) if instances else 'its prefix'})")
     return {"cancelled": [r["SpotInstanceRequestId"] for r in requests], "terminated": ids}

@@ -13,7 +13,8 @@
 # SSM parameter is deleted, and if the run's files are in S3 (the summary for 0, 3, 4; the newest checkpoint for
 # 2 and crashes) the instance cancels its own persistent spot request and terminates, so that nothing is left
 # billing but S3; if not, it cancels the request and powers off, keeping the disk (`aws stop` deletes it). With
-# KEEP_INSTANCE=yes (`aws launch --keep-instance`) it powers off. logs/end.json in S3 says which (`aws status`).
+# KEEP_INSTANCE=yes (`aws launch --keep-instance`) it powers off. A step of the end that fails powers off too
+# (end.json: powered-off, end-failed). logs/end.json in S3 says which (`aws status`).
 #
 # `resnet50-recipe aws launch` fills in the settings below; the rest is this file as it is. `resnet50-recipe sky`
 # runs `--setup` alone on each machine of a SkyPilot job (cloud/sky_job.py), with LAUNCH_FILES naming the folder,
@@ -60,8 +61,16 @@ if [ "${1:-}" = "--end" ]; then
     status=${2:-}
     result=${3:-}
     AWS=$(command -v aws || echo "$HOME_DIR/awscli/bin/aws")
-    # Whatever fails here, the machine must not keep running: power off (it then costs only its disk).
-    trap 'say "ending the run failed at line $LINENO: powering off (aws stop deletes the instance)"; systemctl poweroff; exit 1' ERR
+    # end.json in S3 says how the instance ended, for `aws status` (cloud/instances.py); a failed put is only said.
+    note() {
+        printf '{"state": "%s", "reason": "%s", "exit_status": "%s", "crashes": %s, "max_crashes": %s, "checkpoint": "%s"}\n' \
+            "$1" "${2:-}" "$status" "${crashes:-0}" "$MAX_CRASHES" "${newest:-}" \
+            | "$AWS" s3 cp --only-show-errors - "$REMOTE/logs/end.json" \
+            || say "could not put $REMOTE/logs/end.json"
+    }
+    # Whatever fails here, the machine must not keep running: power off (it then costs only its disk), saying so in
+    # end.json first if S3 can be reached.
+    trap 'say "ending the run failed at line $LINENO: powering off (aws stop deletes the instance)"; note powered-off end-failed; systemctl poweroff; exit 1' ERR
     # EXIT_STATUS is the trainer's; when the setup (ExecStartPre) failed there was no trainer, and it is unset or
     # a previous start's. SERVICE_RESULT tells: "success" for 0 and the SuccessExitStatus= 74 75 only.
     case "$status" in
@@ -75,13 +84,6 @@ if [ "${1:-}" = "--end" ]; then
         newest=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("file") or "")' \
             "$local_manifest") || newest="$local_manifest (unreadable)"
     fi
-    # end.json in S3 says how the instance ended, for `aws status` (cloud/instances.py); a failed put is only said.
-    note() {
-        printf '{"state": "%s", "reason": "%s", "exit_status": "%s", "crashes": %s, "max_crashes": %s, "checkpoint": "%s"}\n' \
-            "$1" "${2:-}" "$status" "${crashes:-0}" "$MAX_CRASHES" "$newest" \
-            | "$AWS" s3 cp --only-show-errors - "$REMOTE/logs/end.json" \
-            || say "could not put $REMOTE/logs/end.json"
-    }
     # The numbers are resnet50_recipe/errors.py's: 0 EXIT_FINISHED, 3 EXIT_PUBLISH_FAILED, 4 EXIT_BUDGET,
     # 2 EXIT_BAD_INPUT, 74 EXIT_INCOMPLETE, 75 EXIT_PREEMPTED, 1 EXIT_BUG.
     case "$status" in
@@ -99,7 +101,12 @@ if [ "${1:-}" = "--end" ]; then
             fi
             [ "$newest" = "$last" ] || crashes=0
             crashes=$((crashes + 1))
-            echo "$crashes $newest" > "$HOME_DIR/crashes"
+            # A count that cannot be written (a full disk) would count every crash as the first, forever: the run
+            # ends now, as the last crash ends it.
+            if ! echo "$crashes $newest" > "$HOME_DIR/crashes"; then
+                say "could not write the crash count to $HOME_DIR/crashes (a full disk?)"
+                crashes=$MAX_CRASHES
+            fi
             if [ "$crashes" -lt "$MAX_CRASHES" ]; then
                 say "exit $status ($result): crash $crashes of $MAX_CRASHES in a row without a new checkpoint; the unit restarts it"
                 note crash-looping
@@ -110,7 +117,7 @@ if [ "${1:-}" = "--end" ]; then
     esac
     # From here the run has ended for good. The unit's ConditionPathExists=! on this file keeps systemd from
     # starting it again: no restart after a crash, nothing on a later boot.
-    touch "$HOME_DIR/ended"
+    touch "$HOME_DIR/ended" || say "could not write $HOME_DIR/ended (a full disk?): the run ends all the same"
     case "$status" in
         0 | 3 | 4) ;;
         2) log=train-exit-2.log ;;
