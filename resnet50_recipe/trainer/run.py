@@ -1000,7 +1000,7 @@ def publish_run(loop: Loop, control: StopControl) -> dict:
     def push_it():
         try:
             done["url"] = push(exported, ec.repo_id, private=ec.private)
-        except Exception as e:  # noqa: BLE001 - reported below, by the thread that waits
+        except Exception as e:  # reported below, by the thread that waits
             done["error"] = e
 
     worker = threading.Thread(target=push_it, name="push", daemon=True)
